@@ -1,0 +1,24 @@
+# Two commands for a new user: `make demo` and `make test`. Each builds .venv on first use.
+# CPU machines: torch 2.13.0 (CPU build). On a CUDA server with torch already installed, use
+#   pip install -e '.[gpu,dev]'   (see README).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/compress demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) compressed .pytest_cache
