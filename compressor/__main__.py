@@ -1,0 +1,7 @@
+"""``python -m compressor`` is ``compress``."""
+
+import sys
+
+from compressor.cli import main
+
+sys.exit(main())

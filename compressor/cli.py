@@ -1,0 +1,200 @@
+"""``compress``: turn arguments into a RunConfig and call the pipeline. No logic lives here.
+
+Errors a user can fix (``CompressorError``) print one line and exit non-zero (2 for a missing GPU or package);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from compressor import __version__
+from compressor.config import PRECISIONS, RunConfig
+from compressor.errors import CompressorError
+
+TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def _parse_batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 1,64") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: give comma-separated positive integers, e.g. 1,64")
+    return sizes
+
+
+def _parse_normalise(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        mean, std = value.split("/")
+        return tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give MEAN/STD with one comma-separated value per channel, "
+                                 f"e.g. 0.286/0.353 or 0.485,0.456,0.406/0.229,0.224,0.225") from None
+
+
+def job_options(func):
+    """The options shared by the main job and ``compress demo``."""
+    options = [
+        click.option("--target", type=click.Choice(TARGET_CHOICES), default="onnxruntime", show_default=True,
+                     help="Export target."),
+        click.option("--data", default=None, help="digits | IDX folder | file.npz (default: the ensemble's hint)."),
+        click.option("--student", default=RunConfig.student, show_default=True,
+                     help="Student spec, e.g. mlp:800x800, cnn:16x32, from-teacher:0.25."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Output folder (default ./compressed/<teacher-stem>-<target>)."),
+        click.option("--temperature", "-T", type=float, default=RunConfig.temperature, show_default=True),
+        click.option("--alpha", type=float, default=RunConfig.alpha, show_default=True,
+                     help="Weight of the soft-target term; 1 - alpha weighs the hard labels."),
+        click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True),
+        click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
+        click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
+        click.option("--seed", type=int, default=RunConfig.seed, show_default=True),
+        click.option("--normalise", callback=_parse_normalise, default=None, metavar="MEAN/STD",
+                     help="Per-channel normalisation applied before the teachers, e.g. 0.286/0.353 "
+                          "(overrides the ensemble's metadata)."),
+        click.option("--max-train", type=int, default=None, help="Cap each split at N examples (quick runs)."),
+        click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.pt."),
+        click.option("--batch-sizes", callback=_parse_batch_sizes, default="1,64", show_default=True,
+                     help="Batch sizes to benchmark."),
+        click.option("--warmup", type=float, default=RunConfig.warmup_s, show_default=True,
+                     help="Benchmark warm-up seconds per row and batch size."),
+        click.option("--duration", type=float, default=RunConfig.duration_s, show_default=True,
+                     help="Benchmark seconds per row and batch size."),
+        click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
+    return RunConfig(
+        teacher=teacher, target=options["target"], data=options["data"], student=options["student"],
+        out=options["out"], temperature=options["temperature"], alpha=options["alpha"], epochs=options["epochs"],
+        batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
+        normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
+        batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
+        threads=options["threads"], progress=not options["no_progress"],
+        command=shlex.join(["compress", *sys.argv[1:]]), **overrides)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compressor")
+@click.option("--teacher", type=click.Path(path_type=Path), default=None,
+              help="Teacher ensemble: save_ensemble archive, ensemble.toml, .pt2 or .onnx.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher (unpickling can run arbitrary code).")
+@job_options
+@click.pass_context
+def cli(ctx: click.Context, teacher: Path | None, trust_pickle: bool, **options) -> None:
+    """Distil a teacher ensemble into a compact student, export it, and report the trade.
+
+    \b
+    compress --teacher ensemble.pt --target onnxruntime
+    compress demo                  # a small digits ensemble, end to end, in about a minute
+    compress inspect ensemble.pt   # members, parameters, shapes, classes
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if teacher is None:
+        raise click.UsageError("--teacher is required (or run 'compress demo' to try the whole job)")
+    _run_and_summarise(_config(teacher, options, trust_pickle=trust_pickle))
+
+
+@cli.command()
+@job_options
+def demo(**options) -> None:
+    """Train a small teacher ensemble on scikit-learn's 8×8 digits, then run the main job on it."""
+    from compressor.demo import build_demo_teachers
+
+    if options["data"] not in (None, "digits"):
+        raise click.UsageError("the demo runs on --data digits only")
+    out = options["out"] or Path("compressed") / "demo"
+    options = {**options, "out": out, "data": "digits"}
+    stderr.print(f"[bold]demo[/] training 3 teachers on digits -> {out / 'teachers'}")
+    teacher = build_demo_teachers(out / "teachers", seed=options["seed"], progress=not options["no_progress"])
+    _run_and_summarise(_config(teacher, options))
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path(path_type=Path))
+@click.option("--data", default=None, help="Score the members and the ensemble on this data's test split.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher.")
+@click.option("--max-train", type=int, default=None, help="Cap each split at N examples.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect(teacher: Path, data: str | None, trust_pickle: bool, max_train: int | None, debug: bool) -> None:
+    """Print an ensemble's members, parameters, input shape and classes (and accuracy with --data)."""
+    from compressor.inspect import inspect_ensemble
+
+    inspect_ensemble(teacher, data, trust_pickle, max_train, stdout)
+
+
+@cli.command()
+def students() -> None:
+    """List the registered student families."""
+    from compressor.students import list_students
+
+    for name in list_students():
+        stdout.print(name)
+
+
+def _run_and_summarise(config: RunConfig) -> None:
+    from compressor.pipeline import run
+
+    report = run(config, stderr)
+    table = Table(title="student against ensemble (test split)")
+    batches = list(report["rows"][0]["latency"])
+    for column in ["model", "backend", "top-1", "agreement"] + [f"b{b} p50 ms" for b in batches]:
+        table.add_column(column, justify="left" if column in ("model", "backend") else "right")
+    for row in report["rows"]:
+        acc = row["accuracy"]
+        table.add_row(row["model"], row["backend"], f"{acc['top1']:.2%}", f"{acc['agreement']:.2%}",
+                      *[f"{row['latency'][b]['median_ms']:.3f}" for b in batches])
+    stdout.print(table)
+    stdout.print(report["headline"])
+    stdout.print(f"artifacts in {config.output_dir()}: report.md, report.json, student.pt, export/, bundle/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the CLI and turn project errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except CompressorError as exc:
+        if debug:
+            raise
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+        stderr.print("interrupted: finished epochs are kept in <out>/checkpoints; rerun with --resume to continue")
+        return 130
+    except Exception as exc:  # a bug, not bad input: say so in one line unless --debug
+        if debug:
+            raise
+        stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}; rerun with --debug for the "
+                     f"traceback and report it", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Every knob of a run, with its default, in one frozen dataclass. The CLI fills it; the pipeline reads it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One ``compress`` run. Paths are as the user gave them; ``out=None`` means ./compressed/<stem>-<target>."""
+
+    teacher: Path
+    target: str = "onnxruntime"
+    data: str | None = None               # None: the ensemble's dataset hint, else "digits"
+    student: str = "mlp:256x256"
+    out: Path | None = None
+    temperature: float = 4.0              # Hinton et al. use 1-20; 2-4 suits small students
+    alpha: float = 0.9                    # weight of the soft (T²-scaled KL) term
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    precision: str = "fp32"
+    seed: int = 0
+    normalise: tuple[tuple[float, ...], tuple[float, ...]] | None = None   # (mean, std) per channel
+    max_train: int | None = None          # cap on each split, for quick runs
+    trust_pickle: bool = False
+    resume: bool = False
+    batch_sizes: tuple[int, ...] = (1, 64)
+    warmup_s: float = 0.2                 # benchmark warm-up per row and batch size
+    duration_s: float = 1.0               # benchmark measurement per row and batch size
+    threads: int | None = None            # intra-op threads for ORT and PyTorch; None = library default
+    progress: bool = True
+    command: str = ""                     # the exact command line, recorded in the report
+    extra: dict = field(default_factory=dict)
+
+    def output_dir(self) -> Path:
+        """Where artifacts land: ``out`` or ./compressed/<teacher-stem>-<target>."""
+        return Path(self.out) if self.out else Path("compressed") / f"{Path(self.teacher).stem}-{self.target}"
+
+    def to_dict(self) -> dict:
+        """JSON-safe form for the report."""
+        values = asdict(self)
+        values["teacher"] = str(self.teacher)
+        values["out"] = str(self.output_dir())
+        return values

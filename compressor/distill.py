@@ -1,0 +1,398 @@
+"""The training loop that distils a teacher ensemble into a student (Hinton, Vinyals & Dean 2015,
+"Distilling the Knowledge in a Neural Network").
+
+One function, :func:`train_student`, runs AdamW with a per-step cosine schedule over a transfer set,
+validates every epoch, keeps the best epoch's weights and checkpoints atomically so that
+``--resume`` continues a killed run and ends with exactly the weights an uninterrupted run has.
+The loss is any callable ``loss_fn(student_logits (B, C), teacher_logits (K, B, C) | None,
+labels (B,) int64, -1 = unlabeled) -> scalar``; this module never imports ``compressor.losses``.
+
+Determinism: ``torch.manual_seed(seed)`` once at the start; epoch ``e``'s shuffle comes from its own
+generator seeded with ``(seed, e)``; the global RNG state (dropout) is saved in every checkpoint and
+restored on resume.
+
+Files in ``checkpoint_dir``:
+
+- ``last.pt`` — written after every epoch: ``format``, ``epoch``, ``model_state``, ``optimizer_state``,
+  ``scheduler_state``, ``best_epoch``, ``best_val_accuracy``, ``best_model_state``, ``history``,
+  ``rng_state`` (and ``cuda_rng_state``), ``config`` (``asdict``) and ``fingerprint``.
+  It carries the best weights too, so it alone is enough to resume.
+- ``best.pt`` — written when an epoch beats every earlier one: ``format``, ``epoch``, ``val_accuracy``,
+  ``model_state``, ``fingerprint``.
+
+Both hold plain containers and tensors only and are read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from compressor.errors import CompressorError
+from compressor.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "compressor.distill/1"
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+# Config fields that do not change what is computed, so a resumed run may differ in them.
+_COSMETIC_CONFIG_KEYS = frozenset({"progress"})
+
+LossFn = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    progress: bool = True  # rich progress bar with live loss / accuracy
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int  # 1-based
+    best_val_accuracy: float
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, train_accuracy, val_accuracy, lr, seconds
+    resumed_from_epoch: int = 0  # 0 when not resumed
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference helpers (used by diagnostics, parity and the report too)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Logits ``(N, C)`` of ``model`` on ``x`` ``(N, ...)``, in eval mode and batches of ``batch_size``.
+
+    Batches are moved to the model's device; the result is on the CPU. The model's train/eval
+    mode is restored afterwards.
+    """
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    if not outs:
+        return torch.empty(0, 0)
+    return torch.cat(outs)  # (N, C)
+
+
+def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy (a fraction in [0, 1]) of ``model`` on the rows of ``x`` whose label ``y`` is >= 0.
+
+    Unlabeled rows (``y == -1``) are skipped before the model sees them; with no labeled row the
+    result is ``nan``.
+    """
+    labeled = y >= 0  # (N,)
+    n = int(labeled.sum())
+    if n == 0:
+        return float("nan")
+    preds = predict_logits(model, x[labeled.to(x.device)], batch_size).argmax(dim=1)  # (n,)
+    return float((preds == y[labeled].cpu()).sum()) / n
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _json_safe(obj: dict | None) -> dict:
+    """A deep copy of ``obj`` made only of dicts, lists, str, numbers, bool and None."""
+    try:
+        return json.loads(json.dumps(obj or {}))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"fingerprint must be JSON-safe: {exc}") from exc
+
+
+def _diff_keys(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (a whole non-dict value counts as one key)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [prefix or "<root>"]
+    out: list[str] = []
+    for key in sorted(set(saved) | set(current), key=str):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in saved or key not in current:
+            out.append(name)
+        else:
+            out.extend(_diff_keys(saved[key], current[key], name))
+    return out
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _save(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; any of them means the same to the user
+        raise CompressorError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it, use a new --out or drop --resume"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CompressorError(
+            f"checkpoint {path} is not a {CHECKPOINT_FORMAT} training checkpoint; use a new --out or drop --resume"
+        )
+    return ckpt
+
+
+def _check_compatible(path: Path, ckpt: dict, config: dict, fingerprint: dict) -> None:
+    saved_cfg = {k: v for k, v in ckpt.get("config", {}).items() if k not in _COSMETIC_CONFIG_KEYS}
+    cur_cfg = {k: v for k, v in config.items() if k not in _COSMETIC_CONFIG_KEYS}
+    differing = _diff_keys(saved_cfg, cur_cfg) + [f"fingerprint.{k}" for k in _diff_keys(ckpt.get("fingerprint", {}), fingerprint)]
+    if differing:
+        raise CompressorError(
+            f"checkpoint {path} was written with different settings ({', '.join(differing)}); "
+            "use a new --out or drop --resume"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _check_inputs(config: TrainConfig, x_train: Tensor, y_train: Tensor, teacher_logits: Tensor | None,
+                  x_val: Tensor, y_val: Tensor) -> None:
+    if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0:
+        raise CompressorError(
+            f"training settings epochs={config.epochs}, batch_size={config.batch_size}, lr={config.lr:g} are invalid; "
+            "use epochs >= 0, batch size >= 1 and lr > 0"
+        )
+    n = len(x_train)
+    if n == 0:
+        raise CompressorError("the transfer set is empty; give train_student at least one example")
+    if y_train.shape != (n,):
+        raise CompressorError(f"labels have shape {tuple(y_train.shape)} but the transfer set has {n} rows; expected ({n},)")
+    if teacher_logits is not None and (teacher_logits.dim() != 3 or teacher_logits.shape[1] != n):
+        raise CompressorError(
+            f"teacher logits have shape {tuple(teacher_logits.shape)}; expected (K, {n}, C) for {n} transfer rows"
+        )
+    if y_val.shape != (len(x_val),):
+        raise CompressorError(f"validation labels have shape {tuple(y_val.shape)}; expected ({len(x_val)},)")
+    if int((y_val >= 0).sum()) == 0:
+        raise CompressorError("the validation set has no labeled rows, so no epoch can be chosen as best; label it")
+
+
+def _make_progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  train acc {task.fields[train_acc]}  val acc {task.fields[val_acc]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays for the caller's output
+        disable=not enabled,
+    )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def train_student(
+    student: nn.Module,
+    x_train: Tensor,  # (N, ...) float32
+    y_train: Tensor,  # (N,) int64, -1 = unlabeled
+    teacher_logits: Tensor | None,  # (K, N, C)
+    x_val: Tensor,  # (M, ...)
+    y_val: Tensor,  # (M,) int64
+    loss_fn: LossFn,
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    resume: bool = False,
+    fingerprint: dict | None = None,
+) -> TrainResult:
+    """Train ``student`` in place on the transfer set and return what happened.
+
+    Each step: a batch of rows ``idx`` (shuffled per epoch), ``loss_fn(student(x[idx]) (B, C),
+    teacher_logits[:, idx] (K, B, C) | None, y[idx] (B,))``, AdamW, one step of the cosine schedule.
+    After every epoch: validation accuracy, ``best.pt`` when it is a new best, ``last.pt`` always.
+    At the end the best epoch's weights are loaded into ``student``, which is left in eval mode.
+
+    ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it exists (its config and
+    ``fingerprint`` must match) and starts fresh when it does not; ``resume=False`` always starts
+    fresh and overwrites. Raises :class:`CompressorError` for an unreadable or mismatched checkpoint
+    and for a non-finite training loss.
+
+    Example::
+
+        result = train_student(mlp, x, y, t, xv, yv, my_loss, TrainConfig(epochs=10), Path("runs/a/ckpt"))
+        print(result.best_epoch, result.best_val_accuracy)
+    """
+    t_start = time.perf_counter()
+    _check_inputs(config, x_train, y_train, teacher_logits, x_val, y_val)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = checkpoint_dir / LAST_NAME, checkpoint_dir / BEST_NAME
+    config_dict = asdict(config)
+    fingerprint = _json_safe(fingerprint)
+    device = _device_of(student)
+
+    torch.manual_seed(config.seed)
+    n = len(x_train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Closed-form cosine per step (no recursion, so a resumed schedule is bit-identical).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+    start_epoch, best_epoch, best_acc = 0, 0, -1.0
+    best_state: dict[str, Tensor] | None = None
+    history: list[dict] = []
+    if resume and last_path.exists():
+        ckpt = _load_checkpoint(last_path)
+        _check_compatible(last_path, ckpt, config_dict, fingerprint)
+        try:
+            student.load_state_dict(ckpt["model_state"])
+            optimizer.load_state_dict(ckpt["optimizer_state"])
+            scheduler.load_state_dict(ckpt["scheduler_state"])
+            start_epoch, best_epoch = int(ckpt["epoch"]), int(ckpt["best_epoch"])
+            best_acc, best_state = float(ckpt["best_val_accuracy"]), ckpt["best_model_state"]
+            history = list(ckpt["history"])
+            torch.set_rng_state(ckpt["rng_state"])
+            if torch.cuda.is_available() and ckpt.get("cuda_rng_state") is not None:
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CompressorError(
+                f"checkpoint {last_path} does not fit this student or is incomplete ({exc}); use a new --out or drop --resume"
+            ) from exc
+        log.info("resuming from %s after epoch %d of %d", last_path, start_epoch, config.epochs)
+    elif resume:
+        log.info("no checkpoint at %s; starting fresh", last_path)
+    resumed_from = start_epoch
+
+    with _make_progress(config.progress) as progress:
+        task = progress.add_task(
+            "train",
+            total=config.epochs * steps_per_epoch,
+            completed=start_epoch * steps_per_epoch,
+            epoch=f"{start_epoch}/{config.epochs}",
+            loss="-",
+            train_acc="-",
+            val_acc=_fmt(best_acc if best_epoch else None, ".3f"),
+        )
+        for epoch in range(start_epoch + 1, config.epochs + 1):  # 1-based
+            t_epoch = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            student.train()
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=gen)  # (N,)
+            loss_sum, seen, correct, labeled = 0.0, 0, 0, 0
+            for start in range(0, n, config.batch_size):
+                idx = perm[start : start + config.batch_size]  # (B,)
+                xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)  # (B, ...)
+                yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (B,)
+                tb = None if teacher_logits is None else teacher_logits[:, idx.to(teacher_logits.device)].to(device)  # (K, B, C)
+                logits = student(xb)  # (B, C)
+                loss = loss_fn(logits, tb, yb)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise CompressorError(
+                        f"training loss became {loss_value} in epoch {epoch}; lower --lr (now {config.lr:g}) "
+                        f"and --resume or rerun (checkpoints up to epoch {epoch - 1} are kept)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+
+                with torch.no_grad():
+                    mask = yb >= 0
+                    correct += int((logits.argmax(dim=1)[mask] == yb[mask]).sum())
+                    labeled += int(mask.sum())
+                loss_sum += loss_value * len(idx)
+                seen += len(idx)
+                progress.update(
+                    task,
+                    advance=1,
+                    epoch=f"{epoch}/{config.epochs}",
+                    loss=f"{loss_sum / seen:.4f}",
+                    train_acc=_fmt(correct / labeled if labeled else None, ".3f"),
+                )
+
+            val_acc = evaluate_accuracy(student, x_val, y_val, batch_size=max(config.batch_size, 1024))
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / seen,
+                    "train_accuracy": correct / labeled if labeled else None,  # None: no labeled rows
+                    "val_accuracy": val_acc,
+                    "lr": lr,
+                    "seconds": time.perf_counter() - t_epoch,
+                }
+            )
+            if val_acc > best_acc:  # strict: the earliest of equal epochs wins
+                best_epoch, best_acc, best_state = epoch, val_acc, _cpu_state(student)
+                # best.pt before last.pt: a crash in between re-runs this epoch and rewrites both.
+                _save(
+                    {"format": CHECKPOINT_FORMAT, "epoch": epoch, "val_accuracy": val_acc,
+                     "model_state": best_state, "fingerprint": fingerprint},
+                    best_path,
+                )
+            _save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "model_state": student.state_dict(),
+                    "optimizer_state": optimizer.state_dict(),
+                    "scheduler_state": scheduler.state_dict(),
+                    "best_epoch": best_epoch,
+                    "best_val_accuracy": best_acc,
+                    "best_model_state": best_state,
+                    "history": history,
+                    "rng_state": torch.get_rng_state(),
+                    "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "config": config_dict,
+                    "fingerprint": fingerprint,
+                },
+                last_path,
+            )
+            progress.update(task, val_acc=f"{val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
+
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    student.eval()
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_val_accuracy=best_acc if best_epoch else 0.0,
+        history=history,
+        resumed_from_epoch=resumed_from,
+        seconds=time.perf_counter() - t_start,
+    )

@@ -1,0 +1,58 @@
+"""``compress inspect``: what is in a teacher file, and how well it does on data when given some."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from compressor.data import load_dataset
+from compressor.diagnostics import diagnose
+from compressor.teachers import load_ensemble
+
+
+def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train: int | None,
+                     console: Console) -> dict:
+    """Print members, parameter counts, input shape and classes; with ``data``, accuracy on its test split.
+
+    Normalisation from the ensemble's metadata is applied to the data exactly as the main job applies it.
+    Returns what it printed, as a dict.
+    """
+    from targets.bundle import apply_normalisation
+
+    ensemble = load_ensemble(path, trust_pickle=trust_pickle)
+    info = ensemble.describe()
+    table = Table(title=f"{path} ({info['format']}, combine={info['combine']})")
+    for column in ("member", "kind", "parameters", "weight"):
+        table.add_column(column, justify="right" if column in ("parameters", "weight") else "left")
+    weights = ensemble.weights or [1.0] * len(ensemble.members)
+    for member, weight in zip(ensemble.members, weights):
+        table.add_row(member.name, member.kind, f"{member.parameters:,}", f"{weight:g}")
+    table.add_row("[bold]total[/]", "", f"{ensemble.parameters:,}", "")
+    console.print(table)
+    console.print(f"input shape: {info['input_shape']}  classes: {info['num_classes']}  "
+                  f"normalisation: {info['normalisation'] or 'none'}")
+    if info["class_names"]:
+        console.print("class names: " + ", ".join(info["class_names"]))
+    spec = data or info.get("dataset")
+    if spec:
+        dataset = load_dataset(spec, max_train=max_train)
+        x = torch.from_numpy(apply_normalisation(dataset.test.x, ensemble.normalisation))
+        ensemble.validate(x[:8], f"--data {spec}")
+        scores = diagnose(ensemble, ensemble.member_logits(x), torch.from_numpy(dataset.test.y), split="test")
+        accuracy = Table(title=f"accuracy on the test split of {spec} ({len(dataset.test)} examples)")
+        accuracy.add_column("model")
+        accuracy.add_column("top-1", justify="right")
+        accuracy.add_column("NLL", justify="right")
+        for member in scores["members"]:
+            accuracy.add_row(member["name"], f"{member['accuracy']:.2%}", f"{member['nll']:.4f}")
+        if scores["mixture"]:
+            accuracy.add_row("[bold]ensemble[/]", f"{scores['mixture']['accuracy']:.2%}",
+                             f"{scores['mixture']['nll']:.4f}")
+        console.print(accuracy)
+        for line in scores["warnings"]:
+            console.print(f"[yellow]warning:[/] {line}")
+        info["scores"] = scores
+    return info

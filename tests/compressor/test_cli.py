@@ -1,0 +1,142 @@
+"""`compress` on bad input: one line naming the file and the fix, a non-zero exit, no traceback, nothing in --out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor import save_ensemble
+from compressor.cli import main
+
+QUICK = ["--epochs", "1", "--warmup", "0.01", "--duration", "0.02", "--no-progress"]
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def assert_one_clear_line(output: str, *needles: str) -> None:
+    assert "Traceback" not in output
+    error_lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, output
+    for needle in needles:
+        assert needle in output.replace("\n", " "), output
+
+
+def test_tensorrt_without_gpu_stops_before_training(capsys, digits_ensemble, tmp_path):
+    out = tmp_path / "out"
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--target", "tensorrt", "--out", out, *QUICK)
+    assert code == 2
+    assert_one_clear_line(output, "NVIDIA GPU", "--target onnxruntime")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, np.random.default_rng(0).bytes(2048)],
+                         ids=["empty", "zeros", "random"])
+def test_unreadable_teacher(capsys, tmp_path, content):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(content)
+    code, output = run_cli(capsys, "--teacher", bad, "--out", tmp_path / "out", *QUICK)
+    assert code == 1
+    assert_one_clear_line(output, "broken.pt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_teacher(capsys, tmp_path, digits_ensemble):
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(digits_ensemble.read_bytes()[:5000])
+    code, output = run_cli(capsys, "--teacher", bad, "--out", tmp_path / "out", *QUICK)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_clear_line(output, "cut.pt")
+
+
+def test_missing_data_path(capsys, tmp_path, digits_ensemble):
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--data", tmp_path / "nowhere", "--out",
+                           tmp_path / "out", *QUICK)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_clear_line(output, "nowhere", "no such file")
+
+
+def test_data_shape_mismatch(capsys, tmp_path, digits_ensemble):
+    np.savez(tmp_path / "wide.npz", x=np.zeros((50, 1, 28, 28), np.float32), y=np.zeros(50, np.int64))
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--data", tmp_path / "wide.npz", "--out",
+                           tmp_path / "out", *QUICK)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_clear_line(output, "[1, 28, 28]", "[1, 8, 8]")
+
+
+def test_unwritable_out(capsys, tmp_path, digits_ensemble):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--out", blocker / "out", *QUICK)
+    assert code == 1
+    assert_one_clear_line(output, "--out", "a-file")
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--out", "/proc/compressor-out", *QUICK)
+    assert code == 1
+    assert_one_clear_line(output, "/proc/compressor-out")
+
+
+def test_members_with_different_class_counts(capsys, tmp_path):
+    x = torch.rand(2, 1, 8, 8)
+    for k, classes in enumerate((10, 7)):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, classes)).eval()
+        torch.jit.save(torch.jit.trace(net, x), str(tmp_path / f"m{k}.pt"))
+    (tmp_path / "ensemble.toml").write_text('[[members]]\npath = "m0.pt"\n[[members]]\npath = "m1.pt"\n')
+    code, output = run_cli(capsys, "--teacher", tmp_path / "ensemble.toml", "--data", "digits",
+                           "--out", tmp_path / "out", *QUICK)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_clear_line(output, "'m0' 10", "'m1' 7")
+
+
+class NaNAfterThreshold(nn.Module):
+    """Finite on random validation batches, NaN on real data rows whose first pixel is exactly 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        bad = (x.flatten(1)[:, :1] == 0).float()
+        return logits + bad * float("nan")
+
+
+def test_nan_logits_from_a_member(capsys, tmp_path):
+    net = NaNAfterThreshold().eval()
+    path = save_ensemble([nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), net], tmp_path / "nan.pt",
+                         torch.rand(2, 1, 8, 8) + 0.1, {"member_names": ["fine", "broken"]})
+    code, output = run_cli(capsys, "--teacher", path, "--data", "digits", "--out", tmp_path / "out", *QUICK)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_clear_line(output, "'broken'", "NaN")
+
+
+def test_pickle_needs_trust_flag(capsys, tmp_path):
+    path = tmp_path / "members.pkl"
+    torch.save([nn.Sequential(nn.Flatten(), nn.Linear(64, 10))], path)
+    code, output = run_cli(capsys, "--teacher", path, "--data", "digits", "--out", tmp_path / "out", *QUICK)
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_clear_line(output, "members.pkl", "--trust-pickle")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"junk")
+    result = subprocess.run([sys.executable, "-m", "compressor", "--teacher", str(bad), "--debug"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "CompressorError" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "compressor", "--teacher", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "broken.pt" in result.stderr
+
+
+def test_usage_errors(capsys):
+    code, output = run_cli(capsys)
+    assert code == 2 and "--teacher is required" in output
+    code, output = run_cli(capsys, "--teacher", "x.pt", "--batch-sizes", "1,zero")
+    assert code == 2 and "comma-separated" in output

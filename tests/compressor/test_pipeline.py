@@ -1,0 +1,96 @@
+"""The main job end to end on real data: teachers → student → ONNX Runtime → parity → report → bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import targets
+from compressor.cli import main
+from compressor.data import load_dataset
+from compressor.teachers import load_ensemble
+from tests.conftest import FASHION_MNIST
+
+pytestmark = pytest.mark.slow
+QUICK = ["--warmup", "0.02", "--duration", "0.05", "--no-progress"]
+
+
+def test_digits_main_job(tmp_path, digits_ensemble):
+    out = tmp_path / "run"
+    code = main(["--teacher", str(digits_ensemble), "--out", str(out), "--epochs", "4", "--student", "mlp:64",
+                 *QUICK])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["seed"] == 0
+    assert report["command"].startswith("compress --teacher")
+    assert report["parity"]["passed"] and report["parity"]["precision"] == "fp32"
+    assert [(r["model"], r["backend"]) for r in report["rows"]] == [
+        ("ensemble", "PyTorch eager"), ("student", "PyTorch eager"), ("student", "onnxruntime")]
+    for row in report["rows"]:
+        assert set(row["latency"]) == {"1", "64"}
+        assert 0 < row["latency"]["1"]["median_ms"] <= row["latency"]["1"]["p99_ms"]
+    assert report["rows"][0]["accuracy"]["agreement"] == 1.0
+    assert report["data"]["sizes"] == {"train": 1294, "val": 144, "test": 359}
+    assert report["student"]["training"]["history"][-1]["epoch"] == 4
+    assert "faster than the ensemble" in report["headline"] or "SLOWER" in report["headline"]
+    assert (out / "report.md").read_text().startswith("# compressor report")
+    for name in ("student.pt", "checkpoints/last.pt", "checkpoints/best.pt", "bundle/model.onnx",
+                 "bundle/metadata.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp"))
+
+    # the bundle reproduces the student on raw inputs, and the exported student serves as a teacher again
+    bundle = targets.load_bundle(out / "bundle")
+    data = load_dataset("digits", seed=0)
+    logits = bundle.predict(data.test.x)
+    accuracy = float((logits.argmax(1) == data.test.y).mean())
+    assert accuracy == pytest.approx(report["rows"][2]["accuracy"]["top1"], abs=1e-9)
+    assert load_ensemble(out / "student.pt").members[0].parameters == report["student"]["parameters"]
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, digits_ensemble):
+    args = ["--teacher", str(digits_ensemble), "--out", str(tmp_path / "run"), "--epochs", "2",
+            "--student", "mlp:32", "--batch-sizes", "1", *QUICK]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert main([*args, "--resume"]) == 0
+    second = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert second["student"]["training"]["resumed_from_epoch"] == 2
+    assert second["rows"][2]["accuracy"] == first["rows"][2]["accuracy"]
+
+
+def test_normalisation_is_recorded_and_reproduced_by_the_bundle(tmp_path, digits_ensemble):
+    out = tmp_path / "norm"
+    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--epochs", "1", "--student", "mlp:16",
+                 "--normalise", "0.3/0.4", "--batch-sizes", "1", *QUICK]) == 0
+    metadata = json.loads((out / "bundle" / "metadata.json").read_text())
+    assert metadata["normalisation"]["mean"] == [0.3] and metadata["normalisation"]["std"] == [0.4]
+    raw = load_dataset("digits").test.x[:5]
+    bundle = targets.load_bundle(out / "bundle")
+    normalised = ((raw - np.float32(0.3)) / np.float32(0.4)).astype(np.float32)
+    assert np.array_equal(bundle.predict(raw), bundle.predict(normalised, normalised=True))
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install -y dataset-fashion-mnist")
+def test_fashion_mnist_main_job_with_a_users_ensemble(tmp_path, fashion_ensemble):
+    out = tmp_path / "fashion"
+    code = main(["--teacher", str(fashion_ensemble), "--data", str(FASHION_MNIST), "--target", "onnxruntime",
+                 "--out", str(out), "--max-train", "2000", "--epochs", "2", "--student", "cnn:8x16",
+                 "--batch-sizes", "1,8", *QUICK])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["name"] == "fashion-mnist" and report["data"]["input_shape"] == [1, 28, 28]
+    assert report["parity"]["passed"]
+    assert report["rows"][0]["accuracy"]["top1"] > 0.5  # real teachers trained on real images
+    metadata = json.loads((out / "bundle" / "metadata.json").read_text())
+    assert metadata["class_names"][0] == "t-shirt/top" and metadata["input"]["shape"] == [1, 28, 28]
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "3", "--batch-sizes", "1", *QUICK]) == 0
+    assert (out / "teachers" / "digits-ensemble.pt").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["teacher"]["members"]) == 3 and report["parity"]["passed"]

@@ -1,0 +1,85 @@
+"""Fixtures shared across the suite: small real teacher ensembles trained on real data, once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's interpreter must be chosen before `import triton`
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: float = 3e-3) -> nn.Module:
+    """Plain full-batch-free Adam training for test fixtures; deterministic for a seed."""
+    torch.manual_seed(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(64):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimiser.step()
+    return model.eval()
+
+
+def digits_members() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)),
+        nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(16 * 4 * 4, 10)),
+    ]
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    from compressor.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_ensemble(tmp_path_factory, digits_data) -> Path:
+    """A 2-member ensemble (MLP + CNN) trained on the digits training split, saved with save_ensemble."""
+    from compressor import save_ensemble
+
+    x, y = torch.from_numpy(digits_data.train.x), torch.from_numpy(digits_data.train.y)
+    members = [fit(m, x, y, epochs=8, seed=k) for k, m in enumerate(digits_members())]
+    path = tmp_path_factory.mktemp("teachers") / "digits-ensemble.pt"
+    save_ensemble(members, path, x[:2], {"class_names": digits_data.class_names, "dataset": "digits",
+                                          "member_names": ["mlp", "cnn"]})
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_ensemble(tmp_path_factory) -> Path:
+    """Two small CNNs trained on a 3,000-image slice of Fashion-MNIST read from its IDX files."""
+    if not FASHION_MNIST.is_dir():
+        pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+    from compressor import save_ensemble
+    from compressor.data import load_dataset
+
+    data = load_dataset(str(FASHION_MNIST), seed=0, max_train=3000)
+    x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+
+    def cnn(width: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(2 * width * 7 * 7, 10))
+
+    members = [fit(cnn(w), x, y, epochs=2, seed=k) for k, w in enumerate((8, 12))]
+    path = tmp_path_factory.mktemp("fashion") / "fashion-ensemble.pt"
+    save_ensemble(members, path, x[:2], {"class_names": data.class_names, "dataset": str(FASHION_MNIST)})
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng()
