@@ -1,0 +1,135 @@
+"""The distillation loss, written out in plain PyTorch: the specification every faster path must match.
+
+Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531), §2-3.
+For a batch of N rows and C classes, student logits ``s`` (N, C), teacher logits ``t`` (K, N, C) and
+labels ``y`` (N,) with -1 for an unlabeled row:
+
+    L = mean over rows of  α · T² · KL(p_T ‖ softmax(s / T))  +  (1 − α) · CE(softmax(s), y)
+
+where ``p_T`` is the ensemble's soft target at temperature T (:func:`ensemble_log_probs`). The T² factor
+keeps the soft term's gradient magnitude independent of T (paper §2). Everything is computed in log space,
+so logits in the hundreds stay finite; inputs are computed in at least float32 (float64 stays float64), which
+makes this module the test oracle, the CPU fallback and the benchmark baseline at once. Autograd supplies
+the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+COMBINES = ("arithmetic", "geometric")  # how K members' predictions become one soft target
+
+
+def ensemble_weights(weights: Tensor | Sequence[float] | None, num_members: int, like: Tensor) -> Tensor:
+    """Member weights (K,) normalised to sum to 1, on ``like``'s device and dtype; None means uniform.
+
+    Raises ValueError for a length other than ``num_members``, a negative or non-finite weight, or all zeros.
+    """
+    if weights is None:
+        return torch.full((num_members,), 1.0 / num_members, dtype=like.dtype, device=like.device)
+    w = torch.as_tensor(weights).to(device=like.device, dtype=like.dtype)
+    if w.shape != (num_members,):
+        raise ValueError(f"weights have shape {tuple(w.shape)} but there are {num_members} teacher members; "
+                         f"give one weight per member, shape ({num_members},)")
+    values = w.detach().cpu().tolist()
+    if any(not (v >= 0.0 and v != float("inf")) for v in values):  # catches NaN, negatives and inf
+        raise ValueError(f"weights {values}: every member weight must be finite and >= 0")
+    if sum(values) <= 0.0:
+        raise ValueError(f"weights {values}: at least one member weight must be positive")
+    return w / w.sum()
+
+
+def ensemble_log_probs(teacher_logits: Tensor, temperature: float, weights: Tensor | Sequence[float] | None = None,
+                       combine: str = "arithmetic") -> Tensor:
+    """The ensemble's soft target at temperature T as (N, C) log-probabilities, from (K, N, C) member logits.
+
+    ``combine="arithmetic"`` (the paper's): log of the weighted mean of the members' tempered probabilities,
+    ``log Σ_k w_k softmax(t_k / T)``, computed as ``logsumexp_k(log w_k + log_softmax(t_k / T))``.
+    ``combine="geometric"``: ``log_softmax(Σ_k w_k t_k / T)``, the softmax of the weighted mean logits.
+    ``weights`` (K,) are normalised to sum to 1; None means uniform.
+
+    Example::
+
+        log_p = ensemble_log_probs(torch.randn(3, 8, 10), temperature=4.0)  # (8, 10)
+    """
+    if teacher_logits.ndim != 3:
+        raise ValueError(f"teacher logits have shape {tuple(teacher_logits.shape)}; expected (K, N, C)")
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r} is not one of {', '.join(map(repr, COMBINES))}")
+    _check_temperature(temperature)
+    w = ensemble_weights(weights, teacher_logits.shape[0], teacher_logits)  # (K,)
+    if combine == "geometric":
+        mean_logits = torch.einsum("k,knc->nc", w, teacher_logits)  # (N, C)
+        return F.log_softmax(mean_logits / temperature, dim=-1)
+    member_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)  # (K, N, C)
+    # A zero weight gives log w = -inf, which logsumexp treats as an absent member.
+    return torch.logsumexp(torch.log(w)[:, None, None] + member_log_probs, dim=0)  # (N, C)
+
+
+def tempered_kl_reference(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, temperature: float,
+                          alpha: float, weights: Tensor | Sequence[float] | None = None,
+                          combine: str = "arithmetic") -> Tensor:
+    """The distillation loss (a 0-dim tensor), averaged over all N rows.
+
+    ``student_logits`` (N, C); ``teacher_logits`` (K, N, C); ``labels`` (N,) integer class indices with -1
+    for an unlabeled row, or None when no row is labeled. Per row:
+    ``alpha · T² · KL(p_T ‖ softmax(s / T)) + (1 − alpha) · CE(softmax(s), y)``; an unlabeled row has no hard
+    term but still counts in the mean. KL uses the convention 0 · log 0 = 0. ``weights`` (K,) and ``combine``
+    are as in :func:`ensemble_log_probs`. Computes in float64 for float64 inputs and in float32 otherwise.
+    """
+    n, c = _check_shapes(student_logits, teacher_logits, labels)
+    _check_temperature(temperature)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha}: must be between 0 (hard labels only) and 1 (soft targets only)")
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s = student_logits.to(dtype)  # (N, C)
+    t = teacher_logits.to(dtype)  # (K, N, C)
+
+    log_p = ensemble_log_probs(t, temperature, weights, combine)  # (N, C) teacher, tempered
+    log_q = F.log_softmax(s / temperature, dim=-1)  # (N, C) student, tempered
+    p = log_p.exp()
+    # 0 · log 0 = 0: where p is exactly 0 (a -inf teacher logit), put a finite log p so that neither the
+    # forward value nor the gradient sees 0 · inf.
+    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+    kl = (p * (safe_log_p - log_q)).sum(dim=-1)  # (N,)
+    soft = temperature * temperature * kl  # (N,)
+
+    if labels is None:
+        hard = torch.zeros_like(soft)  # (N,)
+    else:
+        hard = F.cross_entropy(s, labels.long(), ignore_index=-1, reduction="none")  # (N,), 0 where y = -1
+    return (alpha * soft + (1.0 - alpha) * hard).mean()
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (float(temperature) > 0.0 and float(temperature) != float("inf")):
+        raise ValueError(f"temperature={temperature}: must be a positive finite number (Hinton et al. use 1 to 20)")
+
+
+def _check_shapes(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None) -> tuple[int, int]:
+    """Check student (N, C), teacher (K, N, C) and labels (N,) in [-1, C); returns (N, C)."""
+    shapes = (f"student logits {tuple(student_logits.shape)}, teacher logits {tuple(teacher_logits.shape)}"
+              + ("" if labels is None else f", labels {tuple(labels.shape)}"))
+    ok = (student_logits.ndim == 2 and teacher_logits.ndim == 3 and teacher_logits.shape[0] >= 1
+          and teacher_logits.shape[1:] == student_logits.shape and (labels is None or labels.ndim == 1
+                                                                  and labels.shape[0] == student_logits.shape[0]))
+    if not ok:
+        raise ValueError(f"shapes do not fit: {shapes}; expected student (N, C), teacher (K, N, C), labels (N,)")
+    n, c = student_logits.shape
+    if n == 0 or c == 0:
+        raise ValueError(f"empty batch: {shapes}; need at least one row and one class")
+    if student_logits.device != teacher_logits.device or (labels is not None and labels.device != student_logits.device):
+        raise ValueError(f"inputs are on different devices: student {student_logits.device}, teacher "
+                         f"{teacher_logits.device}" + ("" if labels is None else f", labels {labels.device}"))
+    if labels is not None:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels have dtype {labels.dtype}; expected integer class indices (int64), -1 = unlabeled")
+        low, high = int(labels.min()), int(labels.max())
+        if low < -1 or high >= c:
+            raise ValueError(f"labels range over [{low}, {high}] but must lie in [-1, {c}) for {c} classes "
+                             f"(-1 marks an unlabeled row)")
+    return n, c
