@@ -89,7 +89,7 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
         threads=options["threads"], progress=not options["no_progress"],
-        command=shlex.join(["compress", *sys.argv[1:]]), **overrides)
+        command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="compress", standalone_mode=False)
+        cli.main(args=args, prog_name="compress", standalone_mode=False, obj={"argv": list(args)})
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

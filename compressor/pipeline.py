@@ -167,7 +167,7 @@ def save_student(student: torch.nn.Module, example: torch.Tensor, path: Path, co
         scripted = torch.jit.trace(student, example)
         meta = json.dumps({"student": config.student, "input_shape": list(example.shape[1:])})
         with atomic_path(path) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files={"compressor.json": meta})
+            torch.jit.save(scripted, str(tmp), _extra_files={"student.json": meta})
     return path
 
 

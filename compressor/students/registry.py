@@ -1,0 +1,123 @@
+"""The student registry: ``--student SPEC`` → a freshly initialised ``nn.Module``.
+
+Modelled on timm's ``register_model`` / ``create_model`` / ``list_models``: each family lives in its own file
+(the file name is the word the user types) and registers one factory under that name; ``create_student`` parses
+the spec, looks the family up and checks that what comes back is a classifier of the promised shape. The
+families are imported one by one in ``compressor/students/__init__.py``; nothing registers by ``import *``.
+
+A spec is ``family`` or ``family:args``, e.g. ``mlp``, ``mlp:800x800``, ``cnn:16x32``, ``from-teacher:0.25``;
+what ``args`` means is up to the family.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+
+
+class StudentFactory(Protocol):
+    def __call__(self, args: str | None, input_shape: tuple[int, ...], num_classes: int, **context) -> nn.Module: ...
+
+
+# name → factory. Written only by @register_student when a family module is imported; read by everything else.
+_FACTORIES: dict[str, StudentFactory] = {}
+
+
+def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
+    """Decorator: register ``factory(args, input_shape, num_classes, **context) -> nn.Module`` as family ``name``.
+
+    ``args`` is the text after the first ``:`` of the spec (None when there is none); ``input_shape`` excludes the
+    batch axis, e.g. (1, 28, 28) or (64,); ``context`` carries optional extras such as ``teacher_architecture``
+    that a family may use or ignore. A name may be registered once; a second registration raises ValueError.
+
+        @register_student("mlp")
+        def mlp(args, input_shape, num_classes, **context): ...
+    """
+    if not isinstance(name, str) or not name or ":" in name or name != name.strip().lower():
+        raise ValueError(f"student family name {name!r} must be a non-empty lower-case string without ':'")
+
+    def decorator(factory: StudentFactory) -> StudentFactory:
+        if name in _FACTORIES:
+            raise ValueError(f"student family {name!r} is already registered (by {_FACTORIES[name].__module__})")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_students() -> list[str]:
+    """The registered family names, sorted, e.g. ``['cnn', 'from-teacher', 'mlp']``."""
+    return sorted(_FACTORIES)
+
+
+def create_student(spec: str, input_shape: tuple[int, ...], num_classes: int,
+                   teacher_architecture: list[dict] | None = None) -> nn.Module:
+    """Build the student ``spec`` for inputs (N, *input_shape) and ``num_classes`` classes.
+
+    The module comes back freshly initialised (seed torch first for a reproducible one), float32, in train mode,
+    mapping (N, *input_shape) float32 to (N, num_classes) logits. ``teacher_architecture`` is a member's
+    description from ``describe_architecture`` (needed by ``from-teacher`` only). Bad specs raise
+    CompressorError naming the spec and the valid forms.
+
+        create_student("mlp:800x800", (1, 8, 8), 10)
+        create_student("from-teacher:0.25", (1, 28, 28), 10, teacher_architecture=member.architecture)
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise CompressorError(f"--student {spec!r} is not a student spec; use FAMILY or FAMILY:ARGS with FAMILY one of "
+                              f"{', '.join(list_students())} (e.g. mlp:800x800)")
+    input_shape = tuple(int(d) for d in input_shape)
+    if not input_shape or min(input_shape) < 1 or int(num_classes) < 1:
+        raise CompressorError(f"--student {spec}: cannot build a student for input shape {input_shape} and "
+                              f"{num_classes} classes; the data must have at least one feature and one class")
+    family, sep, args = spec.strip().partition(":")
+    family = family.strip().lower()
+    if family not in _FACTORIES:
+        close = difflib.get_close_matches(family, list_students(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise CompressorError(f"--student {spec}: unknown student family {family!r}{hint}; "
+                              f"the registered families are {', '.join(list_students())}")
+    model = _FACTORIES[family](args.strip() if sep else None, input_shape, int(num_classes),
+                               teacher_architecture=teacher_architecture)
+    model = model.float().train()
+    _check_output(model, spec, input_shape, int(num_classes))
+    return model
+
+
+def _check_output(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """One dummy forward in eval mode (no running statistics touched) to hold every factory to the contract."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *input_shape))  # (2, C)
+    except Exception as exc:  # a factory bug or a family that cannot serve this input shape
+        raise CompressorError(f"--student {spec}: the student does not run on inputs of shape (N, "
+                              f"{', '.join(map(str, input_shape))}) ({type(exc).__name__}: "
+                              f"{(str(exc).strip().splitlines() or [''])[0]}); choose another family") from exc
+    finally:
+        model.train()
+    if tuple(logits.shape) != (2, num_classes):
+        raise CompressorError(f"--student {spec}: the student returns shape {tuple(logits.shape)} for a batch of 2, "
+                              f"not (2, {num_classes}); a student must map (N, ...) inputs to (N, classes) logits")
+
+
+def parse_widths(family: str, args: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``"800x800"`` → (800, 800); None → ``default``. Anything else raises CompressorError naming the spec."""
+    if args is None:
+        return default
+    parts = args.lower().split("x")
+    if all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+        return tuple(int(p) for p in parts)
+    example = "x".join(map(str, default))
+    raise CompressorError(f"--student {family}:{args}: {args!r} is not a list of positive widths; use {family} "
+                          f"(= {family}:{example}) or {family}:WxWx... with whole numbers, e.g. {family}:{example}")
+
+
+def scaled(width: int, scale: float) -> int:
+    """``width × scale`` rounded half up, at least 1: 800 × 0.25 → 200, 3 × 0.25 → 1."""
+    return max(1, math.floor(width * scale + 0.5))
