@@ -1,0 +1,140 @@
+"""The target interface every backend implements, and the registry that names the backends.
+
+A target is a module (``targets/<name>.py``, the word the user types after ``--target``) with two functions::
+
+    export(model, example_input, out_dir, precision) -> Artifact      # files + input/output spec + metadata
+    load(artifact, threads=None) -> Runner                            # Runner.infer(np.ndarray) -> np.ndarray
+
+This is Polygraphy's loader/runner split: one comparator (``targets.parity``) and one timing harness
+(``targets.benchmark``) work across every backend because each runner is just ``infer`` on numpy arrays.
+This module imports no torch at import time; ``check_target_available`` imports it only to ask for CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from compressor.errors import CompressorError, MissingCapabilityError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output; ``shape`` has the string "batch" for the dynamic axis: ("batch", 1, 8, 8)."""
+
+    name: str
+    shape: tuple
+    dtype: str  # numpy dtype name: "float32", "float16"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class Artifact:
+    """What ``export`` wrote: ``files["model"]`` is the main model file; ``metadata`` is JSON-safe."""
+
+    target: str
+    precision: str
+    files: dict[str, Path]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe copy (paths as strings) for ``report.json``."""
+        return {
+            "target": self.target,
+            "precision": self.precision,
+            "files": {key: str(path) for key, path in self.files.items()},
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+            "metadata": dict(self.metadata),
+        }
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A loaded model on one backend: ``infer`` maps (N, ...) float32 inputs to (N, C) float32 logits."""
+
+    name: str  # for people: "onnxruntime fp32 (CPUExecutionProvider, 2 threads)"
+    info: dict  # providers, threads, versions: what a reader needs to reproduce a timing
+
+    def infer(self, x: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """A registry row: where the target's module lives, whether it needs a CUDA GPU, and one line about it."""
+
+    module: str
+    needs_gpu: bool
+    description: str
+
+
+# The registry, explicit and in one place (no registration as an import side effect). The TensorRT modules
+# arrive in a later change; until then get_target names them as unavailable in this build.
+TARGETS: dict[str, TargetInfo] = {
+    "onnx": TargetInfo("targets.onnx", False,
+                       "a portable ONNX file (fp32), run with ONNX Runtime on the CPU"),
+    "onnxruntime": TargetInfo("targets.onnxruntime", False,
+                              "ONNX Runtime, full graph optimisation; CPU, or CUDA with onnxruntime-gpu installed"),
+    "tensorrt": TargetInfo("targets.tensorrt", True,
+                           "a TensorRT engine (.plan) built from the ONNX export; NVIDIA GPU"),
+    "torch-tensorrt": TargetInfo("targets.torch_tensorrt", True,
+                                 "torch_tensorrt.compile of the PyTorch student; NVIDIA GPU"),
+}
+
+
+def list_targets() -> list[str]:
+    """The names ``--target`` accepts, in registry order."""
+    return list(TARGETS)
+
+
+def get_target(name: str) -> ModuleType:
+    """The module implementing target ``name``: it exposes ``export(...)`` and ``load(...)``.
+
+    >>> get_target("onnxruntime").load(artifact).infer(x)   # doctest: +SKIP
+    """
+    info = _info(name)
+    try:
+        return importlib.import_module(info.module)
+    except ModuleNotFoundError as exc:
+        if exc.name != info.module:  # the module exists but one of its own imports is missing: not ours to hide
+            raise
+        raise MissingCapabilityError(_not_in_build(name)) from exc
+
+
+def check_target_available(name: str) -> None:
+    """Stop before any training when ``--target name`` cannot run here: no CUDA GPU, or not in this build.
+
+    Raises ``MissingCapabilityError`` (exit code 2) with one line that names the target and the alternative.
+    """
+    info = _info(name)
+    if info.needs_gpu:
+        import torch  # only here: asking for CUDA is the one thing this module needs torch for
+
+        if not torch.cuda.is_available():
+            raise MissingCapabilityError(
+                f"--target {name} needs an NVIDIA GPU with CUDA, and this machine has none; "
+                "use --target onnxruntime to run on the CPU")
+    if importlib.util.find_spec(info.module) is None:
+        raise MissingCapabilityError(_not_in_build(name))
+
+
+def _info(name: str) -> TargetInfo:
+    if name not in TARGETS:
+        raise CompressorError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def _not_in_build(name: str) -> str:
+    source = TARGETS[name].module.replace(".", "/") + ".py"
+    return (f"--target {name} is not available in this build of compressor (it has no {source}); "
+            "use --target onnxruntime")

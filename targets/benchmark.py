@@ -1,0 +1,158 @@
+"""One timing harness and one set of accuracy metrics for every backend (PyTorch eager, ORT, TensorRT, ...).
+
+Latency follows trtexec: warm up for a fixed time (caches, allocator pools, lazy initialisation, CPU frequency),
+then run back-to-back iterations until both a duration and a minimum count are reached, timing each call with
+``time.perf_counter_ns``. Batches are cut from a pool of real inputs before the clock starts, so only ``fn`` is
+timed. A coefficient of variation (std / mean) above 2.5% flags the figure as noisy.
+
+``fn`` must block until its result is ready (a CUDA backend synchronises inside ``fn``). No torch import here:
+callers wrap their backend as a callable on numpy arrays.
+
+Accuracy: top-1, NLL, expected calibration error (Guo et al. 2017, 15 equal-width bins) and agreement with a
+reference (the ensemble), all computed from (N, C) logits in float64.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+NOISY_CV = 0.025  # std / mean above this and the figure is flagged
+ECE_BINS = 15
+
+
+@dataclass
+class LatencyStats:
+    """Host latency of one call of ``fn`` on one batch, in milliseconds; throughput in examples per second."""
+
+    batch_size: int
+    iterations: int
+    warmup_s: float  # seconds actually spent warming up
+    duration_s: float  # seconds actually spent in the timed loop
+    min_ms: float
+    mean_ms: float
+    median_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    std_ms: float
+    cv: float  # std_ms / mean_ms
+    throughput_per_s: float  # batch_size / mean latency
+
+    @property
+    def noisy(self) -> bool:
+        """True when the spread is too large to trust small differences (cv > 2.5%)."""
+        return self.cv > NOISY_CV
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "noisy": self.noisy}
+
+
+def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_size: int, warmup_s: float = 0.2,
+                    duration_s: float = 1.0, min_iterations: int = 10) -> LatencyStats:
+    """Time ``fn(batch)`` for (batch_size, ...) batches cut from ``pool`` (M, ...), trtexec-style.
+
+    Consecutive slices of the pool are used in turn; when ``batch_size > M`` the pool is tiled to one batch.
+    The timed loop stops once ``duration_s`` has passed and at least ``min_iterations`` calls ran. The garbage
+    collector is paused while timing (as ``timeit`` does) so its pauses are not charged to ``fn``.
+    """
+    pool = np.asarray(pool)
+    if batch_size < 1 or min_iterations < 1 or len(pool) == 0:
+        raise ValueError(f"measure_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
+                         f"({min_iterations}) and a non-empty pool ({len(pool)} rows)")
+    batches = _batches(pool, batch_size)
+
+    start = time.perf_counter_ns()
+    warmup_ns, calls = int(warmup_s * 1e9), 0
+    while calls == 0 or time.perf_counter_ns() - start < warmup_ns:
+        fn(batches[calls % len(batches)])
+        calls += 1
+    warmed = time.perf_counter_ns() - start
+
+    times_ns, duration_ns = [], int(duration_s * 1e9)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loop_start = time.perf_counter_ns()
+        while True:
+            batch = batches[len(times_ns) % len(batches)]
+            t0 = time.perf_counter_ns()
+            fn(batch)
+            t1 = time.perf_counter_ns()
+            times_ns.append(t1 - t0)
+            if t1 - loop_start >= duration_ns and len(times_ns) >= min_iterations:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    ms = np.asarray(times_ns, dtype=np.float64) / 1e6  # (iterations,)
+    p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+    mean = float(ms.mean())
+    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+    return LatencyStats(batch_size=batch_size, iterations=len(ms), warmup_s=warmed / 1e9,
+                        duration_s=(t1 - loop_start) / 1e9, min_ms=float(ms.min()), mean_ms=mean,
+                        median_ms=float(p50), p90_ms=float(p90), p95_ms=float(p95), p99_ms=float(p99),
+                        max_ms=float(ms.max()), std_ms=std, cv=std / mean if mean > 0 else 0.0,
+                        throughput_per_s=batch_size / (mean / 1e3) if mean > 0 else float("inf"))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray | None,
+                           reference_logits: np.ndarray | None = None) -> dict:
+    """Top-1, NLL, ECE and agreement of (N, C) logits (log-probabilities work too: log-softmax is idempotent).
+
+    ``labels`` (N,) uses -1 for unlabelled rows, which ``top1``/``nll``/``ece`` skip; those three are None
+    without labels. ``agreement`` is the fraction of rows whose argmax equals ``reference_logits``' argmax
+    (None without a reference). ``top1``, ``ece`` and ``agreement`` are fractions in [0, 1]; ``nll`` is in nats.
+    """
+    scores = np.asarray(logits, dtype=np.float64)  # (N, C)
+    if scores.ndim != 2:
+        raise ValueError(f"classification_metrics needs (N, C) logits, got shape {scores.shape}")
+    log_probs = log_softmax(scores)  # (N, C)
+    predicted = scores.argmax(1)  # (N,)
+    metrics: dict = {"top1": None, "nll": None, "ece": None, "agreement": None}
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(scores):
+            raise ValueError(f"{len(labels)} labels for {len(scores)} rows of logits")
+        keep = labels >= 0
+        if keep.any():
+            y = labels[keep].astype(np.int64)
+            correct = predicted[keep] == y
+            metrics["top1"] = float(correct.mean())
+            metrics["nll"] = float(-log_probs[keep][np.arange(len(y)), y].mean())
+            metrics["ece"] = expected_calibration_error(np.exp(log_probs[keep].max(1)), correct)
+    if reference_logits is not None:
+        reference = np.asarray(reference_logits)
+        if reference.shape != scores.shape:
+            raise ValueError(f"reference logits of shape {reference.shape} for logits of shape {scores.shape}")
+        metrics["agreement"] = float((reference.argmax(1) == predicted).mean())
+    return metrics
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    """(N, C) -> (N, C) log-probabilities, stable: subtract the row max before exp."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """sum_b |accuracy_b - mean confidence_b| * n_b / n over equal-width confidence bins (lo, hi] on [0, 1]."""
+    confidence = np.asarray(confidence, dtype=np.float64)  # (n,) top-1 probability
+    correct = np.asarray(correct, dtype=np.float64)  # (n,) 1.0 where the top-1 class is the label
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # (n,) bin index
+    counts = np.bincount(which, minlength=bins)  # (bins,)
+    gap = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))  # (bins,) summed
+    return float(gap[counts > 0].sum() / len(confidence))
+
+
+def _batches(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Contiguous (batch_size, ...) batches: consecutive slices of the pool, or the pool tiled when it is too small."""
+    if batch_size > len(pool):
+        return [np.ascontiguousarray(pool[np.arange(batch_size) % len(pool)])]
+    return [np.ascontiguousarray(pool[i:i + batch_size]) for i in range(0, len(pool) - batch_size + 1, batch_size)]

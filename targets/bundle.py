@@ -1,0 +1,244 @@
+"""``bundle/``: what an inference service embeds, and ``load_bundle`` to serve it from Python without torch.
+
+Layout (``bundle_format`` 1)::
+
+    bundle/
+      model.onnx                         the exported student, copied
+      metadata.json                      input/output spec, normalisation, class names, precision, sha256, versions
+      triton/<model_name>/config.pbtxt   a Triton Inference Server model repository: tritonserver
+      triton/<model_name>/1/model.onnx     --model-repository bundle/triton
+
+``apply_normalisation`` is THE preprocessing definition: the training pipeline normalises with this same function,
+so a service calling it (or ``Bundle.predict``) feeds the model exactly the floats the student was trained and
+checked on. Triton does not normalise: a client must send ``apply_normalisation(x, metadata["normalisation"])``.
+
+Imports only the standard library, numpy, onnxruntime and ``compressor.errors``/``compressor.fileio``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressorError, MissingCapabilityError
+
+BUNDLE_FORMAT = 1
+METADATA_FILE = "metadata.json"
+REQUIRED_KEYS = ("input", "output", "normalisation", "class_names", "precision", "versions")
+TENSOR_KEYS = ("name", "shape", "dtype")
+TRITON_MAX_BATCH = 64
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
+_TRITON_PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
+
+
+def apply_normalisation(x: np.ndarray, normalisation: dict | None) -> np.ndarray:
+    """The preprocessing of every model input: (N, C_in, ...) raw values -> (N, C_in, ...) float32.
+
+    With ``normalisation=None`` the input is only converted to float32. With
+    ``{"mean": [m_0, ..., m_{C_in-1}], "std": [s_0, ...]}`` (one value per input channel, or one for all)::
+
+        out[n, c, ...] = (float32(x[n, c, ...]) - float32(m_c)) / float32(s_c)
+
+    computed in float32 (numpy broadcasts mean/std shaped (1, C_in, 1, ...) along axis 1), so the result is
+    the same bytes wherever it runs.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiub":
+        raise CompressorError(f"expected a numeric input array, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if normalisation is None:
+        return x
+    if x.ndim < 2:
+        raise CompressorError(f"normalisation needs an (N, C_in, ...) batch, got shape {x.shape}")
+    broadcast = (1, -1) + (1,) * (x.ndim - 2)  # (1, C_in, 1, ...): one value per channel on axis 1
+    mean = np.asarray(normalisation["mean"], dtype=np.float32).reshape(broadcast)
+    std = np.asarray(normalisation["std"], dtype=np.float32).reshape(broadcast)
+    for name, values in (("mean", mean), ("std", std)):
+        if values.shape[1] not in (1, x.shape[1]):
+            raise CompressorError(f"normalisation has {values.shape[1]} {name} values for an input with "
+                                  f"{x.shape[1]} channels (shape {x.shape}); give one per channel")
+    if not np.all(std > 0):
+        raise CompressorError(f"normalisation std {std.reshape(-1).tolist()} must be positive")
+    return (x - mean) / std
+
+
+def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
+    """Write ``bundle_dir`` (replacing an old one) from ``model_file`` and the caller's ``metadata``; return it.
+
+    ``metadata`` needs ``input`` and ``output`` ({name, shape without the batch axis, dtype}), ``normalisation``
+    (dict or None), ``class_names``, ``precision`` and ``versions``; a ``preprocessing`` note and anything else
+    JSON-safe is kept. The bundle is built in a temporary folder beside ``bundle_dir`` and renamed into place,
+    so a crash leaves the old bundle or the new one, never a mixture.
+    """
+    model_file, bundle_dir = Path(model_file), Path(bundle_dir)
+    _validate(metadata)
+    if not model_file.is_file():
+        raise CompressorError(f"{model_file}: the model file to bundle does not exist; export the model first")
+    model_name = "model" + model_file.suffix  # model.onnx (model.plan for TensorRT)
+    try:
+        bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", suffix=".tmp", dir=bundle_dir.parent))
+    except OSError as exc:
+        raise CompressorError(f"cannot write the bundle beside {bundle_dir} ({exc.strerror or exc}); "
+                              "choose another --out") from exc
+    try:
+        shutil.copyfile(model_file, staging / model_name)
+        full = {**metadata, "model_file": model_name, "sha256": _sha256(staging / model_name),
+                "bundle_format": BUNDLE_FORMAT}
+        triton_model = staging / "triton" / str(metadata.get("model_name", "student"))
+        (triton_model / "1").mkdir(parents=True)
+        shutil.copyfile(model_file, triton_model / "1" / model_name)
+        (triton_model / "config.pbtxt").write_text(_triton_config(full, triton_model.name, model_file.suffix),
+                                                   encoding="utf-8")
+        (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        _swap_in(staging, bundle_dir)
+    except OSError as exc:
+        raise CompressorError(f"cannot write the bundle {bundle_dir} ({exc.strerror or exc}); "
+                              "free disk space or choose another --out") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the swap succeeded
+    return bundle_dir
+
+
+class Bundle:
+    """A loaded bundle: ``predict`` raw inputs to (N, C) logits exactly as the pipeline evaluated the export."""
+
+    def __init__(self, path: Path, metadata: dict, session):
+        self.path = path
+        self.metadata = metadata
+        self.session = session
+        self.input_shape = tuple(metadata["input"]["shape"])  # without the batch axis, e.g. (1, 8, 8)
+        self.input_dtype = np.dtype(metadata["input"]["dtype"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.metadata.get("class_names")
+
+    def predict(self, x: np.ndarray, normalised: bool = False) -> np.ndarray:
+        """(N, *input_shape) or one (*input_shape) example of raw values -> (N, C) float32 logits (N = 1 for one).
+
+        ``apply_normalisation`` with the bundle's normalisation is applied first unless ``normalised=True``.
+        """
+        x = np.asarray(x)
+        if x.shape == self.input_shape:
+            x = x[None]  # one example -> a batch of one
+        if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
+            want = ", ".join(str(d) for d in self.input_shape)
+            raise CompressorError(f"{self.path}: expected input of shape (N, {want}) or ({want}), got {x.shape}")
+        x = apply_normalisation(x, None if normalised else self.metadata.get("normalisation"))
+        feed = {self.metadata["input"]["name"]: np.ascontiguousarray(x, dtype=self.input_dtype)}
+        (logits,) = self.session.run([self.metadata["output"]["name"]], feed)
+        return logits.astype(np.float32, copy=False)
+
+    def predict_classes(self, x: np.ndarray, normalised: bool = False) -> list[str]:
+        """The top-1 class name per example (the class index as a string when the bundle has no names)."""
+        top1 = self.predict(x, normalised).argmax(1)
+        names = self.class_names
+        return [names[i] if names else str(i) for i in top1.tolist()]
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Open the bundle folder ``path``: check its files and the model's sha256, then start an ONNX Runtime session."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    metadata_file = path / METADATA_FILE
+    if not metadata_file.is_file():
+        what = "folder" if not path.is_dir() else METADATA_FILE
+        raise CompressorError(f"{metadata_file if path.is_dir() else path}: no bundle here (missing {what}); "
+                              "re-export it with compress")
+    try:
+        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+        _validate(metadata)
+        model_file = path / metadata["model_file"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CompressorError(f"{metadata_file} is not a valid bundle description ({exc}); "
+                              "re-export the bundle with compress") from exc
+    if metadata.get("bundle_format") != BUNDLE_FORMAT:
+        raise CompressorError(f"{metadata_file}: bundle_format {metadata.get('bundle_format')!r}, this compressor "
+                              f"reads format {BUNDLE_FORMAT}; re-export the bundle with this version")
+    if not model_file.is_file():
+        raise CompressorError(f"{model_file}: the bundle's model file is missing; re-export the bundle")
+    digest = _sha256(model_file)
+    if digest != metadata.get("sha256"):
+        raise CompressorError(f"{model_file}: sha256 {digest[:12]}... does not match {metadata_file} "
+                              f"({str(metadata.get('sha256'))[:12]}...); the file changed after export, "
+                              "re-export the bundle")
+    if model_file.suffix != ".onnx":
+        raise MissingCapabilityError(f"{model_file}: load_bundle serves .onnx bundles with onnxruntime; "
+                                     "serve this one with TensorRT or Triton")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        session = ort.InferenceSession(str(model_file), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise CompressorError(f"ONNX Runtime cannot load {model_file} ({str(exc).splitlines()[0]}); "
+                              "re-export the bundle") from exc
+    return Bundle(path, metadata, session)
+
+
+def _validate(metadata: dict) -> None:
+    """ValueError naming every missing key: a bundle without them cannot be served correctly."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"bundle metadata must be a dict, got {type(metadata).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    for side in ("input", "output"):
+        if isinstance(metadata.get(side), dict):
+            missing += [f"{side}.{key}" for key in TENSOR_KEYS if key not in metadata[side]]
+        elif side in metadata:
+            missing.append(f"{side} (a dict of {', '.join(TENSOR_KEYS)})")
+    norm = metadata.get("normalisation")
+    if norm is not None and not (isinstance(norm, dict) and "mean" in norm and "std" in norm):
+        missing.append("normalisation.mean/std (or normalisation None)")
+    if missing:
+        raise ValueError(f"bundle metadata lacks {', '.join(missing)}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _swap_in(staging: Path, bundle_dir: Path) -> None:
+    """Rename ``staging`` onto ``bundle_dir``; an old bundle is moved aside first, then deleted."""
+    if not bundle_dir.exists():
+        os.replace(staging, bundle_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.old.", suffix=".tmp", dir=bundle_dir.parent))
+    os.replace(bundle_dir, old / bundle_dir.name)
+    try:
+        os.replace(staging, bundle_dir)
+    except OSError:
+        os.replace(old / bundle_dir.name, bundle_dir)  # put the old bundle back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _triton_config(metadata: dict, name: str, suffix: str) -> str:
+    """``config.pbtxt`` for the bundle's model: dynamic batching over the leading axis."""
+
+    def tensor(spec: dict) -> str:
+        dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in spec["shape"])  # -1: variable
+        return (f'  {{\n    name: "{spec["name"]}"\n    data_type: {_TRITON_TYPES.get(spec["dtype"], "TYPE_FP32")}\n'
+                f"    dims: [ {dims} ]\n  }}")
+
+    return (f"# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
+            f"# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n"
+            f'name: "{name}"\nplatform: "{_TRITON_PLATFORMS.get(suffix, "onnxruntime_onnx")}"\n'
+            f"max_batch_size: {TRITON_MAX_BATCH}\n"
+            f"input [\n{tensor(metadata['input'])}\n]\noutput [\n{tensor(metadata['output'])}\n]\n"
+            f"dynamic_batching {{ }}\n")

@@ -1,0 +1,143 @@
+"""``--target onnx``: the student as one self-contained ONNX file with a dynamic batch axis.
+
+Exporter choice (torch 2.13): ``torch.onnx.export(..., dynamo=True)`` with ``dynamic_shapes`` and
+``external_data=False``. It is the exporter PyTorch maintains (the TorchScript one, ``dynamo=False``, warns that
+it is deprecated), it names the dynamic axis ``"batch"`` in the graph, and it runs onnxscript's graph optimiser.
+We take the in-memory ``ONNXProgram`` (``f=None``) and save its proto ourselves through ``atomic_path``, so the
+weights are embedded in ``model.onnx`` (no ``model.onnx.data`` side file) and a failure leaves no partial file.
+The exporter's progress lines, its "torchvision is not installed" log lines and its FutureWarnings are kept off
+the user's terminal: our own progress is what people read.
+
+torch is imported inside ``export`` only, so ``load`` (and ONNX Runtime serving) needs no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from pathlib import Path
+
+from compressor.errors import CompressorError
+from compressor.fileio import atomic_path
+from targets.base import Artifact, Runner, TensorSpec
+
+MODEL_FILE = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_AXIS = "batch"
+SUPPORTED_PRECISIONS = ("fp32",)
+
+
+def export(model, example_input, out_dir: Path, precision: str = "fp32") -> Artifact:
+    """Export ``model`` (in eval mode) to ``out_dir/model.onnx``: input "input" (N, ...), output "logits" (N, C).
+
+    ``example_input`` is one real batch, e.g. (2, 1, 8, 8) float32; its batch size does not matter, the batch
+    axis is dynamic. The file is checked with ``onnx.checker`` before it is renamed into place. Metadata records
+    the opset, the exporter, torch/onnx/onnxscript versions, export seconds and file bytes.
+    """
+    return export_onnx(model, example_input, out_dir, precision, target="onnx")
+
+
+def load(artifact: Artifact, threads: int | None = None) -> Runner:
+    """Run the ONNX file with ONNX Runtime (see ``targets.onnxruntime.OrtRunner``)."""
+    from targets.onnxruntime import load as ort_load
+
+    return ort_load(artifact, threads=threads)
+
+
+def export_onnx(model, example_input, out_dir: Path, precision: str, target: str) -> Artifact:
+    """The shared ONNX export behind ``--target onnx`` and ``--target onnxruntime``; ``target`` names the artifact."""
+    import onnx
+    import onnxscript
+    import torch
+
+    if precision not in SUPPORTED_PRECISIONS:
+        raise CompressorError(f"--precision {precision}: fp16/int8 export is not available yet for --target {target}; "
+                              "use --precision fp32")
+    out_dir = _make_dir(Path(out_dir))
+    path = out_dir / MODEL_FILE
+
+    was_training = model.training
+    model.eval()  # dropout off, batch norm on its running statistics: the export must be the inference graph
+    started = time.perf_counter()
+    try:
+        program = _quiet_export(torch, model, example_input)
+    except Exception as exc:
+        cause = _root_cause(exc)
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        raise CompressorError(f"ONNX export of {type(model).__name__} failed ({type(cause).__name__}: {first_line}); "
+                              "the model's forward must be traceable by torch.export (run with --debug for details)"
+                              ) from exc
+    finally:
+        model.train(was_training)
+    proto = program.model_proto
+
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp)  # no save_as_external_data: the weights live inside the one file
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise CompressorError(f"the exported {path} fails onnx.checker ({str(exc).splitlines()[0]}); "
+                                  "this is an exporter bug, please report it with the model") from exc
+    seconds = time.perf_counter() - started
+
+    graph = proto.graph
+    metadata = {
+        "opset": next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
+        "export_seconds": round(seconds, 3),
+        "file_bytes": path.stat().st_size,
+    }
+    return Artifact(target=target, precision=precision, files={"model": path},
+                    inputs=[_spec(value) for value in graph.input], outputs=[_spec(value) for value in graph.output],
+                    metadata=metadata)
+
+
+def _quiet_export(torch, model, example_input):
+    """``torch.onnx.export`` to memory, with its stdout progress, log lines and FutureWarnings held back."""
+    batch = torch.export.Dim(BATCH_AXIS)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.onnx.export(model, (example_input,), None, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], dynamo=True, external_data=False,
+                                     dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+    finally:
+        exporter_log.setLevel(level)
+
+
+def _spec(value) -> TensorSpec:
+    """A TensorSpec from an ONNX graph input/output; the symbolic batch dimension becomes "batch"."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    shape = tuple(dim.dim_value if dim.HasField("dim_value") else BATCH_AXIS if index == 0 else dim.dim_param
+                  for index, dim in enumerate(tensor.shape.dim))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    return TensorSpec(value.name, shape, dtype)
+
+
+def _make_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompressorError(f"cannot create the export folder {out_dir} ({exc.strerror or exc}); "
+                              "choose another --out") from exc
+    return out_dir
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause: torch.onnx wraps the model's own error in a page of advice."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
