@@ -1,44 +1,58 @@
-"""The distillation loss's public entry point: :func:`tempered_kl`, with the implementation chosen by ``impl``.
+"""The distillation loss's public entry points, with the implementation chosen by ``impl``.
 
 Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network". The specification is
-:mod:`compressor.kernels.tempered_kl_reference`; faster implementations must match it. ``impl="auto"`` is
-resolved in one place, :func:`resolve_impl`, from the device of the inputs at call time (never at import time).
+:mod:`compressor.kernels.tempered_kl_reference`; the fused paths must match it:
+
+- ``"triton"`` (:mod:`.tempered_kl_triton`): one kernel launch writes the loss and the gradient w.r.t. the student;
+- ``"cpu"`` (:mod:`.tempered_kl_cpu`): the same single-pass idea vectorised over row chunks in PyTorch;
+- ``"reference"``: plain PyTorch and autograd, any device, and the only path that also differentiates w.r.t. the
+  teacher logits.
+
+``impl="auto"`` is resolved in one place, :func:`resolve_impl`, from the inputs at call time (never at import).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from compressor.kernels.tempered_kl_reference import (COMBINES, ensemble_log_probs, ensemble_weights,
-                                                      tempered_kl_reference)
+                                                      tempered_kl_reference, tempered_kl_reference_from_log_probs)
 
 __all__ = ["COMBINES", "IMPLS", "ensemble_log_probs", "ensemble_weights", "resolve_impl", "tempered_kl",
-           "tempered_kl_reference"]
+           "tempered_kl_from_log_probs", "tempered_kl_reference", "tempered_kl_reference_from_log_probs"]
 
-IMPLS = ("auto", "reference")  # what ``impl`` accepts
+IMPLS = ("auto", "reference", "cpu", "triton")  # what ``impl`` accepts
 
 
-def resolve_impl(impl: str, device: torch.device | str) -> str:
+def resolve_impl(impl: str, device: torch.device | str, teacher_requires_grad: bool = False) -> str:
     """The implementation that runs for ``impl`` on ``device``: ``"auto"`` becomes a concrete name here and only here.
 
-    Today the reference is the only implementation, so ``"auto"`` is ``"reference"`` on every device.
+    ``"auto"``: ``"triton"`` on CUDA when triton is installed, ``"cpu"`` on the CPU, ``"reference"`` otherwise, and
+    ``"reference"`` whenever the teacher logits need a gradient (the fused paths give the student's only).
     Raises ValueError for a name outside :data:`IMPLS`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
-    device = torch.device(device)
     if impl != "auto":
         return impl
+    device = torch.device(device)
+    if teacher_requires_grad:
+        return "reference"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    if device.type == "cpu":
+        return "cpu"
     return "reference"
 
 
 def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, temperature: float,
                 alpha: float, weights: Tensor | Sequence[float] | None = None, combine: str = "arithmetic",
                 impl: str = "auto") -> Tensor:
-    """The distillation loss (a 0-dim tensor), averaged over all N rows; differentiable in both logits.
+    """The distillation loss (a 0-dim tensor), averaged over all N rows.
 
     ``student_logits`` (N, C); ``teacher_logits`` (K, N, C); ``labels`` (N,) int64 with -1 for unlabeled rows,
     or None. Per row: ``alpha · T² · KL(p_T ‖ softmax(s / T)) + (1 − alpha) · CE(softmax(s), y)`` with
@@ -50,7 +64,28 @@ def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor |
         loss = tempered_kl(student(x), teacher_logits, y, temperature=4.0, alpha=0.9)
         loss.backward()
     """
-    resolved = resolve_impl(impl, student_logits.device)
-    if resolved == "reference":
-        return tempered_kl_reference(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)
-    raise AssertionError(f"resolve_impl returned {resolved!r}, which tempered_kl has no branch for")
+    resolved = resolve_impl(impl, student_logits.device, teacher_logits.requires_grad)
+    if resolved == "triton":
+        from compressor.kernels.tempered_kl_triton import tempered_kl_triton
+        return tempered_kl_triton(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)
+    if resolved == "cpu":
+        from compressor.kernels.tempered_kl_cpu import tempered_kl_cpu
+        return tempered_kl_cpu(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)
+    return tempered_kl_reference(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)
+
+
+def tempered_kl_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,
+                               temperature: float, alpha: float, impl: str = "auto") -> Tensor:
+    """The same loss from the ensemble's precomputed soft target: ``teacher_log_probs`` (N, C) is log p_T.
+
+    Use it when the soft targets are cached (e.g. ``ensemble_log_probs(teacher_logits, T)`` computed once), so
+    per-step traffic no longer grows with the number of members K.
+    """
+    resolved = resolve_impl(impl, student_logits.device, teacher_log_probs.requires_grad)
+    if resolved == "triton":
+        from compressor.kernels.tempered_kl_triton import tempered_kl_triton_from_log_probs
+        return tempered_kl_triton_from_log_probs(student_logits, teacher_log_probs, labels, temperature, alpha)
+    if resolved == "cpu":
+        from compressor.kernels.tempered_kl_cpu import tempered_kl_cpu_from_log_probs
+        return tempered_kl_cpu_from_log_probs(student_logits, teacher_log_probs, labels, temperature, alpha)
+    return tempered_kl_reference_from_log_probs(student_logits, teacher_log_probs, labels, temperature, alpha)

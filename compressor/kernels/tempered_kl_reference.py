@@ -81,15 +81,40 @@ def tempered_kl_reference(student_logits: Tensor, teacher_logits: Tensor, labels
     term but still counts in the mean. KL uses the convention 0 · log 0 = 0. ``weights`` (K,) and ``combine``
     are as in :func:`ensemble_log_probs`. Computes in float64 for float64 inputs and in float32 otherwise.
     """
-    n, c = _check_shapes(student_logits, teacher_logits, labels)
+    _check_shapes(student_logits, teacher_logits, labels)
     _check_temperature(temperature)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha}: must be between 0 (hard labels only) and 1 (soft targets only)")
+    _check_alpha(alpha)
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    s = student_logits.to(dtype)  # (N, C)
-    t = teacher_logits.to(dtype)  # (K, N, C)
+    log_p = ensemble_log_probs(teacher_logits.to(dtype), temperature, weights, combine)  # (N, C) teacher, tempered
+    return _loss_from_log_probs(student_logits.to(dtype), log_p, labels, temperature, alpha)
 
-    log_p = ensemble_log_probs(t, temperature, weights, combine)  # (N, C) teacher, tempered
+
+def tempered_kl_reference_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,
+                                         temperature: float, alpha: float) -> Tensor:
+    """The distillation loss (a 0-dim tensor) from the ensemble's soft target given as log-probabilities.
+
+    The mixture-input form of :func:`tempered_kl_reference`: ``teacher_log_probs`` (N, C) is the ensemble's
+    tempered ``log p_T`` at this ``temperature``, precomputed once (e.g. by :func:`ensemble_log_probs`, or read
+    from a teacher cache), so the cost no longer grows with the number of members K. ``student_logits`` (N, C),
+    ``labels`` (N,) with -1 for unlabeled rows or None; same per-row formula and mean over all N rows.
+
+    Example::
+
+        log_p = ensemble_log_probs(teacher_logits, temperature=4.0)  # (N, C), once per batch
+        loss = tempered_kl_reference_from_log_probs(student(x), log_p, y, temperature=4.0, alpha=0.9)
+    """
+    if teacher_log_probs.ndim != 2 or teacher_log_probs.shape != student_logits.shape:
+        raise ValueError(f"teacher log-probs have shape {tuple(teacher_log_probs.shape)} but student logits "
+                         f"{tuple(student_logits.shape)}; expected both (N, C)")
+    _check_shapes(student_logits, teacher_log_probs[None], labels)
+    _check_temperature(temperature)
+    _check_alpha(alpha)
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_log_probs.dtype), torch.float32)
+    return _loss_from_log_probs(student_logits.to(dtype), teacher_log_probs.to(dtype), labels, temperature, alpha)
+
+
+def _loss_from_log_probs(s: Tensor, log_p: Tensor, labels: Tensor | None, temperature: float, alpha: float) -> Tensor:
+    """The per-row formula on student logits ``s`` (N, C) and teacher log-probs ``log_p`` (N, C), averaged."""
     log_q = F.log_softmax(s / temperature, dim=-1)  # (N, C) student, tempered
     p = log_p.exp()
     # 0 · log 0 = 0: where p is exactly 0 (a -inf teacher logit), put a finite log p so that neither the
@@ -103,6 +128,11 @@ def tempered_kl_reference(student_logits: Tensor, teacher_logits: Tensor, labels
     else:
         hard = F.cross_entropy(s, labels.long(), ignore_index=-1, reduction="none")  # (N,), 0 where y = -1
     return (alpha * soft + (1.0 - alpha) * hard).mean()
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha}: must be between 0 (hard labels only) and 1 (soft targets only)")
 
 
 def _check_temperature(temperature: float) -> None:

@@ -241,18 +241,22 @@ def test_bad_weights_raise(weights, message):
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-def test_auto_resolves_to_reference_and_matches_it(rng):
-    assert resolve_impl("auto", torch.device("cpu")) == "reference"
+def test_auto_resolves_once_per_device_and_every_impl_matches_the_reference(rng):
+    assert IMPLS == ("auto", "reference", "cpu", "triton")
+    assert resolve_impl("auto", torch.device("cpu")) == "cpu"
+    assert resolve_impl("auto", "cpu", teacher_requires_grad=True) == "reference"  # fused paths: student grad only
+    assert resolve_impl("auto", "meta") == "reference"
     assert resolve_impl("reference", "cpu") == "reference"
-    assert IMPLS == ("auto", "reference")
     s, t, y = as_torch(*random_case(rng, 6, 4, 2))
     want = tempered_kl_reference(s, t, y, 4.0, 0.9, [0.3, 0.7], "geometric")
-    for impl in ("auto", "reference"):
-        assert torch.equal(tempered_kl(s, t, y, 4.0, 0.9, [0.3, 0.7], "geometric", impl=impl), want)
+    assert torch.equal(tempered_kl(s, t, y, 4.0, 0.9, [0.3, 0.7], "geometric", impl="reference"), want)
+    for impl in ("auto", "cpu"):
+        got = tempered_kl(s, t, y, 4.0, 0.9, [0.3, 0.7], "geometric", impl=impl)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_unknown_impl_raises_naming_the_choices():
-    with pytest.raises(ValueError, match="'auto', 'reference'"):
-        resolve_impl("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="'auto', 'reference', 'cpu', 'triton'"):
+        resolve_impl("fast", torch.device("cpu"))
     with pytest.raises(ValueError, match="'auto', 'reference'"):
         tempered_kl(torch.zeros(2, 3), torch.zeros(1, 2, 3), None, 2.0, 0.5, impl="fast")

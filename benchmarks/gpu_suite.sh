@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the GPU-marked tests of the whole suite, then the tempered-KL benchmark on CUDA.
+# Assumes `pip install --no-deps -e .` (plus the dev extras) is done. Results go to $OUT when set, else
+# benchmarks/results/; the summary file is gpu_suite-summary.txt there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dest="${OUT:-benchmarks/results}"
+mkdir -p "$dest"
+summary="$dest/gpu_suite-summary.txt"
+python -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$dest/pytest-gpu.log"
+tests_rc=${PIPESTATUS[0]}
+python benchmarks/bench_tempered_kl.py --device cuda --json "$dest/bench_tempered_kl-cuda.json" 2>&1 \
+    | tee "$dest/bench_tempered_kl-cuda.txt"
+bench_rc=${PIPESTATUS[0]}
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+    echo "pytest -m gpu (exit $tests_rc): $(tail -n 1 "$dest/pytest-gpu.log")"
+    echo "benchmark (exit $bench_rc): $dest/bench_tempered_kl-cuda.json"
+} > "$summary"
+cat "$summary"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
