@@ -20,17 +20,20 @@ from compressor.teachers import save_ensemble
 TEACHER_EPOCHS = 40
 
 
-def demo_members() -> list[tuple[str, nn.Module]]:
-    """The three demo teachers: large for 8×8 inputs on purpose, so a small student has something to gain."""
-    def mlp(width: int) -> nn.Sequential:
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Dropout(0.2),
-                             nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 10))
+def _mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 10))
 
-    cnn = nn.Sequential(
+
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),   # (64, 4, 4)
         nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
-    return [("mlp-1024", mlp(1024)), ("cnn-32x64", cnn), ("mlp-512", mlp(512))]
+
+
+# The three demo teachers, built after seeding: large for 8×8 inputs on purpose, so a small student gains.
+DEMO_MEMBERS = [("mlp-1024", lambda: _mlp(1024)), ("cnn-32x64", _cnn), ("mlp-512", lambda: _mlp(512))]
 
 
 def build_demo_teachers(out_dir: Path, seed: int = 0, progress: bool = True) -> Path:
@@ -40,8 +43,9 @@ def build_demo_teachers(out_dir: Path, seed: int = 0, progress: bool = True) -> 
     x_val, y_val = torch.from_numpy(dataset.val.x), torch.from_numpy(dataset.val.y)
     names, models = [], []
     with tempfile.TemporaryDirectory() as scratch:
-        for k, (name, model) in enumerate(demo_members()):
-            torch.manual_seed(seed + k)
+        for k, (name, build) in enumerate(DEMO_MEMBERS):
+            torch.manual_seed(seed + k)  # initial weights are part of the recorded seed
+            model = build()
             config = TrainConfig(epochs=TEACHER_EPOCHS, batch_size=64, lr=1e-3, seed=seed + k, progress=progress)
             train_student(model, x_train, y_train, None, x_val, y_val, HardLabelLoss(), config,
                           Path(scratch) / name)
