@@ -68,6 +68,17 @@ def _pairwise_lse_update(big_m, big_s, a):
 
 
 @triton.jit
+def _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ_k w_k t_k over one [BLOCK_N, BLOCK_C] tile of the (K, N, C) teacher logits: the geometric mixture's logits."""
+    g = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    t_k = t_ptr
+    for k in range(K):
+        g += tl.load(w_ptr + k) * tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32)
+        t_k += member_stride
+    return g
+
+
+@triton.jit
 def _tempered_kl_fwd_kernel(
     s_ptr,  # (N, C) student logits, any float dtype
     t_ptr,  # (K, N, C) teacher logits, or (N, C) teacher log-probs at T when FROM_LOG_PROBS
@@ -108,11 +119,7 @@ def _tempered_kl_fwd_kernel(
         if FROM_LOG_PROBS:
             log_p = tl.where(mask, tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32), neg_inf)
         elif GEOMETRIC:
-            g = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-            t_k = t_ptr
-            for k in range(K):
-                g += tl.load(w_ptr + k) * tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32)
-                t_k += member_stride
+            g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
             z = tl.where(mask, g * inv_t, neg_inf)
             m_g, d_g = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32),
                                           tl.zeros([BLOCK_N], tl.float32), z)
@@ -155,11 +162,7 @@ def _tempered_kl_fwd_kernel(
             m_q, d_q = _online_lse_update(m_q, d_q, tl.where(mask, s * inv_t, neg_inf))
             m_1, d_1 = _online_lse_update(m_1, d_1, tl.where(mask, s, neg_inf))
             if GEOMETRIC and not FROM_LOG_PROBS:
-                g = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-                t_k = t_ptr
-                for k in range(K):
-                    g += tl.load(w_ptr + k) * tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32)
-                    t_k += member_stride
+                g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
                 m_g, d_g = _online_lse_update(m_g, d_g, tl.where(mask, g * inv_t, neg_inf))
         lse_q = m_q + tl.log(d_q)
         lse_1 = m_1 + tl.log(d_1)
@@ -190,11 +193,7 @@ def _tempered_kl_fwd_kernel(
             if FROM_LOG_PROBS:
                 log_p = tl.where(mask, tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32), neg_inf)
             elif GEOMETRIC:
-                g = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-                t_k = t_ptr
-                for k in range(K):
-                    g += tl.load(w_ptr + k) * tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32)
-                    t_k += member_stride
+                g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
                 log_p = tl.where(mask, g * inv_t - lse_g[:, None], neg_inf)
             else:
                 big_m = tl.full([BLOCK_N, BLOCK_C], neg_inf, tl.float32)
