@@ -212,12 +212,12 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
                              "accuracy": classification_metrics(scores, y_test, ensemble_scores),
                              "latency": latency})
     warnings_ = list(diagnostics.get("warnings", []))
-    for row in measured:
-        for batch, stats in row["latency"].items():
-            if stats["cv"] > 0.025:
-                warnings_.append(f"{row['model']} on {row['backend']} at batch {batch}: timing is noisy "
-                                 f"(coefficient of variation {stats['cv']:.1%} > 2.5%); another process may be "
-                                 f"using the CPU, so treat its latency as approximate")
+    noisy = [f"{row['model']} on {row['backend']} batch {batch} {stats['cv']:.0%}"
+             for row in measured for batch, stats in row["latency"].items() if stats["cv"] > 0.025]
+    if noisy:
+        warnings_.append(f"noisy timings (coefficient of variation above 2.5%): {', '.join(noisy)}. Sub-millisecond "
+                         f"calls see rare long outliers (interrupts, other processes); the medians quoted are robust "
+                         f"to them, the means and p99s are not")
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -233,23 +233,34 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
         "runner": {"name": runner.name, **runner.info},
         "parity": parity.to_dict(),
         "rows": measured,
-        "headline": headline(measured, config.target),
+        "headline": headline(measured, config.target, training, config.epochs),
         "warnings": warnings_,
     }
 
 
-def headline(rows: list[dict], target: str) -> str:
-    """One sentence a person reads first: the student's batch-1 speed-up and the accuracy it keeps."""
+def headline(rows: list[dict], target: str, training: TrainResult, epochs: int) -> str:
+    """What a person reads first: the student's batch-1 speed-up, the accuracy it keeps, and why if it lost much."""
     ensemble, student_target = rows[0], rows[-1]
     batch = "1" if "1" in ensemble["latency"] else next(iter(ensemble["latency"]))
     speedup = ensemble["latency"][batch]["median_ms"] / student_target["latency"][batch]["median_ms"]
-    kept = student_target["accuracy"]["top1"] / ensemble["accuracy"]["top1"]
+    student_acc, ensemble_acc = student_target["accuracy"]["top1"], ensemble["accuracy"]["top1"]
     verdict = ("faster" if speedup >= 1 else "SLOWER")
-    return (f"On {target} the student is {speedup:.1f}× {verdict} than the ensemble in PyTorch eager at batch {batch} "
+    text = (f"On {target} the student is {speedup:.1f}× {verdict} than the ensemble in PyTorch eager at batch {batch} "
             f"(median {student_target['latency'][batch]['median_ms']:.3f} ms vs "
-            f"{ensemble['latency'][batch]['median_ms']:.3f} ms) and keeps {kept:.1%} of its test accuracy "
-            f"({student_target['accuracy']['top1']:.2%} vs {ensemble['accuracy']['top1']:.2%}). The ensemble was "
-            f"timed in PyTorch eager only, so this speed-up mixes what distillation buys with what {target} buys.")
+            f"{ensemble['latency'][batch]['median_ms']:.3f} ms) and keeps {student_acc / ensemble_acc:.1%} of its test "
+            f"accuracy ({student_acc:.2%} vs {ensemble_acc:.2%}). The ensemble was timed in PyTorch eager only, so "
+            f"this speed-up mixes what distillation buys with what {target} buys.")
+    drop = 100 * (ensemble_acc - student_acc)
+    if drop > 1.0:
+        if training.best_epoch == epochs:
+            cause = (f"its validation accuracy was still rising at its last epoch ({epochs}), so it is likely "
+                     f"undertrained: try more --epochs")
+        else:
+            cause = (f"its validation accuracy peaked at epoch {training.best_epoch} of {epochs}, so more epochs "
+                     f"will not help; with {student_target['parameters']:,} parameters against the ensemble's "
+                     f"{ensemble['parameters']:,} it is likely too small: try a wider --student")
+        text += f" The student loses {drop:.1f} points: {cause}."
+    return text
 
 
 def write_student_bundle(artifact, dataset: Dataset, ensemble: Ensemble, normalisation: dict | None,

@@ -94,3 +94,23 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "teachers" / "digits-ensemble.pt").is_file()
     report = json.loads((out / "report.json").read_text())
     assert len(report["teacher"]["members"]) == 3 and report["parity"]["passed"]
+
+
+def _row(model, top1, median_ms, parameters):
+    return {"model": model, "parameters": parameters, "accuracy": {"top1": top1},
+            "latency": {"1": {"median_ms": median_ms}}}
+
+
+def test_headline_says_plainly_when_the_student_loses_and_why():
+    from compressor.distill import TrainResult
+    from compressor.pipeline import headline
+
+    ensemble = _row("ensemble", 0.91, 1.0, 1_500_000)
+    close = headline([ensemble, _row("student", 0.905, 0.05, 5_000)], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "20.0× faster" in close and "loses" not in close
+    still_rising = headline([ensemble, _row("student", 0.83, 0.05, 5_000)], "onnxruntime", TrainResult(10, 0.8), 10)
+    assert "loses 8.0 points" in still_rising and "more --epochs" in still_rising
+    peaked = headline([ensemble, _row("student", 0.83, 0.05, 5_000)], "onnxruntime", TrainResult(4, 0.8), 10)
+    assert "too small" in peaked and "5,000" in peaked and "1,500,000" in peaked
+    slower = headline([ensemble, _row("student", 0.91, 2.0, 5_000)], "onnxruntime", TrainResult(4, 0.8), 10)
+    assert "SLOWER" in slower
