@@ -24,7 +24,9 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
 
     ensemble = load_ensemble(path, trust_pickle=trust_pickle)
     info = ensemble.describe()
-    table = Table(title=f"{path} ({info['format']}, combine={info['combine']})")
+    console.print(f"[bold]{path}[/]: {info['format']}, {len(ensemble.members)} members, combine={info['combine']}",
+                  highlight=False, soft_wrap=True)
+    table = Table()
     for column in ("member", "kind", "parameters", "weight"):
         table.add_column(column, justify="right" if column in ("parameters", "weight") else "left")
     weights = ensemble.weights or [1.0] * len(ensemble.members)
@@ -42,7 +44,9 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
         x = torch.from_numpy(apply_normalisation(dataset.test.x, ensemble.normalisation))
         ensemble.validate(x[:8], f"--data {spec}")
         scores = diagnose(ensemble, ensemble.member_logits(x), torch.from_numpy(dataset.test.y), split="test")
-        accuracy = Table(title=f"accuracy on the test split of {spec} ({len(dataset.test)} examples)")
+        console.print(f"accuracy on the test split of {spec} ({len(dataset.test)} examples):", highlight=False,
+                      soft_wrap=True)
+        accuracy = Table()
         accuracy.add_column("model")
         accuracy.add_column("top-1", justify="right")
         accuracy.add_column("NLL", justify="right")

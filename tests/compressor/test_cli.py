@@ -140,3 +140,15 @@ def test_usage_errors(capsys):
     assert code == 2 and "--teacher is required" in output
     code, output = run_cli(capsys, "--teacher", "x.pt", "--batch-sizes", "1,zero")
     assert code == 2 and "comma-separated" in output
+
+
+def test_inspect_lists_members_and_scores_them_on_data(capsys, digits_ensemble):
+    code, output = run_cli(capsys, "inspect", digits_ensemble)
+    assert code == 0
+    assert "mlp" in output and "cnn" in output and "input shape: [1, 8, 8]" in output and "classes: 10" in output
+    assert "accuracy on the test split" in output  # the ensemble's dataset hint ("digits") is used
+    code, output = run_cli(capsys, "inspect", digits_ensemble, "--data", "digits", "--max-train", "100")
+    assert code == 0 and "ensemble" in output and "(100 examples)" in output
+    code, output = run_cli(capsys, "inspect", "/nonexistent.pt")
+    assert code == 1
+    assert_one_clear_line(output, "/nonexistent.pt")
