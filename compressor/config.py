@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32",)  # fp16 and int8 arrive with ONNX Runtime quantization and TensorRT (DESIGN.md, Targets)
 
 
 @dataclass(frozen=True)

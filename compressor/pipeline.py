@@ -305,8 +305,6 @@ def _parameters(model: torch.nn.Module) -> int:
 def _check_config(config: RunConfig) -> None:
     if config.precision not in PRECISIONS:
         raise CompressorError(f"--precision {config.precision}: choose one of {', '.join(PRECISIONS)}")
-    if config.precision != "fp32":
-        raise CompressorError(f"--precision {config.precision} is not available yet; use --precision fp32")
     if config.temperature <= 0:
         raise CompressorError(f"--temperature {config.temperature}: must be positive (Hinton et al. use 1 to 20)")
     if not 0 <= config.alpha <= 1:
