@@ -72,8 +72,10 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
-    teacher = {split: ensemble.member_logits(x) for split, x in
-               (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))}
+    with console.status(f"running {len(ensemble.members)} teachers once over train/val/test "
+                        f"({len(tensors.x_train) + len(tensors.x_val) + len(tensors.x_test):,} inputs)"):
+        teacher = {split: ensemble.member_logits(x) for split, x in   # (K, N, C) each, reused every epoch
+                   (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))}
     diagnostics = diagnose(ensemble, teacher["val"], tensors.y_val)                      # 2. diagnose
     for line in diagnostics["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
