@@ -4,8 +4,9 @@ An ensemble is K classifiers with the same input shape and the same C classes (H
 Accepted files, safest first:
 1. a TorchScript archive written by :func:`save_ensemble`: one scripted module whose ``members`` ModuleList holds
    the K members, and ``compressor.json`` in its extra files (input shape, classes, normalisation, weights, ...);
-2. a manifest ``ensemble.toml`` listing member files (TorchScript ``.pt``, ``torch.export`` ``.pt2``, ``.onnx``),
-   each with an optional ``weight`` and ``temperature``;
+2. a manifest ``ensemble.toml`` listing member files (TorchScript ``.pt``, ``.onnx``, and ``torch.export`` ``.pt2``
+   with ``trust_pickle=True`` only, since ``torch.export.load`` unpickles the archive's weights), each with an
+   optional ``weight`` and ``temperature``;
 3. a pickled ``nn.Module`` or list of modules, only with ``trust_pickle=True`` (unpickling runs arbitrary code).
 """
 
@@ -258,13 +259,13 @@ def load_ensemble(path: str | Path, trust_pickle: bool = False) -> Ensemble:
         raise CompressorError(f"--teacher {path}: no such file; pass an ensemble saved with compressor.save_ensemble "
                               f"or an ensemble.toml manifest")
     if path.suffix == ".toml":
-        ensemble = _load_manifest(path)
+        ensemble = _load_manifest(path, trust_pickle)
     else:
         kind = sniff_format(path)
         if kind == "torchscript":
             ensemble = _load_archive(path)
         elif kind == "torch.export":
-            member = _load_member(path, path.stem)
+            member = _load_member(path, path.stem, trust_pickle=trust_pickle)
             ensemble = Ensemble(path, "torch.export program", [member], None, "arithmetic", {})
         elif kind == "onnx":
             member = _load_member(path, path.stem)
@@ -361,8 +362,8 @@ def _load_archive(path: Path) -> Ensemble:
     return Ensemble(path, "torchscript module", [member], None, "arithmetic", {})
 
 
-def _load_member(path: Path, name: str, temperature: float = 1.0) -> Member:
-    """Load one manifest member: TorchScript .pt, torch.export .pt2, or .onnx (run by onnxruntime)."""
+def _load_member(path: Path, name: str, temperature: float = 1.0, trust_pickle: bool = False) -> Member:
+    """Load one manifest member: TorchScript .pt, torch.export .pt2 (only with ``trust_pickle``), or .onnx."""
     if not path.is_file():
         raise CompressorError(f"member '{name}': {path} does not exist; fix its path in the manifest")
     kind = sniff_format(path)
@@ -374,6 +375,11 @@ def _load_member(path: Path, name: str, temperature: float = 1.0) -> Member:
             return Member(name, "torchscript", str(path), module, sum(p.numel() for p in module.parameters()),
                           temperature=temperature)
         if kind == "torch.export":
+            if not trust_pickle:  # torch.export.load unpickles a .pt2's weights and constants (weights_only=False)
+                raise CompressorError(
+                    f"member '{name}': {path} is a torch.export program, and torch.export.load unpickles parts of it, "
+                    f"which can run arbitrary code; pass --trust-pickle if you trust this file, or save the member "
+                    f"as TorchScript (.pt) or ONNX (.onnx)")
             program = torch.export.load(str(path))
             params = sum(t.numel() for t in program.state_dict.values())
             return Member(name, "torch.export", str(path), program.module(), params, temperature=temperature)
@@ -405,7 +411,7 @@ def _onnx_member(path: Path, name: str, temperature: float) -> Member:
     return Member(name, "onnx", str(path), forward, params, temperature=temperature)
 
 
-def _load_manifest(path: Path) -> Ensemble:
+def _load_manifest(path: Path, trust_pickle: bool) -> Ensemble:
     try:
         manifest = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -419,7 +425,7 @@ def _load_manifest(path: Path) -> Ensemble:
             raise CompressorError(f"{path}: member {k} has no 'path'")
         member_path = (path.parent / entry["path"]).resolve()
         name = entry.get("name", Path(entry["path"]).stem)
-        members.append(_load_member(member_path, name, float(entry.get("temperature", 1.0))))
+        members.append(_load_member(member_path, name, float(entry.get("temperature", 1.0)), trust_pickle))
         weights.append(float(entry.get("weight", 1.0)))
     header = manifest.get("ensemble", {})
     meta = {key: header.get(key) for key in ("input_shape", "num_classes", "class_names", "normalisation", "dataset")}

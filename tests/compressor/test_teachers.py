@@ -133,7 +133,9 @@ def test_manifest_mixes_torchscript_export_and_onnx_members(tmp_path):
         '[[members]]\npath = "a.pt"\nweight = 2.0\n'
         '[[members]]\npath = "b.pt2"\n'
         '[[members]]\npath = "c.onnx"\ntemperature = 2.0\n')
-    ensemble = load_ensemble(tmp_path / "ensemble.toml")
+    with pytest.raises(CompressorError, match="b.pt2.*--trust-pickle"):  # torch.export.load unpickles
+        load_ensemble(tmp_path / "ensemble.toml")
+    ensemble = load_ensemble(tmp_path / "ensemble.toml", trust_pickle=True)
     assert [m.kind for m in ensemble.members] == ["torchscript", "torch.export", "onnx"]
     assert ensemble.weights == [2.0, 1.0, 1.0]
     got = ensemble.member_logits(x)
