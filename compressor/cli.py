@@ -96,7 +96,9 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
 @click.version_option(__version__, prog_name="compressor")
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
               help="Teacher ensemble: save_ensemble archive, ensemble.toml, .onnx (or .pt2 with --trust-pickle).")
-@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher or a torch.export .pt2 member (loading them unpickles, which can run arbitrary code).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow a pickled teacher or a torch.export .pt2 member (loading them unpickles, which can run "
+                   "arbitrary code).")
 @job_options
 @click.pass_context
 def cli(ctx: click.Context, teacher: Path | None, trust_pickle: bool, **options) -> None:
