@@ -167,7 +167,8 @@ def _run_and_summarise(config: RunConfig) -> None:
                       *[f"{row['latency'][b]['median_ms']:.3f}" for b in batches])
     stdout.print(table)
     stdout.print(report["headline"])
-    stdout.print(f"artifacts in {config.output_dir()}: report.md, report.json, student.pt, export/, bundle/")
+    stdout.print(f"artifacts in {config.output_dir()}: report.md, report.json, student.pt, export/, "
+                 f"ensemble-export/, bundle/")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,21 @@ class _EnsembleArchive(nn.Module):
         return torch.stack([member(x) for member in self.members])  # (K, N, C)
 
 
+class _MixtureModule(nn.Module):
+    """The ensemble's prediction as a module, for tracing: members' logits, then the weighted mixture at T = 1."""
+
+    def __init__(self, ensemble: "Ensemble"):
+        super().__init__()
+        self.members = nn.ModuleList(member.forward for member in ensemble.members)  # registered, so traceable
+        self.temperatures = [member.temperature for member in ensemble.members]
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        member_logits = torch.stack([module(x).float() / temperature
+                                     for module, temperature in zip(self.members, self.temperatures)])  # (K, N, C)
+        return self.ensemble.log_probs(member_logits)  # (N, C)
+
+
 @dataclass
 class Member:
     """One teacher: a name, where it came from, and a callable from inputs (N, ...) to logits (N, C)."""
@@ -114,6 +129,20 @@ class Ensemble:
         """The ensemble's prediction (N, C) log-probabilities from its members' (K, N, C) logits."""
         weights = torch.tensor(self.weights, dtype=member_logits.dtype) if self.weights else None
         return ensemble_log_probs(member_logits, temperature, weights, self.combine)
+
+    def as_module(self, example: torch.Tensor) -> torch.jit.ScriptModule:
+        """The whole ensemble as one traced module: inputs (N, ...) → mixture log-probabilities (N, C) at T = 1.
+
+        This is what an ensemble deployed as is would run, so exporting it to a target separates what distillation
+        buys from what the target buys. ONNX members cannot be traced: CompressorError names them.
+        """
+        untraceable = [m.name for m in self.members if m.kind == "onnx"]
+        if untraceable:
+            raise CompressorError(f"members {untraceable} are ONNX files run by onnxruntime, not PyTorch modules, so "
+                                  f"the ensemble cannot be exported as one graph")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings from constant weights, TorchScript deprecation
+            return torch.jit.trace(_MixtureModule(self).eval(), example, check_trace=False)
 
     def validate(self, example: torch.Tensor, what: str) -> None:
         """Run every member on ``example`` (N, ...); check 2-D outputs, one class count, finite values.

@@ -8,6 +8,9 @@ weights are embedded in ``model.onnx`` (no ``model.onnx.data`` side file) and a 
 The exporter's progress lines, its "torchvision is not installed" log lines and its FutureWarnings are kept off
 the user's terminal: our own progress is what people read.
 
+A TorchScript module (a teacher ensemble benchmarked on the target) cannot be traced by torch.export; it goes
+through the TorchScript exporter instead (``dynamo=False``), with the same names and dynamic batch axis.
+
 torch is imported inside ``export`` only, so ``load`` (and ONNX Runtime serving) needs no torch.
 """
 
@@ -64,7 +67,7 @@ def export_onnx(model, example_input, out_dir: Path, precision: str, target: str
     model.eval()  # dropout off, batch norm on its running statistics: the export must be the inference graph
     started = time.perf_counter()
     try:
-        program = _quiet_export(torch, model, example_input)
+        proto = _quiet_export(torch, model, example_input)
     except Exception as exc:
         cause = _root_cause(exc)
         first_line = (str(cause).strip().splitlines() or [""])[0]
@@ -73,7 +76,6 @@ def export_onnx(model, example_input, out_dir: Path, precision: str, target: str
                               ) from exc
     finally:
         model.train(was_training)
-    proto = program.model_proto
 
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)  # no save_as_external_data: the weights live inside the one file
@@ -87,7 +89,8 @@ def export_onnx(model, example_input, out_dir: Path, precision: str, target: str
     graph = proto.graph
     metadata = {
         "opset": next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")),
-        "exporter": "torch.onnx.export(dynamo=True)",
+        "exporter": "torch.onnx.export(dynamo=False)" if isinstance(model, torch.jit.ScriptModule)
+                    else "torch.onnx.export(dynamo=True)",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
         "export_seconds": round(seconds, 3),
         "file_bytes": path.stat().st_size,
@@ -98,8 +101,12 @@ def export_onnx(model, example_input, out_dir: Path, precision: str, target: str
 
 
 def _quiet_export(torch, model, example_input):
-    """``torch.onnx.export`` to memory, with its stdout progress, log lines and FutureWarnings held back."""
-    batch = torch.export.Dim(BATCH_AXIS)
+    """The ONNX model proto, exported with the exporter's stdout progress, log lines and FutureWarnings held back.
+
+    An ``nn.Module`` goes through the dynamo exporter. A TorchScript module (a teacher ensemble loaded from its
+    archive) cannot, because torch.export does not trace ScriptModules; it goes through the TorchScript exporter,
+    deprecated but still the one that reads TorchScript, with the same names and dynamic batch axis.
+    """
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
@@ -107,11 +114,24 @@ def _quiet_export(torch, model, example_input):
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            if isinstance(model, torch.jit.ScriptModule):
+                return _torchscript_export(torch, model, example_input)
             return torch.onnx.export(model, (example_input,), None, input_names=[INPUT_NAME],
                                      output_names=[OUTPUT_NAME], dynamo=True, external_data=False,
-                                     dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+                                     dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},), verbose=False,
+                                     optimize=True).model_proto
     finally:
         exporter_log.setLevel(level)
+
+
+def _torchscript_export(torch, model, example_input):
+    import onnx
+
+    buffer = io.BytesIO()
+    warnings.simplefilter("ignore", UserWarning)  # "no signature found for ScriptMethod": expected for TorchScript
+    torch.onnx.export(model, (example_input,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamo=False, dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}})
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def _spec(value) -> TensorSpec:
