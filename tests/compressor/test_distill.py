@@ -69,6 +69,17 @@ def interrupt_at(step: int, inner=hard_label_loss):
     return loss
 
 
+def switch_after(calls_before: int, normal, changed):
+    """A loss that is ``normal`` for its first ``calls_before`` calls and ``changed`` from then on."""
+    calls = {"n": 0}
+
+    def loss(s, t, y):
+        calls["n"] += 1
+        return (changed if calls["n"] > calls_before else normal)(s, t, y)
+
+    return loss
+
+
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -264,12 +275,8 @@ def test_checkpoint_of_another_kind_raises(problem, tmp_path):
 def test_nan_loss_raises_and_keeps_earlier_checkpoints(problem, tmp_path):
     x, y, _, xv, yv = problem
     steps_per_epoch = -(-len(x) // 64)
-    calls = {"n": 0}
-
-    def loss(s, t, yb):
-        calls["n"] += 1
-        out = hard_label_loss(s, t, yb)
-        return out * float("nan") if calls["n"] > 2 * steps_per_epoch + 1 else out
+    loss = switch_after(2 * steps_per_epoch + 1, hard_label_loss,
+                        lambda s, t, yb: hard_label_loss(s, t, yb) * float("nan"))
 
     with pytest.raises(CompressorError) as err:
         train_student(make_student(), x, y, None, xv, yv, loss, cfg(epochs=4), tmp_path)
@@ -296,12 +303,8 @@ def test_best_epoch_weights_are_returned(problem, tmp_path):
     """Train well for 2 epochs, then on shuffled-wrong labels: the best epoch is early and its weights come back."""
     x, y, _, xv, yv = problem
     steps_per_epoch = -(-len(x) // 64)
-    calls = {"n": 0}
-
-    def sabotage(s, t, yb):
-        calls["n"] += 1
-        wrong = (yb + 1) % C if calls["n"] > 2 * steps_per_epoch else yb
-        return F.cross_entropy(s, wrong)
+    sabotage = switch_after(2 * steps_per_epoch, lambda s, t, yb: F.cross_entropy(s, yb),
+                            lambda s, t, yb: F.cross_entropy(s, (yb + 1) % C))
 
     student = make_student()
     res = train_student(student, x, y, None, xv, yv, sabotage, cfg(epochs=5, lr=3e-2), tmp_path)
