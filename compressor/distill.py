@@ -236,6 +236,7 @@ def train_student(
     checkpoint_dir: Path,
     resume: bool = False,
     fingerprint: dict | None = None,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on the transfer set and return what happened.
 
@@ -243,6 +244,11 @@ def train_student(
     teacher_logits[:, idx] (K, B, C) | None, y[idx] (B,))``, AdamW, one step of the cosine schedule.
     After every epoch: validation accuracy, ``best.pt`` when it is a new best, ``last.pt`` always.
     At the end the best epoch's weights are loaded into ``student``, which is left in eval mode.
+
+    ``augment(xb, generator) -> xb`` transforms each training batch (never validation); it must draw its
+    randomness from ``generator``, seeded per epoch, so a run and its resumption see the same batches. Teacher
+    logits are not recomputed for the transformed batch, so pass ``augment`` only with ``teacher_logits=None``
+    (training a teacher or a baseline) or when a small change of input leaves the soft targets valid.
 
     ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it exists (its config and
     ``fingerprint`` must match) and starts fresh when it does not; ``resume=False`` always starts
@@ -319,6 +325,8 @@ def train_student(
                 idx = perm[start : start + config.batch_size]  # (B,)
                 xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)  # (B, ...)
                 yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (B,)
+                if augment is not None:
+                    xb = augment(xb, gen)
                 tb = None if teacher_logits is None else teacher_logits[:, idx.to(teacher_logits.device)].to(device)  # (K, B, C)
                 logits = student(xb)  # (B, C)
                 loss = loss_fn(logits, tb, yb)

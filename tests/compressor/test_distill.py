@@ -341,3 +341,24 @@ def test_bad_shapes_raise(problem, tmp_path):
         train_student(make_student(), x, y, t[:, :10], xv, yv, teacher_kl_loss, cfg(epochs=1), tmp_path)
     with pytest.raises(CompressorError, match="no labeled"):
         train_student(make_student(), x, y, None, xv, torch.full_like(yv, -1), hard_label_loss, cfg(epochs=1), tmp_path)
+
+
+def test_augment_sees_every_training_batch_and_is_reproducible(tmp_path):
+    """The hook transforms training batches only, draws from the per-epoch generator, and resumes identically."""
+    x, y, _, xv, yv = make_problem()
+    seen: list[int] = []
+
+    def noisy(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seen.append(len(xb))
+        return xb + 0.1 * torch.randn(xb.shape, generator=generator)
+
+    a = make_student()
+    train_student(a, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "a", augment=noisy)
+    assert sum(seen) == 2 * len(x)  # every training row, every epoch; validation never goes through it
+    b = make_student()
+    train_student(b, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "b", augment=noisy)
+    plain = make_student()
+    train_student(plain, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "c")
+    for p, q, r in zip(a.parameters(), b.parameters(), plain.parameters()):
+        assert torch.equal(p, q)  # same seed, same noise
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), plain.parameters()))  # the noise mattered
