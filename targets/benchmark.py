@@ -3,25 +3,27 @@
 Latency follows trtexec: warm up for a fixed time (caches, allocator pools, lazy initialisation, CPU frequency),
 then run back-to-back iterations until both a duration and a minimum count are reached, timing each call with
 ``time.perf_counter_ns``. Batches are cut from a pool of real inputs before the clock starts, so only ``fn`` is
-timed. A coefficient of variation (std / mean) above 2.5% flags the figure as noisy.
+timed. A coefficient of variation (std / mean) above 2.5% flags the figure as noisy. ``sweep`` times many rows
+over a batch-size sweep in interleaved rounds and flags a figure whose rounds disagree by more than 10%.
 
 ``fn`` must block until its result is ready (a CUDA backend synchronises inside ``fn``). No torch import here:
 callers wrap their backend as a callable on numpy arrays.
 
-Accuracy: top-1, NLL, expected calibration error (Guo et al. 2017, 15 equal-width bins) and agreement with a
-reference (the ensemble), all computed from (N, C) logits in float64.
+Accuracy: top-1, NLL, expected calibration error (Guo et al. 2017, 15 equal-width bins), per-class accuracy, and
+agreement and KL divergence with a reference (the ensemble), all computed from (N, C) logits in float64.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 
 NOISY_CV = 0.025  # std / mean above this and the figure is flagged
+UNSTABLE_ROUNDS = 0.10  # back-to-back rounds whose medians differ by more than this are flagged
 ECE_BINS = 15
 
 
@@ -43,6 +45,9 @@ class LatencyStats:
     std_ms: float
     cv: float  # std_ms / mean_ms
     throughput_per_s: float  # batch_size / mean latency
+    # CUDA only: median device time of each stage from CUDA events, {"h2d_ms", "compute_ms", "d2h_ms"}
+    stages: dict | None = None
+    samples_ms: np.ndarray | None = field(default=None, repr=False, compare=False)  # every timed call, not saved
 
     @property
     def noisy(self) -> bool:
@@ -50,7 +55,9 @@ class LatencyStats:
         return self.cv > NOISY_CV
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "noisy": self.noisy}
+        """JSON-safe figures (the raw samples are left out)."""
+        values = {key: value for key, value in asdict(self).items() if key != "samples_ms"}
+        return {**values, "noisy": self.noisy}
 
 
 def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_size: int, warmup_s: float = 0.2,
@@ -65,7 +72,7 @@ def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_
     if batch_size < 1 or min_iterations < 1 or len(pool) == 0:
         raise ValueError(f"measure_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
                          f"({min_iterations}) and a non-empty pool ({len(pool)} rows)")
-    batches = _batches(pool, batch_size)
+    batches = batches_from_pool(pool, batch_size)
 
     start = time.perf_counter_ns()
     warmup_ns, calls = int(warmup_s * 1e9), 0
@@ -91,31 +98,81 @@ def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_
         if gc_was_enabled:
             gc.enable()
 
-    ms = np.asarray(times_ns, dtype=np.float64) / 1e6  # (iterations,)
+    return latency_stats(np.asarray(times_ns, dtype=np.float64) / 1e6, batch_size, warmed / 1e9,
+                         (t1 - loop_start) / 1e9)
+
+
+def latency_stats(ms: np.ndarray, batch_size: int, warmup_s: float, duration_s: float,
+                  stages: dict | None = None) -> LatencyStats:
+    """Summarise per-call latencies ``ms`` (iterations,) in milliseconds; every harness ends here."""
+    ms = np.asarray(ms, dtype=np.float64)
     p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
     mean = float(ms.mean())
     std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
-    return LatencyStats(batch_size=batch_size, iterations=len(ms), warmup_s=warmed / 1e9,
-                        duration_s=(t1 - loop_start) / 1e9, min_ms=float(ms.min()), mean_ms=mean,
-                        median_ms=float(p50), p90_ms=float(p90), p95_ms=float(p95), p99_ms=float(p99),
-                        max_ms=float(ms.max()), std_ms=std, cv=std / mean if mean > 0 else 0.0,
-                        throughput_per_s=batch_size / (mean / 1e3) if mean > 0 else float("inf"))
+    return LatencyStats(batch_size=batch_size, iterations=len(ms), warmup_s=warmup_s, duration_s=duration_s,
+                        min_ms=float(ms.min()), mean_ms=mean, median_ms=float(p50), p90_ms=float(p90),
+                        p95_ms=float(p95), p99_ms=float(p99), max_ms=float(ms.max()), std_ms=std,
+                        cv=std / mean if mean > 0 else 0.0,
+                        throughput_per_s=batch_size / (mean / 1e3) if mean > 0 else float("inf"), stages=stages,
+                        samples_ms=ms)
+
+
+Measure = Callable[[int, float, float], LatencyStats]  # (batch_size, warmup_s, duration_s) -> stats
+
+
+def sweep(measures: list[Measure], batch_sizes: tuple[int, ...], warmup_s: float, duration_s: float,
+          rounds: int = 2, on_step: Callable[[int, int, int], None] | None = None) -> list[dict[str, dict]]:
+    """Time every row at every batch size in ``rounds`` interleaved rounds; return per row {batch: figures}.
+
+    Each round runs every (row, batch) once for ``duration_s / rounds`` after its own warm-up, so a slow spell of
+    the machine (another process, thermal throttling) lands in one round of every row instead of all of one row.
+    The figures pool the rounds' samples; ``round_medians`` keeps each round's median and ``round_spread`` is
+    max / min - 1 of them: above 10% the two halves of the run disagree and the figure should not be trusted.
+    ``on_step(row, batch_size, round)`` is called before each measurement (for a progress bar).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    parts: list[dict[int, list[LatencyStats]]] = [{b: [] for b in batch_sizes} for _ in measures]
+    for round_ in range(rounds):
+        for row, measure in enumerate(measures):
+            for batch in batch_sizes:
+                if on_step is not None:
+                    on_step(row, batch, round_)
+                parts[row][batch].append(measure(batch, warmup_s, duration_s / rounds))
+    return [{str(batch): _pool_rounds(stats) for batch, stats in row.items()} for row in parts]
+
+
+def _pool_rounds(rounds: list[LatencyStats]) -> dict:
+    """One figure from several rounds of the same measurement: pooled samples, plus each round's median."""
+    first = rounds[0]
+    stages = None
+    if first.stages is not None:
+        stages = {key: float(np.median([r.stages[key] for r in rounds])) for key in first.stages}
+    pooled = latency_stats(np.concatenate([r.samples_ms for r in rounds]), first.batch_size,
+                           sum(r.warmup_s for r in rounds), sum(r.duration_s for r in rounds), stages)
+    medians = [r.median_ms for r in rounds]
+    spread = max(medians) / min(medians) - 1 if min(medians) > 0 else 0.0
+    return {**pooled.to_dict(), "round_medians": medians, "round_spread": spread,
+            "unstable": spread > UNSTABLE_ROUNDS}
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray | None,
                            reference_logits: np.ndarray | None = None) -> dict:
-    """Top-1, NLL, ECE and agreement of (N, C) logits (log-probabilities work too: log-softmax is idempotent).
+    """Top-1, NLL, ECE, per-class accuracy, and agreement and KL with a reference, from (N, C) logits.
 
-    ``labels`` (N,) uses -1 for unlabelled rows, which ``top1``/``nll``/``ece`` skip; those three are None
-    without labels. ``agreement`` is the fraction of rows whose argmax equals ``reference_logits``' argmax
-    (None without a reference). ``top1``, ``ece`` and ``agreement`` are fractions in [0, 1]; ``nll`` is in nats.
+    Log-probabilities work too as ``logits`` (log-softmax is idempotent). ``labels`` (N,) uses -1 for unlabelled
+    rows, which the label metrics skip; they are None without labels. ``per_class`` lists, for each of the C
+    classes, the accuracy on the rows of that label (None for a class with no row). ``agreement`` is the fraction
+    of rows whose argmax equals ``reference_logits``' argmax; ``kl_to_reference`` is the mean KL(reference ‖ row)
+    in nats at T = 1 (both None without a reference). Fractions are in [0, 1]; ``nll`` is in nats.
     """
     scores = np.asarray(logits, dtype=np.float64)  # (N, C)
     if scores.ndim != 2:
         raise ValueError(f"classification_metrics needs (N, C) logits, got shape {scores.shape}")
     log_probs = log_softmax(scores)  # (N, C)
     predicted = scores.argmax(1)  # (N,)
-    metrics: dict = {"top1": None, "nll": None, "ece": None, "agreement": None}
+    metrics: dict = {"top1": None, "nll": None, "ece": None, "per_class": None, "agreement": None,
+                     "kl_to_reference": None}
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(scores):
@@ -127,11 +184,17 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray | None,
             metrics["top1"] = float(correct.mean())
             metrics["nll"] = float(-log_probs[keep][np.arange(len(y)), y].mean())
             metrics["ece"] = expected_calibration_error(np.exp(log_probs[keep].max(1)), correct)
+            counts = np.bincount(y, minlength=scores.shape[1])  # (C,)
+            hits = np.bincount(y, correct.astype(np.float64), minlength=scores.shape[1])  # (C,)
+            metrics["per_class"] = [float(h / c) if c else None for h, c in zip(hits, counts)]
     if reference_logits is not None:
-        reference = np.asarray(reference_logits)
+        reference = np.asarray(reference_logits, dtype=np.float64)
         if reference.shape != scores.shape:
             raise ValueError(f"reference logits of shape {reference.shape} for logits of shape {scores.shape}")
         metrics["agreement"] = float((reference.argmax(1) == predicted).mean())
+        reference_log_probs = log_softmax(reference)  # (N, C)
+        kl = (np.exp(reference_log_probs) * (reference_log_probs - log_probs)).sum(1)  # (N,)
+        metrics["kl_to_reference"] = float(kl.mean())
     return metrics
 
 
@@ -151,7 +214,7 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(gap[counts > 0].sum() / len(confidence))
 
 
-def _batches(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def batches_from_pool(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Contiguous (batch_size, ...) batches: consecutive slices of the pool, or the pool tiled when it is too small."""
     if batch_size > len(pool):
         return [np.ascontiguousarray(pool[np.arange(batch_size) % len(pool)])]

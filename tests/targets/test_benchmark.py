@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from targets.benchmark import LatencyStats, classification_metrics, measure_latency
+from targets.benchmark import LatencyStats, classification_metrics, latency_stats, measure_latency, sweep
 from targets.onnxruntime import load
 
 
@@ -99,5 +99,52 @@ def test_unlabelled_rows_are_skipped_and_no_labels_give_none():
     logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     metrics = classification_metrics(logits, np.array([0, -1, 1]))
     assert metrics["top1"] == 0.5
+    assert metrics["per_class"] == [1.0, 0.0]
     empty = classification_metrics(logits, None, reference_logits=logits)
-    assert empty == {"top1": None, "nll": None, "ece": None, "agreement": 1.0}
+    assert empty == {"top1": None, "nll": None, "ece": None, "per_class": None, "agreement": 1.0,
+                     "kl_to_reference": pytest.approx(0.0, abs=1e-12)}
+
+
+def test_per_class_accuracy_and_kl_match_hand_computed_values():
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    labels = np.array([0, 1, 1, 0])  # class 0: rows 0 (right), 3 (wrong); class 1: rows 1 (right), 2 (wrong)
+    reference = np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6]])
+    metrics = classification_metrics(np.log(probs), labels, reference_logits=np.log(reference))
+    assert metrics["per_class"] == [0.5, 0.5, None]  # class 2 has no row
+    expected_kl = np.mean([sum(r * np.log(r / q) for r, q in zip(ref, row)) for ref, row in zip(reference, probs)])
+    assert metrics["kl_to_reference"] == pytest.approx(expected_kl, rel=1e-12)
+    assert metrics["agreement"] == 0.75  # row 2: 0 vs 1
+
+
+def fake_measure(medians_by_round: list[float], calls: list):
+    """A Measure whose k-th call returns ten samples at ``medians_by_round[k]`` ms; records its arguments."""
+    def measure(batch_size: int, warmup_s: float, duration_s: float) -> LatencyStats:
+        calls.append((batch_size, warmup_s, duration_s))
+        value = medians_by_round[(len(calls) - 1) % len(medians_by_round)]
+        return latency_stats(np.full(10, value), batch_size, warmup_s, duration_s)
+    return measure
+
+
+def test_sweep_interleaves_rounds_and_pools_their_samples():
+    calls_a, calls_b, steps = [], [], []
+    rows = sweep([fake_measure([1.0], calls_a), fake_measure([2.0], calls_b)], (1, 8), warmup_s=0.1,
+                 duration_s=0.6, rounds=3, on_step=lambda *step: steps.append(step))
+    # every round visits every row and batch before the next round starts
+    assert steps == [(row, batch, r) for r in range(3) for row in (0, 1) for batch in (1, 8)]
+    assert calls_a == [(1, 0.1, pytest.approx(0.2)), (8, 0.1, pytest.approx(0.2))] * 3
+    figure = rows[1]["8"]
+    assert figure["iterations"] == 30 and figure["median_ms"] == 2.0 and figure["batch_size"] == 8
+    assert figure["round_medians"] == [2.0, 2.0, 2.0] and figure["round_spread"] == 0.0 and not figure["unstable"]
+    assert figure["duration_s"] == pytest.approx(0.6) and "samples_ms" not in figure
+    json.dumps(rows)  # JSON-safe as written into report.json
+
+
+def test_rounds_that_disagree_by_more_than_ten_percent_are_flagged():
+    calls = []
+    # per (round, batch): round 0 gives 1.0 ms at batch 1 and 1.0 at batch 4; round 1 gives 1.2 and 1.05
+    rows = sweep([fake_measure([1.0, 1.0, 1.2, 1.05], calls)], (1, 4), warmup_s=0.0, duration_s=0.0, rounds=2)
+    assert rows[0]["1"]["round_medians"] == [1.0, 1.2]
+    assert rows[0]["1"]["round_spread"] == pytest.approx(0.2) and rows[0]["1"]["unstable"]
+    assert rows[0]["4"]["round_spread"] == pytest.approx(0.05) and not rows[0]["4"]["unstable"]
+    with pytest.raises(ValueError, match="rounds"):
+        sweep([fake_measure([1.0], [])], (1,), 0.0, 0.0, rounds=0)
