@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the GPU-marked tests of the whole suite, then the tempered-KL benchmark on CUDA.
+# One command for a GPU machine: the GPU-marked tests of the whole suite, the tempered-KL benchmark on CUDA, and
+# the demo's main job with its PyTorch rows timed on CUDA (host latency beside H2D / compute / D2H CUDA events).
 # Assumes `pip install --no-deps -e .` (plus the dev extras) is done. Results go to $OUT when set, else
 # benchmarks/results/; the summary file is gpu_suite-summary.txt there.
 set -uo pipefail
@@ -12,11 +13,21 @@ tests_rc=${PIPESTATUS[0]}
 python benchmarks/bench_tempered_kl.py --device cuda --json "$dest/bench_tempered_kl-cuda.json" 2>&1 \
     | tee "$dest/bench_tempered_kl-cuda.txt"
 bench_rc=${PIPESTATUS[0]}
+if python -c "import onnxruntime, matplotlib" 2>/dev/null; then
+    python -m compressor demo --out "$dest/demo-cuda" --batch-sizes 1,8,64,256 --no-progress 2>&1 \
+        | tee "$dest/demo-cuda.txt"
+    demo_rc=${PIPESTATUS[0]}
+    demo_line="demo on CUDA (exit $demo_rc): $dest/demo-cuda/report.md"
+else
+    demo_rc=0
+    demo_line="demo on CUDA: skipped (onnxruntime or matplotlib not installed here)"
+fi
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
     echo "pytest -m gpu (exit $tests_rc): $(tail -n 1 "$dest/pytest-gpu.log")"
     echo "benchmark (exit $bench_rc): $dest/bench_tempered_kl-cuda.json"
+    echo "$demo_line"
 } > "$summary"
 cat "$summary"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || demo_rc != 0 ))

@@ -69,11 +69,16 @@ def job_options(func):
         click.option("--max-train", type=int, default=None, help="Cap each split at N examples (quick runs)."),
         click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.pt."),
         click.option("--batch-sizes", callback=_parse_batch_sizes, default="1,64", show_default=True,
-                     help="Batch sizes to benchmark."),
+                     help="Batch sizes to benchmark, e.g. 1,8,64,256."),
         click.option("--warmup", type=float, default=RunConfig.warmup_s, show_default=True,
                      help="Benchmark warm-up seconds per row and batch size."),
         click.option("--duration", type=float, default=RunConfig.duration_s, show_default=True,
-                     help="Benchmark seconds per row and batch size."),
+                     help="Benchmark seconds per row and batch size, split over the rounds."),
+        click.option("--rounds", type=click.IntRange(min=1), default=RunConfig.rounds, show_default=True,
+                     help="Interleaved benchmark rounds; the report flags figures whose rounds disagree by >10%."),
+        click.option("--baseline", is_flag=True,
+                     help="Also train the student's architecture on the hard labels alone (same budget), so the "
+                          "report shows what the teachers add."),
         click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -88,6 +93,7 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
+        rounds=options["rounds"], baseline=options["baseline"],
         threads=options["threads"], progress=not options["no_progress"],
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 
@@ -157,18 +163,24 @@ def _run_and_summarise(config: RunConfig) -> None:
     from compressor.pipeline import run
 
     report = run(config, stderr)
-    table = Table(title="student against ensemble (test split)")
+    table = Table(title="test split: accuracy and median latency")
     batches = list(report["rows"][0]["latency"])
     for column in ["model", "backend", "top-1", "agreement"] + [f"b{b} p50 ms" for b in batches]:
         table.add_column(column, justify="left" if column in ("model", "backend") else "right")
     for row in report["rows"]:
         acc = row["accuracy"]
-        table.add_row(row["model"], row["backend"], f"{acc['top1']:.2%}", f"{acc['agreement']:.2%}",
+        table.add_row(row["model"], row["backend"], _percent(acc["top1"]), _percent(acc["agreement"]),
                       *[f"{row['latency'][b]['median_ms']:.3f}" for b in batches])
     stdout.print(table)
     stdout.print(report["headline"])
-    stdout.print(f"artifacts in {config.output_dir()}: report.md, report.json, student.pt, export/, "
+    for warning in report["warnings"]:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    stdout.print(f"artifacts in {config.output_dir()}: report.md, report.json, pareto.png, student.pt, export/, "
                  f"ensemble-export/, bundle/")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
 
 
 def main(argv: list[str] | None = None) -> int:

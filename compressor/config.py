@@ -31,7 +31,9 @@ class RunConfig:
     resume: bool = False
     batch_sizes: tuple[int, ...] = (1, 64)
     warmup_s: float = 0.2                 # benchmark warm-up per row and batch size
-    duration_s: float = 1.0               # benchmark measurement per row and batch size
+    duration_s: float = 1.0               # benchmark measurement per row and batch size, over all rounds
+    rounds: int = 2                       # interleaved benchmark rounds; their medians must agree within 10%
+    baseline: bool = False                # also train the student's architecture on hard labels alone
     threads: int | None = None            # intra-op threads for ORT and PyTorch; None = library default
     progress: bool = True
     command: str = ""                     # the exact command line, recorded in the report

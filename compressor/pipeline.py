@@ -20,24 +20,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from compressor import __version__
 from compressor.config import PRECISIONS, RunConfig
+from compressor.compare import eager_device, ensemble_rows, headline, student_rows
 from compressor.data import Dataset, load_dataset
 from compressor.diagnostics import diagnose
 from compressor.distill import TrainConfig, TrainResult, predict_logits, train_student
 from compressor.errors import CompressorError
 from compressor.fileio import atomic_path
-from compressor.losses import DistillationLoss
+from compressor.losses import DistillationLoss, HardLabelLoss
 from compressor.students import create_student
 from compressor.teachers import Ensemble, load_ensemble
 from targets.base import check_target_available, get_target
-from targets.benchmark import classification_metrics, measure_latency
+from targets.benchmark import sweep
 from targets.bundle import apply_normalisation, write_bundle
+from targets.cuda_timing import cuda_device_name
+from targets.pareto import plot_pareto
 from targets.parity import check_parity, enforce_parity
 from targets.report import write_report
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 PARITY_ROWS = 2000          # held-out rows compared between PyTorch and the export
 BENCHMARK_POOL = 512        # distinct test inputs cycled through by the latency harness
 
@@ -52,6 +56,14 @@ class Tensors:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+
+@dataclass
+class TrainedBaseline:
+    """The hard-label baseline: the student's architecture trained without the teachers."""
+
+    model: torch.nn.Module
+    training: TrainResult
 
 
 def run(config: RunConfig, console: Console | None = None) -> dict:
@@ -72,18 +84,17 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
-    with console.status(f"running {len(ensemble.members)} teachers once over train/val/test "
-                        f"({len(tensors.x_train) + len(tensors.x_val) + len(tensors.x_test):,} inputs)"):
-        teacher = {split: ensemble.member_logits(x) for split, x in   # (K, N, C) each, reused every epoch
-                   (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))}
+    teacher = run_teachers(ensemble, tensors, config)                                   # (K, N, C) per split
     diagnostics = diagnose(ensemble, teacher["val"], tensors.y_val)                      # 2. diagnose
     for line in diagnostics["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
 
+    torch.manual_seed(config.seed)                                  # the student and the baseline start alike
     student = choose_student(config, ensemble, dataset)                                 # 3. student
     out_dir.mkdir(parents=True, exist_ok=True)
     training = distill(config, ensemble, dataset, tensors, teacher["train"], student, normalisation, console)  # 4.
     save_student(student, tensors.x_test[:2], out_dir / "student.pt", config)
+    baseline = train_baseline(config, ensemble, dataset, tensors, console) if config.baseline else None
 
     target = get_target(config.target)                                                  # 5. export
     artifact = target.export(student, tensors.x_test[:2], out_dir / "export", config.precision)
@@ -91,14 +102,30 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     parity = check_student_parity(student, runner, tensors, config)                      # 6. parity
 
     ensemble_runner, ensemble_export = export_ensemble(ensemble, target, tensors, teacher["test"], config, console)
-    report = benchmark_and_report(config, ensemble, dataset, tensors, teacher["test"], student, runner,
+    report = benchmark_and_report(config, ensemble, dataset, tensors, teacher["test"], student, runner,  # 7.
                                   artifact, parity, diagnostics, training, normalisation, console,
-                                  ensemble_runner, ensemble_export)  # 7.
+                                  ensemble_runner, ensemble_export, baseline)
     write_student_bundle(artifact, dataset, ensemble, normalisation, config, out_dir)
     report["seconds_total"] = round(time.perf_counter() - started, 2)
     write_report(report, out_dir)
     enforce_parity(parity, f"{config.target} {config.precision} export {artifact.files['model']}")
     return report
+
+
+def run_teachers(ensemble: Ensemble, tensors: Tensors, config: RunConfig) -> dict[str, torch.Tensor]:
+    """Run every member once over train, val and test: (K, N, C) logits per split, reused every epoch."""
+    splits = (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))
+    total = len(ensemble.members) * sum(len(x) for _, x in splits)
+    with progress_bar(config.progress) as progress:
+        task = progress.add_task(f"teachers ({len(ensemble.members)} members)", total=total)
+        return {name: ensemble.member_logits(x, on_batch=lambda rows: progress.advance(task, rows))
+                for name, x in splits}
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A rich progress bar on stderr (hidden with --no-progress) for the steps that take long."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False)
 
 
 def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | None]:
@@ -163,6 +190,28 @@ def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Te
                          loss, train_config, checkpoints, resume=config.resume, fingerprint=fingerprint)
 
 
+def train_baseline(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors,
+                   console: Console) -> TrainedBaseline | None:
+    """The student's architecture trained on the hard labels alone with the same budget (--baseline).
+
+    Same initial weights, epochs, schedule and batch order as the distilled student, and the best epoch on
+    validation like it, so the comparison shows what the teachers add and not what a longer schedule adds.
+    """
+    if int((tensors.y_train >= 0).sum()) == 0:
+        console.print("[yellow]note:[/] --baseline skipped: the transfer set has no labels to train it on")
+        return None
+    torch.manual_seed(config.seed)
+    model = choose_student(config, ensemble, dataset)
+    console.print(f"[bold]baseline[/] {config.student} on the hard labels alone, {config.epochs} epochs")
+    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                               weight_decay=config.weight_decay, seed=config.seed, progress=config.progress)
+    fingerprint = {"data_sha256": dataset.fingerprint(), "student": config.student, "loss": "hard-label"}
+    training = train_student(model, tensors.x_train, tensors.y_train, None, tensors.x_val, tensors.y_val,
+                             HardLabelLoss(), train_config, config.output_dir() / "checkpoints-baseline",
+                             resume=config.resume, fingerprint=fingerprint)
+    return TrainedBaseline(model, training)
+
+
 def save_student(student: torch.nn.Module, example: torch.Tensor, path: Path, config: RunConfig) -> Path:
     """Write the trained student as TorchScript (loadable without unpickling), atomically."""
     student.eval()
@@ -207,40 +256,36 @@ def export_ensemble(ensemble: Ensemble, target, tensors: Tensors, teacher_test: 
 
 def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, student, runner, artifact, parity,
                          diagnostics, training, normalisation, console, ensemble_runner=None,
-                         ensemble_export=None) -> dict:
-    """Accuracy and latency of the ensemble, the student in PyTorch and the student on the target, as one report."""
+                         ensemble_export=None, baseline: TrainedBaseline | None = None) -> dict:
+    """Score and time every row (compressor.compare) on the test split, draw pareto.png, and assemble the report."""
     x_test, y_test = tensors.x_test.numpy(), tensors.y_test.numpy()
-    ensemble_scores = ensemble.log_probs(teacher_test).numpy()
-    student.eval()
-
-    @torch.no_grad()
-    def ensemble_eager(x: np.ndarray):
-        return ensemble.log_probs(ensemble.member_logits(torch.from_numpy(x)))
-
-    @torch.no_grad()
-    def student_eager(x: np.ndarray):
-        return student(torch.from_numpy(x))
-
-    rows = [("ensemble", "PyTorch eager", "fp32", ensemble.parameters, ensemble_scores, ensemble_eager)]
-    if ensemble_runner is not None:
-        rows.append(("ensemble", config.target, "fp32", ensemble.parameters, ensemble_runner.infer(x_test),
-                     ensemble_runner.infer))
-    rows += [
-        ("student", "PyTorch eager", "fp32", _parameters(student), predict_logits(student, tensors.x_test).numpy(),
-         student_eager),
-        ("student", config.target, config.precision, _parameters(student), runner.infer(x_test), runner.infer),
-    ]
     pool = x_test[:BENCHMARK_POOL]
-    measured = []
-    with console.status("benchmarking") as status:
-        for model, backend, precision, params, scores, fn in rows:
-            latency = {}
-            for batch in config.batch_sizes:
-                status.update(f"benchmarking {model} on {backend}, batch {batch}")
-                latency[str(batch)] = measure_latency(fn, pool, batch, config.warmup_s, config.duration_s).to_dict()
-            measured.append({"model": model, "backend": backend, "precision": precision, "parameters": params,
-                             "accuracy": classification_metrics(scores, y_test, ensemble_scores),
-                             "latency": latency})
+    device = eager_device(ensemble)
+    rows = ensemble_rows(ensemble, teacher_test, pool, device, config.target, ensemble_runner,
+                         None if ensemble_runner is None else ensemble_runner.infer(x_test))
+    if baseline is not None:
+        rows += student_rows("baseline", baseline.model, predict_logits(baseline.model, tensors.x_test).numpy(),
+                             pool, device)
+    rows += student_rows("student", student, predict_logits(student, tensors.x_test).numpy(), pool, device,
+                         config.target, runner, runner.infer(x_test), config.precision)
+
+    reference = rows[0].scores
+    measured = [row.describe(y_test, reference) for row in rows]
+    total = len(rows) * len(config.batch_sizes) * config.rounds
+    with progress_bar(config.progress) as progress:
+        task = progress.add_task("benchmark", total=total)
+
+        def step(row, batch, round_):
+            progress.update(task, completed=round_ * len(rows) * len(config.batch_sizes)
+                            + row * len(config.batch_sizes) + config.batch_sizes.index(batch),
+                            description=f"benchmark {rows[row].model} on {rows[row].backend}, batch {batch}, "
+                                        f"round {round_ + 1}/{config.rounds}")
+        latencies = sweep([row.measure for row in rows], config.batch_sizes, config.warmup_s, config.duration_s,
+                          config.rounds, step)
+        progress.update(task, completed=total, description="benchmark")
+    for entry, latency in zip(measured, latencies):
+        entry["latency"] = latency
+
     warnings_ = list(diagnostics.get("warnings", []))
     if ensemble_export and not ensemble_export["exported"]:
         warnings_.append(f"the ensemble was not run on {config.target} ({ensemble_export['reason']}), so the "
@@ -248,12 +293,13 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     elif ensemble_export and not ensemble_export["parity"]["passed"]:
         warnings_.append(f"the ensemble's {config.target} export failed its parity check "
                          f"({'; '.join(ensemble_export['parity']['failures'])}); its row is left out")
-    noisy = [f"{row['model']} on {row['backend']} batch {batch} {stats['cv']:.0%}"
-             for row in measured for batch, stats in row["latency"].items() if stats["cv"] > 0.025]
-    if noisy:
-        warnings_.append(f"noisy timings (coefficient of variation above 2.5%): {', '.join(noisy)}. Sub-millisecond "
-                         f"calls see rare long outliers (interrupts, other processes); the medians quoted are robust "
-                         f"to them, the means and p99s are not")
+    warnings_ += timing_warnings(measured, config.rounds)
+    try:
+        pareto = plot_pareto(measured, config.output_dir() / "pareto.png",
+                             title=f"{dataset.name}: test accuracy against batch-1 latency")
+    except ImportError:  # a GPU image without the CPU set-up's plotting dependency
+        pareto = None
+        warnings_.append("pareto.png was not drawn: matplotlib is not installed (pip install matplotlib)")
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -265,53 +311,41 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
         "data": {**dataset.describe(), "normalisation": normalisation},
         "diagnostics": diagnostics,
         "student": {"spec": config.student, "parameters": _parameters(student), "training": training.to_dict()},
+        "baseline": None if baseline is None else {"spec": config.student, "loss": "hard-label cross-entropy",
+                                                   "training": baseline.training.to_dict()},
         "export": artifact.to_dict(),
         "runner": {"name": runner.name, **runner.info},
         "parity": parity.to_dict(),
         "ensemble_export": ensemble_export,
+        "benchmark": {"device": device, "batch_sizes": list(config.batch_sizes), "warmup_s": config.warmup_s,
+                      "duration_s": config.duration_s, "rounds": config.rounds, "pool": len(pool),
+                      "split": "test", "examples": len(x_test)},
         "rows": measured,
+        "pareto": None if pareto is None else pareto.name,
         "headline": headline(measured, config.target, training, config.epochs),
         "warnings": warnings_,
     }
 
 
-def headline(rows: list[dict], target: str, training: TrainResult, epochs: int) -> str:
-    """What a person reads first: the student's batch-1 speed-up over the ensemble on the same backend (and in
-    PyTorch eager), the accuracy it keeps, and, when it loses more than a point, the likely cause."""
-    find = {(row["model"], row["backend"]): row for row in rows}
-    eager, student = find[("ensemble", "PyTorch eager")], find[("student", target)]
-    same_backend = find.get(("ensemble", target))
-    batch = "1" if "1" in eager["latency"] else next(iter(eager["latency"]))
-
-    def median(row):
-        return row["latency"][batch]["median_ms"]
-
-    def speed(reference):
-        ratio = median(reference) / median(student)
-        return f"{ratio:.1f}× faster than" if ratio >= 1 else f"{1 / ratio:.1f}× SLOWER than"
-
-    student_acc, ensemble_acc = student["accuracy"]["top1"], eager["accuracy"]["top1"]
-    if same_backend is not None:
-        text = (f"On {target} the student is {speed(same_backend)} the ensemble on {target} ({speed(eager)} the "
-                f"ensemble in PyTorch eager) at batch {batch}: median {median(student):.3f} ms vs "
-                f"{median(same_backend):.3f} ms vs {median(eager):.3f} ms.")
-    else:
-        text = (f"On {target} the student is {speed(eager)} the ensemble in PyTorch eager at batch {batch} (median "
-                f"{median(student):.3f} ms vs {median(eager):.3f} ms); the ensemble was not run on {target}, so "
-                f"this mixes what distillation buys with what {target} buys.")
-    text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
-             f"({student_acc:.2%} vs {ensemble_acc:.2%}).")
-    drop = 100 * (ensemble_acc - student_acc)
-    if drop > 1.0:
-        if training.best_epoch == epochs:
-            cause = (f"its validation accuracy was still rising at its last epoch ({epochs}), so it is likely "
-                     f"undertrained: try more --epochs")
-        else:
-            cause = (f"its validation accuracy peaked at epoch {training.best_epoch} of {epochs}, so more epochs "
-                     f"will not help; with {student['parameters']:,} parameters against the ensemble's "
-                     f"{eager['parameters']:,} it is likely too small: try a wider --student")
-        text += f" The student loses {drop:.1f} points: {cause}."
-    return text
+def timing_warnings(rows: list[dict], rounds: int) -> list[str]:
+    """Plain-word warnings for figures not to trust: rounds that disagree by over 10%, spread above 2.5%."""
+    figures = [(f"{row['model']} on {row['backend']} batch {batch}", stats)
+               for row in rows for batch, stats in row["latency"].items()]
+    warnings_ = []
+    unstable = [(name, stats["round_spread"]) for name, stats in figures if stats.get("unstable")]
+    if unstable:
+        name, spread = max(unstable, key=lambda item: item[1])
+        warnings_.append(f"the {rounds} back-to-back timing rounds disagree by more than 10% for {len(unstable)} of "
+                         f"{len(figures)} figures (worst: {name}, {spread:.0%}): the machine was busy or changed "
+                         f"speed during the run (another process competing for the cores, frequency scaling); "
+                         f"rerun on an idle machine before trusting those figures (report.md marks them ⚠)")
+    noisy = [(name, stats["cv"]) for name, stats in figures if stats["noisy"]]
+    if noisy:
+        name, cv = max(noisy, key=lambda item: item[1])
+        warnings_.append(f"{len(noisy)} of {len(figures)} figures have a coefficient of variation above 2.5% (worst: "
+                         f"{name}, {cv:.0%}): sub-millisecond calls see rare long outliers (interrupts, other "
+                         f"processes); the medians quoted are robust to them, the means and p99s are not")
+    return warnings_
 
 
 def write_student_bundle(artifact, dataset: Dataset, ensemble: Ensemble, normalisation: dict | None,
@@ -345,6 +379,7 @@ def environment(config: RunConfig) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": cuda_device_name(),
         "torch_threads": torch.get_num_threads(),
     }
 

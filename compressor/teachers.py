@@ -111,11 +111,19 @@ class Ensemble:
         return sum(member.parameters for member in self.members)
 
     @torch.no_grad()
-    def member_logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits, checked finite."""
+    def member_logits(self, x: torch.Tensor, batch_size: int = 1024,
+                      on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits, checked finite.
+
+        ``on_batch(rows)`` is called after each member's batch (for a progress bar over K × N rows).
+        """
         outputs = []
         for member in self.members:
-            chunks = [self._run_member(member, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            chunks = []
+            for i in range(0, len(x), batch_size):
+                chunks.append(self._run_member(member, x[i:i + batch_size]))
+                if on_batch is not None:
+                    on_batch(len(chunks[-1]))
             logits = torch.cat(chunks)
             if not torch.isfinite(logits).all():
                 bad = int((~torch.isfinite(logits)).any(dim=1).sum())
@@ -142,7 +150,14 @@ class Ensemble:
                                   f"the ensemble cannot be exported as one graph")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings from constant weights, TorchScript deprecation
-            return torch.jit.trace(_MixtureModule(self).eval(), example, check_trace=False)
+            return torch.jit.trace(self.eager_module(), example, check_trace=False)
+
+    def eager_module(self) -> nn.Module:
+        """The ensemble as one untraced PyTorch module (N, ...) → (N, C) log-probabilities at T = 1, in eval mode.
+
+        Movable to a GPU with ``.to("cuda")`` when every member is a PyTorch module (not an ONNX file).
+        """
+        return _MixtureModule(self).eval()
 
     def validate(self, example: torch.Tensor, what: str) -> None:
         """Run every member on ``example`` (N, ...); check 2-D outputs, one class count, finite values.

@@ -49,6 +49,7 @@ class OrtRunner:
         self.name = f"onnxruntime {precision} ({providers[0]}, {threads} thread{'s' * (threads != 1)})"
         self.info = {
             "providers": providers,
+            "device": "cpu" if providers[0] == "CPUExecutionProvider" else "cuda",
             "threads": threads,
             "graph_optimization": "ORT_ENABLE_ALL",
             "model_file": str(path),

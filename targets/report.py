@@ -9,6 +9,8 @@ from pathlib import Path
 
 from compressor.fileio import write_json_atomic, write_text_atomic
 
+MAX_CLASS_ROWS = 20  # per-class rows shown in report.md; report.json keeps every class
+
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``out_dir`` atomically; return both paths."""
@@ -18,63 +20,125 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def render_markdown(report: dict) -> str:
-    """A one-page summary: the headline, the comparison table, parity, training, and the provenance."""
+    """One page a person reads at a glance: headline, warnings, accuracy, latency, per class, then the details."""
     lines = ["# compressor report", "", f"**{report['headline']}**", ""]
-    for warning in report.get("warnings", []):
-        lines.append(f"> ⚠ {warning}")
+    lines += [f"> ⚠ {warning}" for warning in report.get("warnings", [])]
     if report.get("warnings"):
         lines.append("")
-    batches = list(report["rows"][0]["latency"]) if report["rows"] else []
-    header = ["model", "backend", "precision", "parameters", "top-1", "NLL", "ECE", "agreement"]
-    for batch in batches:
-        header += [f"b{batch} p50 ms", f"b{batch} p90 ms", f"b{batch} p99 ms", f"b{batch} /s"]
-    lines += ["## Student against ensemble (test split)", "", _row(header), _row(["---"] * len(header))]
+    if report.get("pareto"):
+        lines += [f"![test accuracy against batch-1 latency]({report['pareto']})", ""]
+    lines += _accuracy_table(report) + _latency_table(report) + _per_class_table(report)
+    lines += _parity(report) + _teachers(report) + _training(report) + _provenance(report)
+    return "\n".join(lines)
+
+
+def _accuracy_table(report: dict) -> list[str]:
+    bench = report.get("benchmark", {})
+    header = ["model", "backend", "precision", "parameters", "top-1", "NLL", "ECE", "agreement", "KL to ensemble"]
+    lines = [f"## Accuracy ({bench.get('split', 'test')} split, {bench.get('examples', '?'):,} examples)", "",
+             _row(header), _row(["---"] * len(header))]
     for row in report["rows"]:
         acc = row["accuracy"]
-        cells = [row["model"], row["backend"], row["precision"], f"{row['parameters']:,}", _pct(acc["top1"]),
-                 _num(acc["nll"]), _num(acc["ece"]), _pct(acc["agreement"])]
-        for batch in batches:
-            stats = row["latency"][batch]
-            cells += [f"{stats['median_ms']:.3f}", f"{stats['p90_ms']:.3f}", f"{stats['p99_ms']:.3f}",
-                      f"{stats['throughput_per_s']:,.0f}"]
-        lines.append(_row(cells))
-    lines += ["", "Agreement is the share of test inputs where the row's top-1 class equals the ensemble's. "
-              "Latency is host wall time per batch after a timed warm-up; /s is examples per second.", ""]
+        lines.append(_row([row["model"], row["backend"], row["precision"], f"{row['parameters']:,}", _pct(acc["top1"]),
+                           _num(acc["nll"]), _num(acc["ece"]), _pct(acc["agreement"]),
+                           _num(acc.get("kl_to_ensemble"))]))
+    lines += ["", "Agreement: the share of inputs where the row's top-1 class is the ensemble's. KL to ensemble: "
+              "mean KL(ensemble ‖ row) in nats. ECE: expected calibration error over 15 confidence bins.", ""]
+    return lines
 
+
+def _latency_table(report: dict) -> list[str]:
+    bench = report.get("benchmark", {})
+    cuda = any(stats.get("stages") for row in report["rows"] for stats in row["latency"].values())
+    header = ["model", "backend", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "min ms", "max ms", "CV",
+              "rounds", "examples/s"] + (["H2D ms", "compute ms", "D2H ms"] if cuda else [])
+    lines = [f"## Latency ({bench.get('rounds', 1)} interleaved rounds, {bench.get('warmup_s', 0):g} s warm-up "
+             f"and {bench.get('duration_s', 0):g} s of timed calls per row and batch size)", "",
+             _row(header), _row(["---"] * len(header))]
+    for row in report["rows"]:
+        for batch, stats in row["latency"].items():
+            rounds = " / ".join(f"{m:.3f}" for m in stats.get("round_medians", []))
+            flag = " ⚠" if stats.get("unstable") else ""
+            cells = [row["model"], row["backend"], row["device"], batch, f"{stats['median_ms']:.3f}",
+                     f"{stats['p90_ms']:.3f}", f"{stats['p99_ms']:.3f}", f"{stats['min_ms']:.3f}",
+                     f"{stats['max_ms']:.3f}", f"{stats['cv']:.1%}", rounds + flag,
+                     f"{stats['throughput_per_s']:,.0f}"]
+            if cuda:
+                stages = stats.get("stages") or {}
+                cells += [_num(stages.get(key), ".3f") for key in ("h2d_ms", "compute_ms", "d2h_ms")]
+            lines.append(_row(cells))
+    timed = {f"{row['model']} on {row['backend']}": row["timed"] for row in report["rows"]}
+    lines += ["", "Each figure is the host wall time of one call, from the pooled samples of all rounds; *rounds* "
+              "lists each round's median (⚠: they differ by more than 10%). What one call covers:", ""]
+    lines += [f"- {name}: {what}" for name, what in timed.items()] + [""]
+    return lines
+
+
+def _per_class_table(report: dict) -> list[str]:
+    shown = [row for row in report["rows"] if row["accuracy"].get("per_class")
+             and (row["kind"] != "member") and not (row["kind"] == "ensemble" and row["backend"] != "PyTorch eager")]
+    if not shown:
+        return []
+    names = report.get("data", {}).get("class_names") or []
+    header = ["class"] + [f"{row['model']} ({row['backend']})" for row in shown]
+    classes = list(range(len(shown[0]["accuracy"]["per_class"])))
+    title = "## Per-class accuracy"
+    if len(classes) > MAX_CLASS_ROWS:  # a 1000-class table is unreadable: show where the student loses most
+        ensemble, student = shown[0]["accuracy"]["per_class"], shown[-1]["accuracy"]["per_class"]
+        drops = {c: ensemble[c] - student[c] for c in classes if ensemble[c] is not None and student[c] is not None}
+        classes = sorted(drops, key=lambda c: -drops[c])[:MAX_CLASS_ROWS]
+        title += f" (the {len(classes)} classes where the student loses most to the ensemble; all in report.json)"
+    lines = [title, "", _row(header), _row(["---"] * len(header))]
+    for c in classes:
+        label = f"{c} {names[c]}" if c < len(names) else str(c)
+        lines.append(_row([label] + [_pct(row["accuracy"]["per_class"][c]) for row in shown]))
+    return lines + [""]
+
+
+def _parity(report: dict) -> list[str]:
     parity = report["parity"]
     verdict = "passed" if parity["passed"] else "FAILED: " + "; ".join(parity["failures"])
     metrics = parity["metrics"]
-    lines += ["## Parity of the export with PyTorch", "",
-              f"{parity['precision']} gate {verdict}. max |diff| {metrics.get('max_abs_diff', float('nan')):.2e} "
-              f"(tolerance {metrics.get('tolerance', float('nan')):.2e}), top-1 agreement "
-              f"{_pct(metrics.get('top1_agreement'))}.", ""]
+    return ["## Parity of the export with PyTorch", "",
+            f"{parity['precision']} gate {verdict}. max |diff| {metrics.get('max_abs_diff', float('nan')):.2e} "
+            f"(tolerance {metrics.get('tolerance', float('nan')):.2e}), top-1 agreement "
+            f"{_pct(metrics.get('top1_agreement'))}.", ""]
 
+
+def _teachers(report: dict) -> list[str]:
     diagnostics = report.get("diagnostics") or {}
-    if diagnostics.get("members"):
-        lines += ["## Teachers on the validation split", "", _row(["member", "accuracy", "NLL"]), _row(["---"] * 3)]
-        for member in diagnostics["members"]:
-            lines.append(_row([member["name"], _pct(member["accuracy"]), _num(member["nll"])]))
-        mixture = diagnostics["mixture"]
-        lines += [_row(["**ensemble**", _pct(mixture["accuracy"]), _num(mixture["nll"])]), ""]
+    if not diagnostics.get("members"):
+        return []
+    lines = ["## Teachers on the validation split", "", _row(["member", "accuracy", "NLL"]), _row(["---"] * 3)]
+    for member in diagnostics["members"]:
+        lines.append(_row([member["name"], _pct(member["accuracy"]), _num(member["nll"])]))
+    mixture = diagnostics["mixture"]
+    return lines + [_row(["**ensemble**", _pct(mixture["accuracy"]), _num(mixture["nll"])]), ""]
 
-    training = report["student"]["training"]
-    lines += ["## Training", "",
-              f"Student `{report['student']['spec']}` ({report['student']['parameters']:,} parameters), "
-              f"best validation accuracy {_pct(training['best_val_accuracy'])} at epoch {training['best_epoch']} "
-              f"of {len(training['history'])}, {training['seconds']:.1f} s.", ""]
 
-    env = report["environment"]
-    data = report["data"]
+def _training(report: dict) -> list[str]:
+    lines = ["## Training", ""]
+    runs = [("Student", report["student"])]
+    if report.get("baseline"):
+        runs.append(("Hard-label baseline", report["baseline"]))
+    for name, run in runs:
+        training = run["training"]
+        lines.append(f"- {name} `{run['spec']}`: best validation accuracy {_pct(training['best_val_accuracy'])} "
+                     f"at epoch {training['best_epoch']} of {len(training['history'])}, {training['seconds']:.1f} s.")
+    return lines + [""]
+
+
+def _provenance(report: dict) -> list[str]:
+    env, data = report["environment"], report["data"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    lines += ["## Provenance", "",
-              f"- command: `{report['command']}`",
-              f"- data: {data['source']} ({data['preprocessing']}); split {data['sizes']} with seed {report['seed']}",
-              f"- normalisation: {data['normalisation'] or 'none'}",
-              f"- device: {env['device']}, {env['cpu_count']} CPUs, torch threads {env['torch_threads']}; "
-              f"runner: {report['runner']['name']}",
-              f"- versions: {versions}",
-              f"- created {report['created']}, schema version {report['schema_version']}", ""]
-    return "\n".join(lines)
+    return ["## Provenance", "",
+            f"- command: `{report['command']}`",
+            f"- data: {data['source']} ({data['preprocessing']}); split {data['sizes']} with seed {report['seed']}",
+            f"- normalisation: {data['normalisation'] or 'none'}",
+            f"- device: {env['device']}, {env['cpu_count']} CPUs, torch threads {env['torch_threads']}; "
+            f"runner: {report['runner']['name']}",
+            f"- versions: {versions}",
+            f"- created {report['created']}, schema version {report['schema_version']}", ""]
 
 
 def _row(cells: list) -> str:
@@ -85,5 +149,5 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _num(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import targets
 from compressor.cli import main
@@ -23,20 +24,33 @@ def test_digits_main_job(tmp_path, digits_ensemble):
                  *QUICK])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["schema_version"] == 1 and report["seed"] == 0
+    assert report["schema_version"] == 2 and report["seed"] == 0
     assert report["command"].startswith("compress --teacher")
     assert report["parity"]["passed"] and report["parity"]["precision"] == "fp32"
     assert [(r["model"], r["backend"]) for r in report["rows"]] == [
-        ("ensemble", "PyTorch eager"), ("ensemble", "onnxruntime"), ("student", "PyTorch eager"),
-        ("student", "onnxruntime")]
+        ("ensemble", "PyTorch eager"), ("ensemble", "onnxruntime"), ("member mlp", "PyTorch eager"),
+        ("member cnn", "PyTorch eager"), ("student", "PyTorch eager"), ("student", "onnxruntime")]
+    assert [r["kind"] for r in report["rows"]] == ["ensemble", "ensemble", "member", "member", "student", "student"]
+    # each member's row scores what that member alone predicts on the test split
+    members = load_ensemble(digits_ensemble).member_logits(torch.from_numpy(load_dataset("digits").test.x))
+    for k, row in enumerate(report["rows"][2:4]):
+        accuracy = float((members[k].argmax(1).numpy() == load_dataset("digits").test.y).mean())
+        assert row["accuracy"]["top1"] == pytest.approx(accuracy, abs=1e-12)
+        assert row["parameters"] == report["teacher"]["members"][k]["parameters"]
     # the ensemble exported to the same target predicts what it predicts in PyTorch
     assert report["ensemble_export"]["parity"]["passed"]
     assert report["rows"][1]["accuracy"]["top1"] == report["rows"][0]["accuracy"]["top1"]
     assert "than the ensemble on onnxruntime" in report["headline"]
     for row in report["rows"]:
-        assert set(row["latency"]) == {"1", "64"}
+        assert set(row["latency"]) == {"1", "64"} and row["timed"] and row["device"] == "cpu"
         assert 0 < row["latency"]["1"]["median_ms"] <= row["latency"]["1"]["p99_ms"]
+        assert len(row["latency"]["1"]["round_medians"]) == 2  # the default: two interleaved rounds
+        assert len(row["accuracy"]["per_class"]) == 10
     assert report["rows"][0]["accuracy"]["agreement"] == 1.0
+    assert report["rows"][0]["accuracy"]["kl_to_ensemble"] == pytest.approx(0.0, abs=1e-9)
+    assert report["rows"][-1]["accuracy"]["kl_to_ensemble"] > 0
+    assert report["pareto"] == "pareto.png" and (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["benchmark"]["rounds"] == 2 and report["baseline"] is None
     assert report["data"]["sizes"] == {"train": 1294, "val": 144, "test": 359}
     assert report["student"]["training"]["history"][-1]["epoch"] == 4
     assert (out / "report.md").read_text().startswith("# compressor report")
@@ -100,14 +114,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(report["teacher"]["members"]) == 3 and report["parity"]["passed"]
 
 
-def _row(model, backend, top1, median_ms, parameters):
-    return {"model": model, "backend": backend, "parameters": parameters, "accuracy": {"top1": top1},
+def _row(kind, backend, top1, median_ms, parameters):
+    return {"model": kind, "kind": kind, "backend": backend, "parameters": parameters, "accuracy": {"top1": top1},
             "latency": {"1": {"median_ms": median_ms}}}
 
 
 def test_headline_compares_like_with_like_and_says_plainly_when_the_student_loses():
     from compressor.distill import TrainResult
-    from compressor.pipeline import headline
+    from compressor.compare import headline
 
     eager = _row("ensemble", "PyTorch eager", 0.91, 1.0, 1_500_000)
     on_target = _row("ensemble", "onnxruntime", 0.91, 0.3, 1_500_000)
@@ -126,3 +140,37 @@ def test_headline_compares_like_with_like_and_says_plainly_when_the_student_lose
     assert "too small" in peaked and "5,000" in peaked and "1,500,000" in peaked
     slower = headline([eager, on_target, student(0.91, 0.6)], "onnxruntime", TrainResult(4, 0.8), 10)
     assert "2.0× SLOWER than the ensemble on onnxruntime" in slower
+
+
+def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline():
+    from compressor.compare import headline
+    from compressor.distill import TrainResult
+
+    eager = _row("ensemble", "PyTorch eager", 0.92, 1.0, 1_500_000)
+    student = _row("student", "onnxruntime", 0.91, 0.05, 5_000)
+
+    def baseline(top1):
+        return _row("baseline", "PyTorch eager", top1, 0.1, 5_000)
+
+    kept = headline([eager, baseline(0.90), student], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "and 50% of its gain over the hard-label baseline (90.00%)" in kept and "NOT" not in kept
+    lost = headline([eager, baseline(0.915), student], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "Distillation did NOT pay" in lost and "0.50 points better" in lost
+    nothing = headline([eager, baseline(0.93), student], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "no gain over it to pass on" in nothing
+
+
+def test_baseline_is_trained_on_labels_with_the_same_budget_and_reported(tmp_path, digits_ensemble):
+    out = tmp_path / "baseline"
+    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--epochs", "3", "--student", "mlp:32",
+                 "--baseline", "--batch-sizes", "1", "--rounds", "1", *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["kind"], r["backend"]): r for r in report["rows"]}
+    baseline = rows[("baseline", "PyTorch eager")]
+    assert baseline["parameters"] == rows[("student", "PyTorch eager")]["parameters"]
+    assert len(report["baseline"]["training"]["history"]) == 3 and (out / "checkpoints-baseline" / "best.pt").is_file()
+    assert "of its gain over the hard-label baseline" in report["headline"] or "no gain over it" in report["headline"]
+    assert len(baseline["latency"]["1"]["round_medians"]) == 1
+    # the baseline saw no teacher: retraining it by hand on the labels gives the same accuracy
+    markdown = (out / "report.md").read_text()
+    assert "| baseline | PyTorch eager |" in markdown and "Hard-label baseline" in markdown

@@ -1,0 +1,195 @@
+"""The report's comparison: every model it compares, scored on the same test split and timed by the same harness.
+
+This is the pipeline's benchmark step, split out of ``pipeline.py`` to keep that file a table of contents; like
+the pipeline it joins the training package (``Ensemble``, students) to ``targets`` (the harness and runners).
+
+Rows, in the order the report prints them (DESIGN.md, Benchmark and report):
+
+- the ensemble in PyTorch eager, and exported to the target (the same members through the same backend, so the
+  report can separate what distillation buys from what the backend buys);
+- each member in PyTorch eager;
+- the hard-label baseline (the student's architecture trained on the labels alone, same budget), when asked;
+- the distilled student in PyTorch eager and on the target.
+
+Each row says what its timing covers (``timed``). PyTorch rows run on CUDA when a GPU is visible (host latency
+plus H2D / compute / D2H device times from CUDA events) and on the CPU otherwise; runner rows time the runner's
+``infer`` on a numpy batch, copies included. All rows go through :func:`targets.benchmark.sweep` in interleaved
+rounds, so a busy spell of the machine cannot favour one row.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from compressor.distill import TrainResult
+from compressor.teachers import Ensemble
+from targets.benchmark import Measure, classification_metrics, measure_latency
+
+EAGER = "PyTorch eager"
+
+
+@dataclass
+class Row:
+    """One model on one backend: its test-split scores (N, C) and how to time it."""
+
+    model: str         # what a person reads: "ensemble", "member cnn", "baseline", "student"
+    kind: str          # "ensemble" | "member" | "baseline" | "student"
+    backend: str       # "PyTorch eager" or the target's name
+    device: str        # "cpu" | "cuda"
+    precision: str
+    parameters: int
+    timed: str         # what one timed call covers
+    scores: np.ndarray  # (N, C) logits or log-probabilities on the test split
+    measure: Measure
+
+    def describe(self, labels: np.ndarray, reference: np.ndarray) -> dict:
+        """The row's report entry without latency: identity, what was timed, and accuracy against the ensemble."""
+        accuracy = classification_metrics(self.scores, labels, reference)
+        accuracy["kl_to_ensemble"] = accuracy.pop("kl_to_reference")
+        return {"model": self.model, "kind": self.kind, "backend": self.backend, "device": self.device,
+                "precision": self.precision, "parameters": self.parameters, "timed": self.timed,
+                "accuracy": accuracy}
+
+
+def eager_device(ensemble: Ensemble) -> str:
+    """Where the PyTorch rows run: CUDA when visible and every member is a PyTorch module, else the CPU."""
+    modules = all(isinstance(member.forward, torch.nn.Module) for member in ensemble.members)
+    return "cuda" if torch.cuda.is_available() and modules else "cpu"
+
+
+def eager_measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, device: str) -> tuple[Measure, str]:
+    """A Measure for a PyTorch callable on ``device`` and the sentence saying what it times."""
+    if device == "cuda":
+        from targets.cuda_timing import measure_cuda_latency
+
+        def measure(batch, warmup_s, duration_s):
+            return measure_cuda_latency(forward, pool, batch, warmup_s, duration_s)
+        return measure, ("PyTorch eager on CUDA: host wall time of pinned-host → device copy, forward and copy back "
+                         "(device stages from CUDA events)")
+
+    @torch.no_grad()  # not inference_mode: a TorchScript member that already ran outside it fails inside it
+    def call(x: np.ndarray):
+        return forward(torch.from_numpy(x))
+
+    def measure(batch, warmup_s, duration_s):
+        return measure_latency(call, pool, batch, warmup_s, duration_s)
+    return measure, "PyTorch eager on the CPU: host wall time of the forward pass on a CPU tensor"
+
+
+def runner_measure(runner, pool: np.ndarray) -> tuple[Measure, str]:
+    """A Measure for an exported model's runner: host wall time of ``infer`` on a numpy batch."""
+    def measure(batch, warmup_s, duration_s):
+        return measure_latency(runner.infer, pool, batch, warmup_s, duration_s)
+    return measure, f"{runner.name}: host wall time of infer() on a numpy batch, the backend's own copies included"
+
+
+def on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``module`` itself on the CPU, an eval-mode copy on CUDA (the trained student stays where it is)."""
+    return module.eval() if device == "cpu" else copy.deepcopy(module).to(device).eval()
+
+
+def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndarray, device: str,
+                  target: str, runner=None, runner_scores: np.ndarray | None = None) -> list[Row]:
+    """The ensemble in PyTorch, on the target (when exported), and each member in PyTorch.
+
+    ``member_logits`` (K, N, C) are the members' test-split logits, already computed once by the pipeline.
+    """
+    scores = ensemble.log_probs(member_logits).numpy()  # (N, C)
+    if device == "cuda":
+        forward = on_device(ensemble.eager_module(), device)
+    else:
+        def forward(x):
+            return ensemble.log_probs(ensemble.member_logits(x))
+    measure, timed = eager_measure(forward, pool, device)
+    rows = [Row("ensemble", "ensemble", EAGER, device, "fp32", ensemble.parameters,
+                f"{timed}; all {len(ensemble.members)} members and the mixture", scores, measure)]
+    if runner is not None:
+        measure, timed = runner_measure(runner, pool)
+        rows.append(Row("ensemble", "ensemble", target, runner.info.get("device", "cpu"), "fp32",
+                        ensemble.parameters, timed, runner_scores, measure))
+    for k, member in enumerate(ensemble.members):
+        forward = on_device(member.forward, device) if device == "cuda" else member
+        measure, timed = eager_measure(forward, pool, device)
+        rows.append(Row(f"member {member.name}", "member", EAGER, device, "fp32", member.parameters, timed,
+                        member_logits[k].numpy(), measure))
+    return rows
+
+
+def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: np.ndarray, device: str,
+                 target: str | None = None, runner=None, runner_scores: np.ndarray | None = None,
+                 precision: str = "fp32") -> list[Row]:
+    """A student (``kind`` "student" or "baseline") in PyTorch eager, and on the target when a runner is given."""
+    parameters = sum(p.numel() for p in student.parameters())
+    measure, timed = eager_measure(on_device(student, device), pool, device)
+    rows = [Row(kind, kind, EAGER, device, "fp32", parameters, timed, scores, measure)]
+    if runner is not None:
+        measure, timed = runner_measure(runner, pool)
+        rows.append(Row(kind, kind, target, runner.info.get("device", "cpu"), precision, parameters, timed,
+                        runner_scores, measure))
+    return rows
+
+
+def headline(rows: list[dict], target: str, training: TrainResult, epochs: int) -> str:
+    """What a person reads first: the student's batch-1 speed-up over the ensemble on the same backend (and in
+    PyTorch eager), the accuracy it keeps, the share of the ensemble's gain over the hard-label baseline it keeps,
+    and, when it loses more than a point or loses to the baseline, the likely cause."""
+    find = {(row["kind"], row["backend"]): row for row in rows}
+    eager, student = find[("ensemble", EAGER)], find[("student", target)]
+    same_backend = find.get(("ensemble", target))
+    baseline = find.get(("baseline", EAGER))
+    batch = "1" if "1" in eager["latency"] else next(iter(eager["latency"]))
+
+    def median(row):
+        return row["latency"][batch]["median_ms"]
+
+    def speed(reference):
+        ratio = median(reference) / median(student)
+        return f"{ratio:.1f}× faster than" if ratio >= 1 else f"{1 / ratio:.1f}× SLOWER than"
+
+    student_acc, ensemble_acc = student["accuracy"]["top1"], eager["accuracy"]["top1"]
+    if same_backend is not None:
+        text = (f"On {target} the student is {speed(same_backend)} the ensemble on {target} ({speed(eager)} the "
+                f"ensemble in PyTorch eager) at batch {batch}: median {median(student):.3f} ms vs "
+                f"{median(same_backend):.3f} ms vs {median(eager):.3f} ms.")
+    else:
+        text = (f"On {target} the student is {speed(eager)} the ensemble in PyTorch eager at batch {batch} (median "
+                f"{median(student):.3f} ms vs {median(eager):.3f} ms); the ensemble was not run on {target}, so "
+                f"this mixes what distillation buys with what {target} buys.")
+    if student_acc is None or ensemble_acc is None:
+        return text + " The test split has no labels, so accuracy is not known; see agreement with the ensemble."
+    text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
+             f"({student_acc:.2%} vs {ensemble_acc:.2%})")
+    text += _baseline_clause(baseline, student_acc, ensemble_acc) if baseline else "."
+    drop = 100 * (ensemble_acc - student_acc)
+    if drop > 1.0:
+        if training.best_epoch == epochs:
+            cause = (f"its validation accuracy was still rising at its last epoch ({epochs}), so it is likely "
+                     f"undertrained: try more --epochs")
+        else:
+            cause = (f"its validation accuracy peaked at epoch {training.best_epoch} of {epochs}, so more epochs "
+                     f"will not help; with {student['parameters']:,} parameters against the ensemble's "
+                     f"{eager['parameters']:,} it is likely too small: try a wider --student")
+        text += f" The student loses {drop:.1f} points: {cause}."
+    return text
+
+
+def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float) -> str:
+    """How much of the ensemble's gain over the hard-label baseline the student keeps, in words."""
+    baseline_acc = baseline["accuracy"]["top1"]
+    gain = ensemble_acc - baseline_acc
+    if gain <= 0:
+        return (f"; the same network trained on labels alone reaches {baseline_acc:.2%}: the ensemble has no "
+                f"gain over it to pass on, so distillation cannot pay here.")
+    kept = (student_acc - baseline_acc) / gain
+    clause = f" and {kept:.0%} of its gain over the hard-label baseline ({baseline_acc:.2%})."
+    if student_acc < baseline_acc:
+        clause += (f" Distillation did NOT pay: the same network trained on labels alone is "
+                   f"{100 * (baseline_acc - student_acc):.2f} points better. Likely causes: a schedule too short "
+                   f"for soft targets (try more --epochs), a temperature or alpha that does not suit this student, "
+                   f"or teachers that do not fit their transfer set (see the diagnostics).")
+    return clause
