@@ -61,7 +61,11 @@ def job_options(func):
         click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True),
         click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
         click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Precision of the export: fp16 converts the graph, int8 quantizes it (QDQ) calibrated on "
+                          "the transfer set."),
+        click.option("--max-accuracy-drop", type=float, default=RunConfig.max_accuracy_drop, show_default=True,
+                     help="int8 parity gate: the most test accuracy, in points, the export may lose to PyTorch."),
         click.option("--seed", type=int, default=RunConfig.seed, show_default=True),
         click.option("--normalise", callback=_parse_normalise, default=None, metavar="MEAN/STD",
                      help="Per-channel normalisation applied before the teachers, e.g. 0.286/0.353 "
@@ -91,6 +95,7 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         teacher=teacher, target=options["target"], data=options["data"], student=options["student"],
         out=options["out"], temperature=options["temperature"], alpha=options["alpha"], epochs=options["epochs"],
         batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
+        max_accuracy_drop=options["max_accuracy_drop"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
         rounds=options["rounds"], baseline=options["baseline"],

@@ -62,7 +62,8 @@ def eager_device(ensemble: Ensemble) -> str:
     return "cuda" if torch.cuda.is_available() and modules else "cpu"
 
 
-def eager_measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, device: str) -> tuple[Measure, str]:
+def eager_measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray,
+                  device: str) -> tuple[Measure, str]:
     """A Measure for a PyTorch callable on ``device`` and the sentence saying what it times."""
     if device == "cuda":
         from targets.cuda_timing import measure_cuda_latency
@@ -121,25 +122,27 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
 
 
 def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: np.ndarray, device: str,
-                 target: str | None = None, runner=None, runner_scores: np.ndarray | None = None,
-                 precision: str = "fp32") -> list[Row]:
-    """A student (``kind`` "student" or "baseline") in PyTorch eager, and on the target when a runner is given."""
+                 target: str | None = None, runners: list[tuple[object, str]] = (),
+                 x_test: np.ndarray | None = None) -> list[Row]:
+    """A student (``kind`` "student" or "baseline") in PyTorch eager, then on the target per (runner, precision)."""
     parameters = sum(p.numel() for p in student.parameters())
     measure, timed = eager_measure(on_device(student, device), pool, device)
     rows = [Row(kind, kind, EAGER, device, "fp32", parameters, timed, scores, measure)]
-    if runner is not None:
+    for runner, precision in runners:
         measure, timed = runner_measure(runner, pool)
         rows.append(Row(kind, kind, target, runner.info.get("device", "cpu"), precision, parameters, timed,
-                        runner_scores, measure))
+                        runner.infer(x_test), measure))
     return rows
 
 
-def headline(rows: list[dict], target: str, training: TrainResult, epochs: int) -> str:
+def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, precision: str = "fp32") -> str:
     """What a person reads first: the student's batch-1 speed-up over the ensemble on the same backend (and in
     PyTorch eager), the accuracy it keeps, the share of the ensemble's gain over the hard-label baseline it keeps,
     and, when it loses more than a point or loses to the baseline, the likely cause."""
-    find = {(row["kind"], row["backend"]): row for row in rows}
-    eager, student = find[("ensemble", EAGER)], find[("student", target)]
+    find = {(row["kind"], row["backend"]): row for row in rows if row["kind"] != "student"}
+    eager = find[("ensemble", EAGER)]
+    student = next(row for row in rows
+                   if (row["kind"], row["backend"], row["precision"]) == ("student", target, precision))
     same_backend = find.get(("ensemble", target))
     baseline = find.get(("baseline", EAGER))
     batch = "1" if "1" in eager["latency"] else next(iter(eager["latency"]))
@@ -153,12 +156,13 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int) 
 
     student_acc, ensemble_acc = student["accuracy"]["top1"], eager["accuracy"]["top1"]
     if same_backend is not None:
-        text = (f"On {target} the student is {speed(same_backend)} the ensemble on {target} ({speed(eager)} the "
-                f"ensemble in PyTorch eager) at batch {batch}: median {median(student):.3f} ms vs "
+        text = (f"On {target} ({precision}) the student is {speed(same_backend)} the ensemble on {target} "
+                f"({speed(eager)} the ensemble in PyTorch eager) at batch {batch}: median {median(student):.3f} ms vs "
                 f"{median(same_backend):.3f} ms vs {median(eager):.3f} ms.")
     else:
-        text = (f"On {target} the student is {speed(eager)} the ensemble in PyTorch eager at batch {batch} (median "
-                f"{median(student):.3f} ms vs {median(eager):.3f} ms); the ensemble was not run on {target}, so "
+        text = (f"On {target} ({precision}) the student is {speed(eager)} the ensemble in PyTorch eager at batch "
+                f"{batch} (median {median(student):.3f} ms vs {median(eager):.3f} ms); the ensemble was not run on "
+                f"{target}, so "
                 f"this mixes what distillation buys with what {target} buys.")
     if student_acc is None or ensemble_acc is None:
         return text + " The test split has no labels, so accuracy is not known; see agreement with the ensemble."

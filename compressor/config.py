@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32",)  # fp16 and int8 arrive with ONNX Runtime quantization and TensorRT (DESIGN.md, Targets)
+PRECISIONS = ("fp32", "fp16", "int8")  # each target offers a subset (targets.base.TARGETS)
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class RunConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     precision: str = "fp32"
+    max_accuracy_drop: float = 1.0        # int8 parity gate, in percentage points of test accuracy
     seed: int = 0
     normalise: tuple[tuple[float, ...], tuple[float, ...]] | None = None   # (mean, std) per channel
     max_train: int | None = None          # cap on each split, for quick runs

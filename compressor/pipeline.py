@@ -33,7 +33,7 @@ from compressor.fileio import atomic_path
 from compressor.losses import DistillationLoss, HardLabelLoss
 from compressor.students import create_student
 from compressor.teachers import Ensemble, load_ensemble
-from targets.base import check_target_available, get_target
+from targets.base import Artifact, check_target_available, get_target
 from targets.benchmark import sweep
 from targets.bundle import apply_normalisation, write_bundle
 from targets.cuda_timing import cuda_device_name
@@ -44,6 +44,7 @@ from targets.report import write_report
 REPORT_SCHEMA_VERSION = 2
 PARITY_ROWS = 2000          # held-out rows compared between PyTorch and the export
 BENCHMARK_POOL = 512        # distinct test inputs cycled through by the latency harness
+CALIBRATION_ROWS = 512      # transfer-set rows that calibrate int8 activation ranges
 
 
 @dataclass
@@ -70,7 +71,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     """Run the main job for ``config`` and return the report (also written to ``<out>/report.json``)."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    check_target_available(config.target)                        # no GPU, no TensorRT: stop before any work
+    check_target_available(config.target, config.precision)     # no GPU, no TensorRT: stop before any work
     _check_config(config)
     out_dir = config.output_dir()
     _check_writable(out_dir)
@@ -97,7 +98,8 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     baseline = train_baseline(config, ensemble, dataset, tensors, console) if config.baseline else None
 
     target = get_target(config.target)                                                  # 5. export
-    artifact = target.export(student, tensors.x_test[:2], out_dir / "export", config.precision)
+    calibration = {"calibration": tensors.x_train[:CALIBRATION_ROWS].numpy()} if config.precision == "int8" else {}
+    artifact = target.export(student, tensors.x_test[:2], out_dir / "export", config.precision, **calibration)
     runner = target.load(artifact, threads=config.threads)
     parity = check_student_parity(student, runner, tensors, config)                      # 6. parity
 
@@ -229,7 +231,8 @@ def check_student_parity(student, runner, tensors: Tensors, config: RunConfig):
     x = tensors.x_test[:PARITY_ROWS]
     reference = predict_logits(student, x).numpy()
     candidate = runner.infer(x.numpy())
-    return check_parity(reference, candidate, config.precision, labels=tensors.y_test[:PARITY_ROWS].numpy())
+    return check_parity(reference, candidate, config.precision, labels=tensors.y_test[:PARITY_ROWS].numpy(),
+                        max_accuracy_drop=config.max_accuracy_drop)
 
 
 def export_ensemble(ensemble: Ensemble, target, tensors: Tensors, teacher_test: torch.Tensor, config: RunConfig,
@@ -266,8 +269,13 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     if baseline is not None:
         rows += student_rows("baseline", baseline.model, predict_logits(baseline.model, tensors.x_test).numpy(),
                              pool, device)
+    targets_ = [(runner, config.precision)]
+    if "fp32_model" in artifact.files:  # a reduced-precision export: its fp32 graph shows what the precision buys
+        fp32 = get_target(config.target).load(Artifact(config.target, "fp32", {"model": artifact.files["fp32_model"]},
+                                                       artifact.inputs, artifact.outputs), threads=config.threads)
+        targets_.insert(0, (fp32, "fp32"))
     rows += student_rows("student", student, predict_logits(student, tensors.x_test).numpy(), pool, device,
-                         config.target, runner, runner.infer(x_test), config.precision)
+                         config.target, targets_, x_test)
 
     reference = rows[0].scores
     measured = [row.describe(y_test, reference) for row in rows]
@@ -322,7 +330,7 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
                       "split": "test", "examples": len(x_test)},
         "rows": measured,
         "pareto": None if pareto is None else pareto.name,
-        "headline": headline(measured, config.target, training, config.epochs),
+        "headline": headline(measured, config.target, training, config.epochs, config.precision),
         "warnings": warnings_,
     }
 

@@ -76,6 +76,7 @@ class TargetInfo:
     module: str
     needs_gpu: bool
     description: str
+    precisions: tuple[str, ...] = ("fp32",)
 
 
 # The registry, explicit and in one place (no registration as an import side effect). The TensorRT modules
@@ -84,11 +85,13 @@ TARGETS: dict[str, TargetInfo] = {
     "onnx": TargetInfo("targets.onnx", False,
                        "a portable ONNX file (fp32), run with ONNX Runtime on the CPU"),
     "onnxruntime": TargetInfo("targets.onnxruntime", False,
-                              "ONNX Runtime, full graph optimisation; CPU, or CUDA with onnxruntime-gpu installed"),
+                              "ONNX Runtime, full graph optimisation; CPU, or CUDA with onnxruntime-gpu installed",
+                              ("fp32", "fp16", "int8")),
     "tensorrt": TargetInfo("targets.tensorrt", True,
-                           "a TensorRT engine (.plan) built from the ONNX export; NVIDIA GPU"),
+                           "a TensorRT engine (.plan) built from the ONNX export; NVIDIA GPU",
+                           ("fp32", "fp16", "int8")),
     "torch-tensorrt": TargetInfo("targets.torch_tensorrt", True,
-                                 "torch_tensorrt.compile of the PyTorch student; NVIDIA GPU"),
+                                 "torch_tensorrt.compile of the PyTorch student; NVIDIA GPU", ("fp32", "fp16")),
 }
 
 
@@ -111,12 +114,16 @@ def get_target(name: str) -> ModuleType:
         raise MissingCapabilityError(_not_in_build(name)) from exc
 
 
-def check_target_available(name: str) -> None:
-    """Stop before any training when ``--target name`` cannot run here: no CUDA GPU, or not in this build.
-
-    Raises ``MissingCapabilityError`` (exit code 2) with one line that names the target and the alternative.
+def check_target_available(name: str, precision: str = "fp32") -> None:
+    """Stop before any training when ``--target name --precision P`` cannot run here: a precision the target does
+    not offer (``CompressorError``), no CUDA GPU, or not in this build (``MissingCapabilityError``, exit code 2).
+    Each error is one line that names the target and the alternative.
     """
     info = _info(name)
+    if precision not in info.precisions:
+        offering = [other for other, row in TARGETS.items() if precision in row.precisions]
+        raise CompressorError(f"--target {name} exports {', '.join(info.precisions)} only, not --precision "
+                              f"{precision}; use --target {offering[0] if offering else name} for {precision}")
     if info.needs_gpu:
         import torch  # only here: asking for CUDA is the one thing this module needs torch for
 

@@ -1,4 +1,7 @@
-"""``--target onnx``: the student as one self-contained ONNX file with a dynamic batch axis.
+"""``--target onnx``: the student as one self-contained fp32 ONNX file with a dynamic batch axis.
+
+fp32 only, so the file stays portable to any runtime; fp16 and int8 are ``--target onnxruntime``'s, which converts
+this same export with ONNX Runtime's tools (``targets.quantize``).
 
 Exporter choice (torch 2.13): ``torch.onnx.export(..., dynamo=True)`` with ``dynamic_shapes`` and
 ``external_data=False``. It is the exporter PyTorch maintains (the TorchScript one, ``dynamo=False``, warns that
@@ -52,14 +55,18 @@ def load(artifact: Artifact, threads: int | None = None) -> Runner:
 
 
 def export_onnx(model, example_input, out_dir: Path, precision: str, target: str) -> Artifact:
-    """The shared ONNX export behind ``--target onnx`` and ``--target onnxruntime``; ``target`` names the artifact."""
+    """The shared fp32 ONNX export behind ``--target onnx`` and ``--target onnxruntime``; ``target`` names the artifact.
+
+    Only fp32 is exported here; ``targets.onnxruntime.export`` calls this for its fp32 base file and converts that
+    to fp16/int8 itself, so ``--target onnx`` stays a portable fp32 file.
+    """
     import onnx
     import onnxscript
     import torch
 
     if precision not in SUPPORTED_PRECISIONS:
-        raise CompressorError(f"--precision {precision}: fp16/int8 export is not available yet for --target {target}; "
-                              "use --precision fp32")
+        raise CompressorError(f"--precision {precision}: fp16/int8 export is not available yet for --target {target} "
+                              f"(a portable fp32 file); use --precision fp32, or --target onnxruntime for {precision}")
     out_dir = _make_dir(Path(out_dir))
     path = out_dir / MODEL_FILE
 
@@ -96,7 +103,8 @@ def export_onnx(model, example_input, out_dir: Path, precision: str, target: str
         "file_bytes": path.stat().st_size,
     }
     return Artifact(target=target, precision=precision, files={"model": path},
-                    inputs=[_spec(value) for value in graph.input], outputs=[_spec(value) for value in graph.output],
+                    inputs=[tensor_spec(value) for value in graph.input],
+                    outputs=[tensor_spec(value) for value in graph.output],
                     metadata=metadata)
 
 
@@ -134,7 +142,7 @@ def _torchscript_export(torch, model, example_input):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _spec(value) -> TensorSpec:
+def tensor_spec(value) -> TensorSpec:
     """A TensorSpec from an ONNX graph input/output; the symbolic batch dimension becomes "batch"."""
     import onnx
 

@@ -1,5 +1,10 @@
 """``--target onnxruntime``: the ONNX export run by an ONNX Runtime session with full graph optimisation.
 
+``--precision fp32`` is the ONNX export itself. ``fp16`` and ``int8`` export that fp32 file to ``fp32/model.onnx``
+(kept: the report times it beside the converted model) and convert it into ``model.onnx`` with ONNX Runtime's own
+tools (``targets.quantize``): fp16 weights and arithmetic, or static INT8 in QDQ format calibrated on transfer-set
+rows. Every precision keeps a float32 input and output, so callers feed float32 whatever was exported.
+
 ``OrtRunner`` is also the runner behind ``--target onnx``. Sessions use ``ORT_ENABLE_ALL`` (constant folding,
 node fusions, layout transforms) and ``CPUExecutionProvider``, with ``CUDAExecutionProvider`` first when
 onnxruntime-gpu provides it. Intra-op threads default to ONNX Runtime's own choice (one per physical core);
@@ -11,6 +16,7 @@ No torch import at module level: loading and running need only numpy and onnxrun
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +29,56 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
 
 
-def export(model, example_input, out_dir: Path, precision: str = "fp32") -> Artifact:
-    """The ONNX export of ``targets.onnx.export``, labelled ``target="onnxruntime"``; only fp32 for now."""
-    from targets.onnx import export_onnx
+SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
 
-    return export_onnx(model, example_input, out_dir, precision, target="onnxruntime")
+
+def export(model, example_input, out_dir: Path, precision: str = "fp32",
+           calibration: np.ndarray | None = None) -> Artifact:
+    """Export ``model`` to ``out_dir/model.onnx`` at ``precision``; input "input" (N, ...), output "logits" (N, C).
+
+    fp32 is ``targets.onnx``'s export. fp16/int8 write the fp32 export to ``out_dir/fp32/model.onnx`` first
+    (``files["fp32_model"]``) and convert it into ``out_dir/model.onnx`` (``files["model"]``). int8 needs
+    ``calibration``: (M, ...) float32 transfer-set rows in the input layout, e.g. (512, 1, 8, 8). ``metadata``
+    gains ``conversion``: the converter, its seconds, fp32 and converted bytes (and the int8 calibration details).
+    """
+    from targets.onnx import export_onnx, tensor_spec
+
+    if precision not in SUPPORTED_PRECISIONS:
+        raise CompressorError(f"--precision {precision}: --target onnxruntime exports "
+                              f"{', '.join(SUPPORTED_PRECISIONS)}; choose one of them")
+    if precision == "fp32":
+        return export_onnx(model, example_input, out_dir, precision, target="onnxruntime")
+    import onnx
+
+    from targets import quantize  # onnxruntime.quantization and .transformers load only when converting
+
+    out_dir = Path(out_dir)
+    if precision == "int8":
+        if calibration is None:
+            raise CompressorError("--precision int8: int8 needs calibration rows from the transfer set to set its "
+                                  "activation ranges; pass calibration=(M, ...) float32 inputs")
+        # Bad rows fail here, before the export is spent: the example batch has the model's input layout.
+        quantize.check_calibration(calibration, ("batch", *tuple(example_input.shape)[1:]), out_dir / "model.onnx")
+
+    fp32 = export_onnx(model, example_input, out_dir / "fp32", "fp32", target="onnxruntime")
+    source, path = fp32.files["model"], out_dir / "model.onnx"
+    started = time.perf_counter()
+    conversion: dict = {"converter": quantize.FP16_CONVERTER if precision == "fp16" else quantize.INT8_METHOD}
+    if precision == "fp16":
+        quantize.convert_fp16(source, path)
+    else:
+        conversion.update(quantize.quantize_int8(source, path, calibration, fp32.inputs[0].name))
+    conversion["seconds"] = round(time.perf_counter() - started, 3)
+    conversion["fp32_bytes"] = source.stat().st_size
+    conversion["bytes"] = path.stat().st_size
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    metadata = {**fp32.metadata, "file_bytes": conversion["bytes"], "conversion": conversion}
+    metadata["versions"] = {**fp32.metadata["versions"], "onnxruntime": ort.__version__}
+    return Artifact(target="onnxruntime", precision=precision, files={"model": path, "fp32_model": source},
+                    inputs=[tensor_spec(value) for value in graph.input],
+                    outputs=[tensor_spec(value) for value in graph.output],
+                    metadata=metadata)
 
 
 def load(artifact: Artifact, threads: int | None = None) -> "OrtRunner":

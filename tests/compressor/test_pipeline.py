@@ -115,7 +115,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def _row(kind, backend, top1, median_ms, parameters):
-    return {"model": kind, "kind": kind, "backend": backend, "parameters": parameters, "accuracy": {"top1": top1},
+    return {"model": kind, "kind": kind, "backend": backend, "precision": "fp32", "parameters": parameters,
+            "accuracy": {"top1": top1},
             "latency": {"1": {"median_ms": median_ms}}}
 
 
@@ -174,3 +175,29 @@ def test_baseline_is_trained_on_labels_with_the_same_budget_and_reported(tmp_pat
     # the baseline saw no teacher: retraining it by hand on the labels gives the same accuracy
     markdown = (out / "report.md").read_text()
     assert "| baseline | PyTorch eager |" in markdown and "Hard-label baseline" in markdown
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_is_gated_reported_beside_fp32_and_bundled(tmp_path, digits_ensemble, precision):
+    out = tmp_path / precision
+    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--epochs", "3", "--student", "mlp:64",
+                 "--precision", precision, "--batch-sizes", "1", "--rounds", "1", *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["precision"] == precision and report["parity"]["passed"]
+    on_target = [(r["precision"], r["accuracy"]["top1"]) for r in report["rows"]
+                 if r["kind"] == "student" and r["backend"] == "onnxruntime"]
+    assert [p for p, _ in on_target] == ["fp32", precision]  # what the precision buys, side by side
+    assert f"On onnxruntime ({precision})" in report["headline"]
+    assert report["export"]["metadata"]["conversion"]["bytes"] < report["export"]["metadata"]["conversion"]["fp32_bytes"]
+    assert json.loads((out / "bundle" / "metadata.json").read_text())["precision"] == precision
+    # the bundle serves the reduced-precision model, which predicts what its report row says
+    data = load_dataset("digits", seed=0)
+    accuracy = float((targets.load_bundle(out / "bundle").predict(data.test.x).argmax(1) == data.test.y).mean())
+    assert accuracy == pytest.approx(on_target[1][1], abs=1e-9)
+
+
+def test_a_precision_the_target_lacks_stops_before_any_work(tmp_path, digits_ensemble, capsys):
+    out = tmp_path / "never"
+    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--target", "onnx", "--precision", "int8",
+                 *QUICK]) == 1
+    assert "use --target onnxruntime for int8" in capsys.readouterr().err and not out.exists()

@@ -131,6 +131,15 @@ def test_registry_names_and_lookups():
     with pytest.raises(CompressorError, match="unknown target"):
         check_target_available("tflite")
     check_target_available("onnxruntime")  # the CPU targets are always available
+    check_target_available("onnxruntime", "int8")
+
+
+def test_a_precision_the_target_does_not_offer_is_refused_with_the_target_that_does():
+    with pytest.raises(CompressorError) as info:
+        check_target_available("onnx", "int8")
+    assert str(info.value) == ("--target onnx exports fp32 only, not --precision int8; use --target onnxruntime "
+                               "for int8")
+    assert not isinstance(info.value, MissingCapabilityError)  # bad input (exit 1), not a missing GPU (exit 2)
 
 
 @pytest.mark.parametrize("name", ["tensorrt", "torch-tensorrt"])

@@ -1,0 +1,188 @@
+"""Reduced precision for ``--target onnxruntime``: an fp32 ONNX file converted to fp16, or quantized to INT8 (QDQ).
+
+Both steps use ONNX Runtime's own tools rather than hand-written graph surgery (DESIGN.md, ONNX Runtime):
+
+- fp16: ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` stores weights and runs
+  arithmetic in float16 while the graph input and output stay float32 (a Cast at each end), so callers, parity and
+  the serving bundle keep feeding float32. The converter appends its input Casts at the end of the node list, which
+  ``onnx.checker`` rejects as unsorted; ``OnnxModel.graph_topological_sort`` (same package) puts them first.
+- int8: ``quant_pre_process`` (shape inference + ONNX Runtime's basic graph optimisation), then ``quantize_static``
+  in QDQ format, calibrated by MinMax on rows of the transfer set (the data the student was distilled on).
+
+numpy, onnx and onnxruntime only: no torch import here. (``quant_pre_process`` loads ``onnxruntime.tools``, which
+imports torch itself when it is installed; without torch both conversions run all the same.)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quant_pre_process, quantize_static)
+
+from compressor.errors import CompressorError
+from compressor.fileio import atomic_path
+
+FP16_CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
+INT8_METHOD = "onnxruntime.quantization.quantize_static"
+CALIBRATION_BATCH_SIZE = 64
+# MinMax keeps every batch's intermediate outputs in memory until it reduces them; folding them into the running
+# min/max every 16 batches gives the same ranges with memory bounded by 16 batches, whatever the calibration size.
+MAX_INTERMEDIATE_BATCHES = 16
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """Write ``dst``: the fp32 ONNX file ``src`` with float16 weights and arithmetic, float32 input and output.
+
+    The result passes ``onnx.checker`` (full check) before it is renamed into place; returns ``dst``.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    src, dst = Path(src), Path(dst)
+    proto = _load(src)
+    try:
+        half = convert_float_to_float16(proto, keep_io_types=True)
+        OnnxModel.graph_topological_sort(half.graph)  # the converter's input Casts sit last; the checker wants order
+    except Exception as exc:  # the converter raises bare ValueError/RuntimeError/KeyError
+        raise CompressorError(f"fp16 conversion of {src} failed ({type(exc).__name__}: {_first_line(exc)}); "
+                              "export with --precision fp32, or report the model") from exc
+    with atomic_path(dst) as tmp:
+        onnx.save_model(half, tmp)
+        _check(tmp, dst, "fp16")
+    return dst
+
+
+def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str,
+                  batch_size: int = CALIBRATION_BATCH_SIZE) -> dict:
+    """Write ``dst``: ``src`` quantized to INT8 (QDQ), activation ranges calibrated on ``calibration``.
+
+    ``calibration`` is (M, ...) rows of the transfer set in the model's input layout, e.g. (512, 1, 8, 8) float32;
+    it is fed to ``input_name`` in consecutive batches of ``batch_size`` rows, in order, so the same rows give the
+    same file. Returns JSON-safe metadata: method, calibration rows, per_channel, activation/weight types, versions.
+    """
+    src, dst = Path(src), Path(dst)
+    rows = check_calibration(calibration, _input_shape(src, input_name), src)
+    if batch_size < 1:
+        raise CompressorError(f"calibration batch size {batch_size} for {src}: must be at least 1")
+
+    # Choices, each for the GPU path as much as for the CPU:
+    # - QDQ (QuantizeLinear/DequantizeLinear pairs around float ops) is the format TensorRT reads for explicit
+    #   quantization and the one ORT's CPU kernels are optimised for since 1.11; QOperator is ORT-only.
+    # - QInt8 for activations and weights, both symmetric (zero point 0): TensorRT accepts only symmetric int8,
+    #   and ORT's docs recommend exactly this for GPU/TensorRT. ActivationSymmetric costs one bit on ReLU outputs
+    #   (their negative half is unused); the parity gate measures whether that matters for the student.
+    # - per-channel weight scales: one outlier output row no longer coarsens the whole matrix; both ORT and
+    #   TensorRT run it, and for small students the accuracy it saves is worth more than its small CPU cost.
+    # - reduce_range off: 7-bit weights only avoid u8s8 saturation on pre-VNNI x86 CPUs; with s8 activations and
+    #   the accuracy gate checking the result, full 8-bit range is the better default.
+    # - MinMax calibration: deterministic and exact over the rows given (Entropy/Percentile histogram and clip).
+    options = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8,
+               "per_channel": True, "reduce_range": False, "calibrate_method": CalibrationMethod.MinMax,
+               "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                 "CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_BATCHES}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compressor-int8-") as work, atomic_path(dst) as tmp:
+        prepared = Path(work) / "prepared.onnx"  # shape-inferred and optimised fp32: an intermediate, not kept
+        try:
+            quant_pre_process(str(src), str(prepared))
+            quantize_static(str(prepared), str(tmp), _BatchReader(rows, input_name, batch_size), **options)
+        except Exception as exc:  # onnxruntime raises ValueError/RuntimeError/its own Fail types
+            raise CompressorError(f"INT8 quantization of {src} failed ({type(exc).__name__}: {_first_line(exc)}); "
+                                  "export with --precision fp16 or fp32, or report the model") from exc
+        _check(tmp, dst, "int8")
+    seconds = time.perf_counter() - started
+
+    nodes = [node.op_type for node in onnx.load(str(dst), load_external_data=False).graph.node]
+    return {
+        "method": INT8_METHOD,
+        "preprocess": "onnxruntime.quantization.quant_pre_process",
+        "format": "QDQ",
+        "calibrate_method": "MinMax",
+        "calibration_rows": int(len(rows)),
+        "calibration_batch_size": int(batch_size),
+        "per_channel": True,
+        "reduce_range": False,
+        "activation_type": "QInt8",
+        "weight_type": "QInt8",
+        "symmetric_activations": True,
+        "symmetric_weights": True,
+        "quantize_linear_nodes": nodes.count("QuantizeLinear"),
+        "dequantize_linear_nodes": nodes.count("DequantizeLinear"),
+        "seconds": round(seconds, 3),
+        "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+    }
+
+
+def check_calibration(calibration, input_shape: tuple, src: Path) -> np.ndarray:
+    """``calibration`` as a C-contiguous float32 (M, ...) array, or CompressorError naming ``src`` and the fix.
+
+    ``input_shape`` is the model input's shape with the batch axis first; string or None entries are dynamic.
+    """
+    expected = "(M, " + ", ".join(str(d) for d in input_shape[1:]) + ")"
+    try:
+        rows = np.ascontiguousarray(calibration, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise CompressorError(f"the int8 calibration rows for {src} are not a numeric array ({exc}); pass "
+                              f"transfer-set inputs of shape {expected}") from exc
+    if rows.ndim >= 1 and len(rows) == 0:
+        raise CompressorError(f"the int8 calibration set for {src} is empty; pass at least one transfer-set row "
+                              f"of shape {expected}")
+    fixed_ok = all(not isinstance(want, int) or want == got for want, got in zip(input_shape[1:], rows.shape[1:]))
+    if rows.ndim != len(input_shape) or not fixed_ok:
+        raise CompressorError(f"the int8 calibration rows for {src} have shape {rows.shape}, but the model takes "
+                              f"{expected}; pass transfer-set inputs in the model's input layout")
+    if not np.isfinite(rows).all():
+        bad = int((~np.isfinite(rows)).sum())
+        raise CompressorError(f"the int8 calibration rows for {src} contain {bad} NaN/Inf values; clean the "
+                              "transfer set (or drop those rows) before quantizing")
+    return rows
+
+
+class _BatchReader(CalibrationDataReader):
+    """Feeds ``{input_name: rows[i:i + batch_size]}`` for consecutive batches, in order, then None."""
+
+    def __init__(self, rows: np.ndarray, input_name: str, batch_size: int):
+        self.batches = iter([{input_name: rows[start:start + batch_size]}  # (≤batch_size, ...) float32
+                             for start in range(0, len(rows), batch_size)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def _input_shape(src: Path, input_name: str) -> tuple:
+    """The shape of graph input ``input_name`` of ``src``: ints for fixed axes, strings (or None) for dynamic ones."""
+    graph = _load(src).graph
+    for value in graph.input:
+        if value.name == input_name:
+            return tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                         for dim in value.type.tensor_type.shape.dim)
+    names = ", ".join(value.name for value in graph.input)
+    raise CompressorError(f"{src} has no input named {input_name!r} (its inputs: {names}); export the model again")
+
+
+def _load(src: Path) -> onnx.ModelProto:
+    if not src.is_file():
+        raise CompressorError(f"{src}: no such ONNX file; export the model with --precision fp32 first")
+    try:
+        return onnx.load(str(src))
+    except Exception as exc:  # google.protobuf.message.DecodeError and friends
+        raise CompressorError(f"{src} is not a readable ONNX file ({_first_line(exc)}); export the model again"
+                              ) from exc
+
+
+def _check(tmp: Path, dst: Path, precision: str) -> None:
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CompressorError(f"the {precision} model {dst} fails onnx.checker ({_first_line(exc)}); this is a "
+                              "converter bug, please report it with the model") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
