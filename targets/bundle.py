@@ -33,9 +33,13 @@ METADATA_FILE = "metadata.json"
 REQUIRED_KEYS = ("input", "output", "normalisation", "class_names", "precision", "versions")
 TENSOR_KEYS = ("name", "shape", "dtype")
 TRITON_MAX_BATCH = 64
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
-_TRITON_PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
+# numpy dtype name (metadata "dtype") -> Triton's DataType enum name (model_config.proto)
+TRITON_DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
+                     "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
+                     "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+                     "bfloat16": "TYPE_BF16"}
+# model file suffix -> Triton platform; Triton's default file name for each is model<suffix>, which we write
+TRITON_PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
 
 
 def apply_normalisation(x: np.ndarray, normalisation: dict | None) -> np.ndarray:
@@ -82,6 +86,8 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
     if not model_file.is_file():
         raise CompressorError(f"{model_file}: the model file to bundle does not exist; export the model first")
     model_name = "model" + model_file.suffix  # model.onnx (model.plan for TensorRT)
+    triton_name = str(metadata.get("model_name", "student"))
+    triton_config = _triton_config(metadata, triton_name, model_file)  # before any write: it may refuse
     try:
         bundle_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", suffix=".tmp", dir=bundle_dir.parent))
@@ -92,11 +98,10 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
         shutil.copyfile(model_file, staging / model_name)
         full = {**metadata, "model_file": model_name, "sha256": _sha256(staging / model_name),
                 "bundle_format": BUNDLE_FORMAT}
-        triton_model = staging / "triton" / str(metadata.get("model_name", "student"))
+        triton_model = staging / "triton" / triton_name
         (triton_model / "1").mkdir(parents=True)
         shutil.copyfile(model_file, triton_model / "1" / model_name)
-        (triton_model / "config.pbtxt").write_text(_triton_config(full, triton_model.name, model_file.suffix),
-                                                   encoding="utf-8")
+        (triton_model / "config.pbtxt").write_text(triton_config, encoding="utf-8")
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         _swap_in(staging, bundle_dir)
     except OSError as exc:
@@ -228,17 +233,36 @@ def _swap_in(staging: Path, bundle_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _triton_config(metadata: dict, name: str, suffix: str) -> str:
-    """``config.pbtxt`` for the bundle's model: dynamic batching over the leading axis."""
+def _triton_config(metadata: dict, name: str, model_file: Path) -> str:
+    """``config.pbtxt`` (a Triton ``ModelConfig`` in protobuf text format): dynamic batching over the leading axis.
 
-    def tensor(spec: dict) -> str:
+    Version policy and model file name are left to Triton's defaults: the newest version folder (``1/``) and
+    ``model.onnx`` / ``model.plan``, which is what ``write_bundle`` writes. A dtype or model file Triton cannot be
+    told about raises CompressorError rather than writing a config that declares something else.
+    """
+    platform = TRITON_PLATFORMS.get(model_file.suffix)
+    if platform is None:
+        raise CompressorError(f"{model_file}: a bundle's Triton repository takes {' or '.join(TRITON_PLATFORMS)} "
+                              f"model files, not {model_file.suffix or 'a file without a suffix'}; bundle an "
+                              "ONNX export or a TensorRT engine")
+
+    def tensor(side: str) -> str:
+        spec = metadata[side]
+        data_type = TRITON_DATA_TYPES.get(spec["dtype"])
+        if data_type is None:
+            raise CompressorError(f"{model_file}: the model's {side} {spec['name']!r} has dtype {spec['dtype']}, "
+                                  "which Triton has no data type for; export with float32 input and output")
         dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in spec["shape"])  # -1: variable
-        return (f'  {{\n    name: "{spec["name"]}"\n    data_type: {_TRITON_TYPES.get(spec["dtype"], "TYPE_FP32")}\n'
-                f"    dims: [ {dims} ]\n  }}")
+        return f"  {{\n    name: {_quoted(spec['name'])}\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}"
 
     return (f"# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
             f"# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n"
-            f'name: "{name}"\nplatform: "{_TRITON_PLATFORMS.get(suffix, "onnxruntime_onnx")}"\n'
+            f"name: {_quoted(name)}\nplatform: \"{platform}\"\n"
             f"max_batch_size: {TRITON_MAX_BATCH}\n"
-            f"input [\n{tensor(metadata['input'])}\n]\noutput [\n{tensor(metadata['output'])}\n]\n"
+            f"input [\n{tensor('input')}\n]\noutput [\n{tensor('output')}\n]\n"
             f"dynamic_batching {{ }}\n")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a protobuf text-format string literal: a quote or backslash in a name must not end it early."""
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import targets
 from compressor.errors import CompressorError
+from targets import bundle as bundle_module
 from targets.bundle import apply_normalisation, load_bundle, write_bundle
 from targets.onnxruntime import OrtRunner
 
@@ -29,6 +31,44 @@ def metadata(normalisation=NORMALISATION) -> dict:
 @pytest.fixture
 def bundle_dir(tmp_path, mlp_onnx) -> Path:
     return write_bundle(mlp_onnx, metadata(), tmp_path / "out" / "bundle")
+
+
+@pytest.fixture
+def model_config_pb2():
+    """Triton's own ``ModelConfig`` protobuf module; skips only where the dev extra is not installed."""
+    return pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                               reason="validating config.pbtxt needs Triton's ModelConfig protobuf: "
+                                      "pip install 'tritonclient[grpc]' (in the dev extra)")
+
+
+def parse_triton_config(model_config_pb2, model_dir: Path):
+    """``model_dir/config.pbtxt`` parsed as Triton parses it: an unknown field or enum name raises ParseError."""
+    from google.protobuf import text_format
+
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+
+
+def check_triton_model(model_config_pb2, bundle_dir: Path, name: str, platform: str, suffix: str) -> None:
+    """``bundle_dir/triton/name`` is a Triton model Triton loads as metadata.json describes it: batched, one input
+    and one output of the same name, dtype and per-example dims, its file where Triton's defaults look."""
+    written = json.loads((bundle_dir / "metadata.json").read_text())
+    model_dir = bundle_dir / "triton" / name
+    config = parse_triton_config(model_config_pb2, model_dir)
+    assert config.name == model_dir.name == name
+    assert config.platform == platform and not config.backend
+    assert config.max_batch_size == bundle_module.TRITON_MAX_BATCH > 0  # so dims below exclude the batch axis
+    assert config.HasField("dynamic_batching")
+    assert len(config.input) == 1 and len(config.output) == 1
+    for tensor, spec in ((config.input[0], written["input"]), (config.output[0], written["output"])):
+        assert tensor.name == spec["name"]
+        assert model_config_pb2.DataType.Name(tensor.data_type) == bundle_module.TRITON_DATA_TYPES[spec["dtype"]]
+        assert list(tensor.dims) == spec["shape"]
+    # No version policy or file name in the config: Triton serves the newest version folder and looks for
+    # model<suffix> (model.onnx for onnxruntime_onnx, model.plan for tensorrt_plan), so the file must sit there.
+    assert not config.HasField("version_policy") and not config.default_model_filename
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+    assert [p.name for p in (model_dir / "1").iterdir()] == [f"model{suffix}"] == [written["model_file"]]
+    assert (model_dir / "1" / written["model_file"]).read_bytes() == (bundle_dir / written["model_file"]).read_bytes()
 
 
 def test_apply_normalisation_is_per_channel_float32():
@@ -53,9 +93,79 @@ def test_bundle_layout_and_metadata(bundle_dir, mlp_onnx):
     assert written["model_file"] == "model.onnx" and written["bundle_format"] == 1 and len(written["sha256"]) == 64
     assert written["normalisation"] == NORMALISATION and written["preprocessing"] == "pixels / 16"
     assert (bundle_dir / "model.onnx").read_bytes() == mlp_onnx.read_bytes()
-    config = (bundle_dir / "triton" / "student" / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in config and "dims: [ 1, 8, 8 ]" in config and "dims: [ 10 ]" in config
     assert (bundle_dir / "triton" / "student" / "1" / "model.onnx").read_bytes() == mlp_onnx.read_bytes()
+
+
+def test_triton_config_is_a_valid_model_config(bundle_dir, model_config_pb2):
+    check_triton_model(model_config_pb2, bundle_dir, "student", "onnxruntime_onnx", ".onnx")
+    config = parse_triton_config(model_config_pb2, bundle_dir / "triton" / "student")
+    assert model_config_pb2.DataType.Name(config.input[0].data_type) == "TYPE_FP32"
+    assert list(config.input[0].dims) == [1, 8, 8] and list(config.output[0].dims) == [10]  # (C_in, H, W), (C,)
+
+
+def test_triton_config_for_a_tensorrt_plan(tmp_path, model_config_pb2):
+    """A .plan engine is only copied and hashed, never opened, so dummy bytes stand in for a TensorRT build."""
+    plan = tmp_path / "engine" / "model.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"not really a TensorRT engine")
+    bundle_dir = write_bundle(plan, {**metadata(), "precision": "fp16", "model_name": "digits_mlp"},
+                              tmp_path / "bundle")
+    check_triton_model(model_config_pb2, bundle_dir, "digits_mlp", "tensorrt_plan", ".plan")
+    config = parse_triton_config(model_config_pb2, bundle_dir / "triton" / "digits_mlp")
+    # an fp16 engine keeps float32 input and output, as metadata says: Triton must be told FP32, not FP16
+    assert [model_config_pb2.DataType.Name(t.data_type) for t in (*config.input, *config.output)] == ["TYPE_FP32"] * 2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_bundle_declares_float32_io(tmp_path, exported_mlp, make_inputs, model_config_pb2,
+                                                      precision):
+    """fp16 and int8 ONNX Runtime exports keep float32 input and output (a Cast or Q/DQ pair at each end)."""
+    from targets.onnxruntime import export
+
+    artifact = export(exported_mlp[0], torch.from_numpy(make_inputs(2)), tmp_path / "export", precision,
+                      calibration=make_inputs(64, seed=1) if precision == "int8" else None)
+    spec_in, spec_out = artifact.inputs[0], artifact.outputs[0]  # as the pipeline's write_student_bundle reads them
+    described = {**metadata(), "precision": precision,
+                 "input": {"name": spec_in.name, "shape": [d for d in spec_in.shape if d != "batch"],
+                           "dtype": spec_in.dtype},
+                 "output": {"name": spec_out.name, "shape": [d for d in spec_out.shape if d != "batch"],
+                            "dtype": spec_out.dtype}}
+    bundle_dir = write_bundle(artifact.files["model"], described, tmp_path / "bundle")
+    check_triton_model(model_config_pb2, bundle_dir, "student", "onnxruntime_onnx", ".onnx")
+    config = parse_triton_config(model_config_pb2, bundle_dir / "triton" / "student")
+    assert [model_config_pb2.DataType.Name(t.data_type) for t in (*config.input, *config.output)] == ["TYPE_FP32"] * 2
+    assert list(config.input[0].dims) == [1, 8, 8] and list(config.output[0].dims) == [10]
+
+
+def test_every_dtype_maps_to_a_triton_data_type(model_config_pb2):
+    table = bundle_module.TRITON_DATA_TYPES  # numpy dtype name -> Triton DataType name
+    assert set(table.values()) <= set(model_config_pb2.DataType.keys())
+    assert table["float32"] == "TYPE_FP32" and table["float16"] == "TYPE_FP16" and table["bool"] == "TYPE_BOOL"
+
+
+def test_triton_config_declares_other_dtypes_and_odd_names(tmp_path, mlp_onnx, model_config_pb2):
+    """A float16 input is declared FP16, a symbolic axis -1; quotes and backslashes in names stay in the string."""
+    described = {**metadata(), "model_name": 'the "best" student',
+                 "input": {"name": 'scan "raw"\\1', "shape": [1, "height", 8], "dtype": "float16"},
+                 "output": {"name": "logits", "shape": [10], "dtype": "int64"}}
+    bundle_dir = write_bundle(mlp_onnx, described, tmp_path / "bundle")
+    config = parse_triton_config(model_config_pb2, bundle_dir / "triton" / 'the "best" student')
+    assert config.name == 'the "best" student' and config.input[0].name == 'scan "raw"\\1'
+    assert model_config_pb2.DataType.Name(config.input[0].data_type) == "TYPE_FP16"
+    assert model_config_pb2.DataType.Name(config.output[0].data_type) == "TYPE_INT64"
+    assert list(config.input[0].dims) == [1, -1, 8]
+
+
+def test_triton_config_refuses_what_triton_cannot_declare(tmp_path, mlp_onnx):
+    """An unmappable dtype or model file stops the bundle before anything is written, instead of a wrong config."""
+    described = {**metadata(), "input": {"name": "input", "shape": [1, 8, 8], "dtype": "complex64"}}
+    with pytest.raises(CompressorError, match="input 'input' has dtype complex64, which Triton has no data type"):
+        write_bundle(mlp_onnx, described, tmp_path / "bundle")
+    scripted = tmp_path / "source" / "model.pt"
+    scripted.write_bytes(b"a TorchScript archive")
+    with pytest.raises(CompressorError, match=r"model.pt: .*takes .onnx or .plan model files, not .pt"):
+        write_bundle(scripted, metadata(), tmp_path / "bundle")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
 def test_predict_normalises_then_matches_onnxruntime(bundle_dir, mlp_onnx, make_inputs):
