@@ -119,6 +119,7 @@ def cli(ctx: click.Context, teacher: Path | None, trust_pickle: bool, **options)
     compress --teacher ensemble.pt --target onnxruntime
     compress demo                  # a small digits ensemble, end to end, in about a minute
     compress inspect ensemble.pt   # members, parameters, shapes, classes
+    compress preflight model.onnx  # will it build with TensorRT? (no GPU needed)
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -153,6 +154,19 @@ def inspect(teacher: Path, data: str | None, trust_pickle: bool, max_train: int 
     from compressor.inspect import inspect_ensemble
 
     inspect_ensemble(teacher, data, trust_pickle, max_train, stdout)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def preflight(model: Path, debug: bool) -> None:
+    """Check an ONNX file against TensorRT's ONNX parser without a GPU: will it build, or which node will not."""
+    from targets.tensorrt_preflight import preflight as check
+
+    result = check(model)
+    stdout.print(result.summary(), highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="compress", standalone_mode=False, obj={"argv": list(args)})
+        code = cli.main(args=args, prog_name="compress", standalone_mode=False, obj={"argv": list(args)})
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -213,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}; rerun with --debug for the "
                      f"traceback and report it", highlight=False, soft_wrap=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # standalone_mode=False returns ctx.exit codes
 
 
 if __name__ == "__main__":

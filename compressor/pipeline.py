@@ -28,7 +28,7 @@ from compressor.compare import eager_device, ensemble_rows, headline, student_ro
 from compressor.data import Dataset, load_dataset
 from compressor.diagnostics import diagnose
 from compressor.distill import TrainConfig, TrainResult, predict_logits, train_student
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, MissingCapabilityError
 from compressor.fileio import atomic_path
 from compressor.losses import DistillationLoss, HardLabelLoss
 from compressor.students import create_student
@@ -71,7 +71,12 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     """Run the main job for ``config`` and return the report (also written to ``<out>/report.json``)."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    check_target_available(config.target, config.precision)     # no GPU, no TensorRT: stop before any work
+    try:
+        check_target_available(config.target, config.precision)  # no GPU, no TensorRT: stop before any work
+    except MissingCapabilityError as missing:
+        if config.target != "tensorrt":
+            raise
+        preflight_without_gpu(config, missing)                     # say whether the student would build, then stop
     _check_config(config)
     out_dir = config.output_dir()
     _check_writable(out_dir)
@@ -128,6 +133,28 @@ def progress_bar(enabled: bool) -> Progress:
     """A rich progress bar on stderr (hidden with --no-progress) for the steps that take long."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) -> None:
+    """``--target tensorrt`` where no GPU is: export the (untrained) student's graph to a temporary ONNX file,
+    check it against TensorRT's ONNX parser, and stop with the verdict, before any training or any --out.
+
+    The graph of an untrained student is the graph of the trained one: only weights change in training.
+    """
+    from targets.tensorrt_preflight import preflight
+
+    ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
+    dataset, _ = load_data(config, ensemble)
+    torch.manual_seed(config.seed)
+    student = choose_student(config, ensemble, dataset).eval()
+    example = torch.from_numpy(dataset.test.x[:2])
+    with tempfile.TemporaryDirectory(prefix="compressor-preflight-") as scratch:
+        artifact = get_target("onnx").export(student, example, Path(scratch), "fp32")
+        result = preflight(artifact.files["model"])
+    verdict = result.summary().replace(artifact.files["model"].name, f"--student {config.student}", 1)
+    if not result.ok:
+        raise CompressorError(f"{verdict}; choose another --student (preflight run without a GPU)")
+    raise MissingCapabilityError(f"{missing} (preflight without a GPU: {verdict})")
 
 
 def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | None]:

@@ -35,7 +35,22 @@ def test_tensorrt_without_gpu_stops_before_training(capsys, digits_ensemble, tmp
     code, output = run_cli(capsys, "--teacher", digits_ensemble, "--target", "tensorrt", "--out", out, *QUICK)
     assert code == 2
     assert_one_clear_line(output, "NVIDIA GPU", "--target onnxruntime")
+    # the student's graph was checked against TensorRT's ONNX parser before stopping
+    assert_one_clear_line(output, "--student mlp:256x256 will build with TensorRT 11", "dynamic batch")
     assert not out.exists()
+
+
+def test_preflight_command_checks_an_onnx_file_without_a_gpu(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Det", ["x"], ["y"], name="det")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    code, output = run_cli(capsys, "preflight", path)
+    assert code == 1 and "will NOT build" in output and "node 'det' (Det)" in output
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 10, np.random.default_rng(0).bytes(2048)],
