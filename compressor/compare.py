@@ -95,7 +95,7 @@ def on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndarray, device: str,
-                  target: str, runner=None, runner_scores: np.ndarray | None = None) -> list[Row]:
+                  target: str, runner=None, x_test: np.ndarray | None = None) -> list[Row]:
     """The ensemble in PyTorch, on the target (when exported), and each member in PyTorch.
 
     ``member_logits`` (K, N, C) are the members' test-split logits, already computed once by the pipeline.
@@ -112,7 +112,7 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
     if runner is not None:
         measure, timed = runner_measure(runner, pool)
         rows.append(Row("ensemble", "ensemble", target, runner.info.get("device", "cpu"), "fp32",
-                        ensemble.parameters, timed, runner_scores, measure))
+                        ensemble.parameters, timed, runner.infer(x_test), measure))
     for k, member in enumerate(ensemble.members):
         forward = on_device(member.forward, device) if device == "cuda" else member
         measure, timed = eager_measure(forward, pool, device)

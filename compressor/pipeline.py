@@ -291,8 +291,7 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     x_test, y_test = tensors.x_test.numpy(), tensors.y_test.numpy()
     pool = x_test[:BENCHMARK_POOL]
     device = eager_device(ensemble)
-    rows = ensemble_rows(ensemble, teacher_test, pool, device, config.target, ensemble_runner,
-                         None if ensemble_runner is None else ensemble_runner.infer(x_test))
+    rows = ensemble_rows(ensemble, teacher_test, pool, device, config.target, ensemble_runner, x_test)
     if baseline is not None:
         rows += student_rows("baseline", baseline.model, predict_logits(baseline.model, tensors.x_test).numpy(),
                              pool, device)

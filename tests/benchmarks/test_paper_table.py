@@ -28,9 +28,9 @@ def test_gap_recovered_is_measured_on_test_for_the_temperature_chosen_on_validat
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install -y dataset-fashion-mnist")
 def test_a_tiny_run_writes_every_row(tmp_path, capsys):
     out = tmp_path / "table.json"
-    args = parse_args(["--max-train", "600", "--epochs", "1", "--teacher-epochs", "1", "--members", "2",
-                       "--temperatures", "1", "20", "--no-progress", "--out", str(out)])
-    assert main(args) == 0
+    argv = ["--max-train", "600", "--epochs", "2", "--teacher-epochs", "1", "--members", "2", "--temperatures", "1",
+            "20", "--no-progress", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    assert main(parse_args(argv)) == 0
     result = json.loads(out.read_text())
     names = [row["name"] for row in result["rows"]]
     assert names[:3] == ["teacher member 1 2×1200", "teacher member 2 2×1200", "teacher ensemble"]
@@ -39,3 +39,10 @@ def test_a_tiny_run_writes_every_row(tmp_path, capsys):
     assert all(0 <= row["test_errors"] <= 600 for row in result["rows"])  # the test split is capped too
     assert set(result["summary"]) == {"2×800", "2×30"} and result["machine"]["torch"]
     assert "Hinton et al. 2015" in capsys.readouterr().out
+    assert all({"test_errors_early_stopped", "val_accuracy_early_stopped"} <= set(row) for row in result["rows"])
+    assert "early_stopped" in result["summary"]["2×800"]
+    # a second run over the same --work-dir reuses every finished net: the same scores, nothing retrained
+    assert main(parse_args(argv)) == 0
+    again = json.loads(out.read_text())
+    assert [row["test_errors"] for row in again["rows"]] == [row["test_errors"] for row in result["rows"]]
+    assert [row["seconds"] for row in again["rows"]] == [row["seconds"] for row in result["rows"]]
