@@ -90,7 +90,7 @@ def _per_class_table(report: dict) -> list[str]:
         title += f" (the {len(classes)} classes where the student loses most to the ensemble; all in report.json)"
     lines = [title, "", _row(header), _row(["---"] * len(header))]
     for c in classes:
-        label = f"{c} {names[c]}" if c < len(names) else str(c)
+        label = f"{c} {names[c]}" if c < len(names) and str(names[c]) != str(c) else str(c)
         lines.append(_row([label] + [_pct(row["accuracy"]["per_class"][c]) for row in shown]))
     return lines + [""]
 
