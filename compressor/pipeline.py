@@ -327,7 +327,8 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     elif ensemble_export and not ensemble_export["parity"]["passed"]:
         warnings_.append(f"the ensemble's {config.target} export failed its parity check "
                          f"({'; '.join(ensemble_export['parity']['failures'])}); its row is left out")
-    warnings_ += timing_warnings(measured, config.rounds)
+    warnings_ += timing_warnings(measured, config.rounds) + precision_warnings(measured, config.target,
+                                                                              config.precision)
     try:
         pareto = plot_pareto(measured, config.output_dir() / "pareto.png",
                              title=f"{dataset.name}: test accuracy against batch-1 latency")
@@ -380,6 +381,23 @@ def timing_warnings(rows: list[dict], rounds: int) -> list[str]:
                          f"{name}, {cv:.0%}): sub-millisecond calls see rare long outliers (interrupts, other "
                          f"processes); the medians quoted are robust to them, the means and p99s are not")
     return warnings_
+
+
+def precision_warnings(rows: list[dict], target: str, precision: str) -> list[str]:
+    """Say plainly when the reduced-precision export is slower than the fp32 graph on the same target."""
+    on_target = {row["precision"]: row for row in rows if row["kind"] == "student" and row["backend"] == target}
+    if precision == "fp32" or "fp32" not in on_target or precision not in on_target:
+        return []
+    fp32, reduced = on_target["fp32"]["latency"], on_target[precision]["latency"]
+    slower = [f"batch {batch} ({reduced[batch]['median_ms']:.3f} vs {fp32[batch]['median_ms']:.3f} ms)"
+              for batch in reduced if reduced[batch]["median_ms"] > fp32[batch]["median_ms"]]
+    if not slower:
+        return []
+    cause = ("quantize/dequantize around small matrix products costs more than int8 arithmetic saves"
+             if precision == "int8" else "this execution provider has no fast fp16 kernels, so it computes in fp32 "
+             "between casts")
+    return [f"the {precision} export is SLOWER than the fp32 graph on {target} at {', '.join(slower)}: likely, "
+            f"{cause}; prefer --precision fp32 for those batch sizes"]
 
 
 def write_student_bundle(artifact, dataset: Dataset, ensemble: Ensemble, normalisation: dict | None,
