@@ -58,8 +58,12 @@ class Row:
 
 def eager_device(ensemble: Ensemble) -> str:
     """Where the PyTorch rows run: CUDA when visible and every member is a PyTorch module, else the CPU."""
-    modules = all(isinstance(member.forward, torch.nn.Module) for member in ensemble.members)
-    return "cuda" if torch.cuda.is_available() and modules else "cpu"
+    return "cuda" if torch.cuda.is_available() and _all_modules(ensemble) else "cpu"
+
+
+def _all_modules(ensemble: Ensemble) -> bool:
+    """Whether every member is a PyTorch module (not an ONNX file run by onnxruntime)."""
+    return all(isinstance(member.forward, torch.nn.Module) for member in ensemble.members)
 
 
 def eager_measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray,
@@ -101,11 +105,11 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
     ``member_logits`` (K, N, C) are the members' test-split logits, already computed once by the pipeline.
     """
     scores = ensemble.log_probs(member_logits).numpy()  # (N, C)
-    if device == "cuda":
+    if _all_modules(ensemble):
         forward = on_device(ensemble.eager_module(), device)
-    else:
+    else:  # ONNX members run by onnxruntime: the same mixture, without member_logits' chunking and NaN checks
         def forward(x):
-            return ensemble.log_probs(ensemble.member_logits(x))
+            return ensemble.log_probs(torch.stack([member(x).float() for member in ensemble.members]))
     measure, timed = eager_measure(forward, pool, device)
     rows = [Row("ensemble", "ensemble", EAGER, device, "fp32", ensemble.parameters,
                 f"{timed}; all {len(ensemble.members)} members and the mixture", scores, measure)]

@@ -73,21 +73,39 @@ def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_
         raise ValueError(f"measure_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
                          f"({min_iterations}) and a non-empty pool ({len(pool)} rows)")
     batches = batches_from_pool(pool, batch_size)
+    warmed = warm_up(fn, batches, warmup_s)
+    ms, duration = timed_calls(fn, batches, duration_s, min_iterations)
+    return latency_stats(ms, batch_size, warmed, duration)
 
+
+def warm_up(fn: Callable, inputs: list, warmup_s: float) -> float:
+    """Call ``fn`` on ``inputs`` in turn until ``warmup_s`` has passed (at least once); return the seconds spent."""
     start = time.perf_counter_ns()
     warmup_ns, calls = int(warmup_s * 1e9), 0
     while calls == 0 or time.perf_counter_ns() - start < warmup_ns:
-        fn(batches[calls % len(batches)])
+        fn(inputs[calls % len(inputs)])
         calls += 1
-    warmed = time.perf_counter_ns() - start
+    return (time.perf_counter_ns() - start) / 1e9
 
+
+def timed_calls(fn: Callable, inputs: list, duration_s: float, min_iterations: int,
+                before: Callable[[int], None] | None = None) -> tuple[np.ndarray, float]:
+    """Time each call ``fn(inputs[i % len(inputs)])`` until ``duration_s`` has passed and ``min_iterations`` ran.
+
+    The garbage collector is paused (as ``timeit`` does) so its pauses are not charged to ``fn``; the input is
+    picked, and ``before(i)`` (bookkeeping of the caller) runs, outside the clock. Returns (iterations,) latencies
+    in milliseconds and the seconds the loop took. Every harness times through here.
+    """
     times_ns, duration_ns = [], int(duration_s * 1e9)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         loop_start = time.perf_counter_ns()
         while True:
-            batch = batches[len(times_ns) % len(batches)]
+            i = len(times_ns)
+            if before is not None:
+                before(i)
+            batch = inputs[i % len(inputs)]
             t0 = time.perf_counter_ns()
             fn(batch)
             t1 = time.perf_counter_ns()
@@ -97,9 +115,7 @@ def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_
     finally:
         if gc_was_enabled:
             gc.enable()
-
-    return latency_stats(np.asarray(times_ns, dtype=np.float64) / 1e6, batch_size, warmed / 1e9,
-                         (t1 - loop_start) / 1e9)
+    return np.asarray(times_ns, dtype=np.float64) / 1e6, (t1 - loop_start) / 1e9
 
 
 def latency_stats(ms: np.ndarray, batch_size: int, warmup_s: float, duration_s: float,

@@ -31,15 +31,13 @@ outside the host-timed window, so reading them never stalls the stream or lands 
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from compressor.errors import MissingCapabilityError
-from targets.benchmark import LatencyStats, batches_from_pool, latency_stats
+from targets.benchmark import LatencyStats, batches_from_pool, latency_stats, timed_calls, warm_up
 
 EVENT_RING = 64  # sets of four events reused in turn; each set is read before its slot is recorded again
 
@@ -100,8 +98,10 @@ def _measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, 
             event.record(stream)
     torch.cuda.synchronize(dev)
     host_out: torch.Tensor | None = None  # pinned buffer for the result, (re)allocated to the result's shape
+    events = ring[0]  # the events of the current iteration; set by before() outside the clock
+    stage_ms: list[tuple[float, float, float]] = []  # (h2d, compute, d2h) of each timed iteration, in order
 
-    def step(batch: torch.Tensor, events: tuple) -> None:
+    def step(batch: torch.Tensor) -> None:
         nonlocal host_out
         events[0].record(stream)
         x = batch.to(dev, non_blocking=True)
@@ -116,40 +116,19 @@ def _measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, 
         events[3].record(stream)
         torch.cuda.synchronize(dev)
 
-    start = time.perf_counter_ns()
-    warmup_ns, calls = int(warmup_s * 1e9), 0
-    while calls == 0 or time.perf_counter_ns() - start < warmup_ns:
-        step(batches[calls % len(batches)], ring[calls % EVENT_RING])
-        calls += 1
-    warmed = time.perf_counter_ns() - start
+    def read(recorded: tuple) -> None:  # only for events whose iteration has synchronised: no stall, no error
+        stage_ms.append((recorded[0].elapsed_time(recorded[1]), recorded[1].elapsed_time(recorded[2]),
+                         recorded[2].elapsed_time(recorded[3])))
 
-    times_ns: list[int] = []
-    stage_ms: list[tuple[float, float, float]] = []  # (h2d, compute, d2h) of each timed iteration, in order
+    def before(i: int) -> None:
+        nonlocal events
+        events = ring[i % EVENT_RING]
+        if i >= EVENT_RING:
+            read(events)  # iteration i - EVENT_RING, before its events are recorded again
 
-    def read(events: tuple) -> None:  # only for events whose iteration has synchronised: no stall, no error
-        stage_ms.append((events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2]),
-                         events[2].elapsed_time(events[3])))
-
-    duration_ns = int(duration_s * 1e9)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        loop_start = time.perf_counter_ns()
-        while True:
-            i = len(times_ns)
-            batch, events = batches[i % len(batches)], ring[i % EVENT_RING]
-            if i >= EVENT_RING:
-                read(events)  # iteration i - EVENT_RING, before its events are recorded again
-            t0 = time.perf_counter_ns()
-            step(batch, events)
-            t1 = time.perf_counter_ns()
-            times_ns.append(t1 - t0)
-            if t1 - loop_start >= duration_ns and len(times_ns) >= min_iterations:
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    for i in range(max(0, len(times_ns) - EVENT_RING), len(times_ns)):  # the last lap of the ring
+    warmed = warm_up(step, batches, warmup_s)
+    host_ms, duration = timed_calls(step, batches, duration_s, min_iterations, before)
+    for i in range(max(0, len(host_ms) - EVENT_RING), len(host_ms)):  # the last lap of the ring
         read(ring[i % EVENT_RING])
 
     h2d, compute, d2h = np.asarray(stage_ms, dtype=np.float64).T  # (iterations,) each
@@ -157,5 +136,4 @@ def _measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, 
     stages = {"h2d_ms": float(np.median(h2d)), "compute_ms": float(np.median(compute)),
               "d2h_ms": float(np.median(d2h)), "compute_p90_ms": float(compute_p90),
               "compute_p99_ms": float(compute_p99)}
-    return latency_stats(np.asarray(times_ns, dtype=np.float64) / 1e6, batch_size, warmed / 1e9,
-                         (t1 - loop_start) / 1e9, stages=stages)
+    return latency_stats(host_ms, batch_size, warmed, duration, stages=stages)
