@@ -44,9 +44,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def _file_mode() -> int:
     """The mode ``open()`` would give a new file under this process's umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def directory_mode() -> int:
+    """The mode ``mkdir`` would give a new folder under this process's umask (0755 under the usual 022).
+
+    ``tempfile.mkdtemp`` makes 0700 folders; a folder staged with it and renamed into place gets this mode, so an
+    inference server or another rank running as another user can read it.
+    """
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

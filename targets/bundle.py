@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.fileio import directory_mode
 
 BUNDLE_FORMAT = 1
 METADATA_FILE = "metadata.json"
@@ -103,6 +104,7 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
         shutil.copyfile(model_file, triton_model / "1" / model_name)
         (triton_model / "config.pbtxt").write_text(triton_config, encoding="utf-8")
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        os.chmod(staging, directory_mode())
         _swap_in(staging, bundle_dir)
     except OSError as exc:
         raise CompressorError(f"cannot write the bundle {bundle_dir} ({exc.strerror or exc}); "

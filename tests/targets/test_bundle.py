@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +238,14 @@ def test_serving_a_bundle_never_imports_torch(bundle_dir):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert targets.load_bundle is load_bundle
+
+
+def test_bundle_folder_has_the_umask_mode_not_mkdtemps_0700(tmp_path, mlp_onnx):
+    """The bundle is staged in a mkdtemp folder (0700); an inference server running as another user must read it."""
+    previous = os.umask(0o022)
+    try:
+        folder = write_bundle(mlp_onnx, metadata(), tmp_path / "bundle")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "triton" / "student").stat().st_mode) == 0o755
