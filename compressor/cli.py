@@ -83,6 +83,24 @@ def job_options(func):
         click.option("--baseline", is_flag=True,
                      help="Also train the student's architecture on the hard labels alone (same budget), so the "
                           "report shows what the teachers add."),
+        click.option("--teacher-cache", type=click.Path(path_type=Path), default=None,
+                     help="Folder of the teacher-logit cache (default $COMPRESSOR_CACHE_DIR or "
+                          "~/.cache/compressor/teacher-logits): teachers run once per teacher file, data and "
+                          "preprocessing, and later runs reuse their logits."),
+        click.option("--no-cache", is_flag=True,
+                     help="Run the teachers on every training batch instead of caching their logits."),
+        click.option("--refresh-teacher-cache", is_flag=True, help="Recompute and replace this run's cache entry."),
+        click.option("--unlabeled", is_flag=True,
+                     help="Ignore the transfer set's labels: train on the soft targets alone (alpha 1)."),
+        click.option("--omit-classes", default=None, metavar="CLASSES",
+                     help="Leave these classes out of the transfer set, e.g. 3 or dress,coat (paper §3)."),
+        click.option("--bias-fix", default=RunConfig.bias_fix, show_default=True, metavar="auto|none|FLOAT",
+                     help="With --omit-classes: raise the omitted classes' output biases by the amount that "
+                          "maximises validation accuracy (auto), not at all, or by FLOAT."),
+        click.option("--amp", type=click.Choice(["none", "bf16"]), default=RunConfig.amp, show_default=True,
+                     help="Mixed precision while training: bf16 autocasts the student's forward pass."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device,
+                     show_default=True, help="Where the student trains (auto: CUDA when present)."),
         click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -98,7 +116,10 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         max_accuracy_drop=options["max_accuracy_drop"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
-        rounds=options["rounds"], baseline=options["baseline"],
+        rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
+        no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
+        unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
+        amp=options["amp"], device=options["device"],
         threads=options["threads"], progress=not options["no_progress"],
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 
@@ -182,6 +203,8 @@ def _run_and_summarise(config: RunConfig) -> None:
     from compressor.pipeline import run
 
     report = run(config, stderr)
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     table = Table(title="test split: accuracy and median latency")
     batches = list(report["rows"][0]["latency"])
     for column in ["model", "backend", "top-1", "agreement"] + [f"b{b} p50 ms" for b in batches]:

@@ -35,6 +35,14 @@ class RunConfig:
     duration_s: float = 1.0               # benchmark measurement per row and batch size, over all rounds
     rounds: int = 2                       # interleaved benchmark rounds; their medians must agree within 10%
     baseline: bool = False                # also train the student's architecture on hard labels alone
+    teacher_cache: Path | None = None     # teacher-logit cache folder; None = $COMPRESSOR_CACHE_DIR or ~/.cache/...
+    no_cache: bool = False                # run the teachers on every training batch instead of reading the cache
+    refresh_teacher_cache: bool = False   # recompute and replace this run's cache entry
+    unlabeled: bool = False               # ignore the transfer set's labels: soft targets only (alpha 1)
+    omit_classes: str | None = None       # classes left out of the transfer set, e.g. "3" or "dress,coat"
+    bias_fix: str = "auto"                # auto | none | FLOAT: raise the omitted classes' output biases
+    amp: str = "none"                     # none | bf16: autocast the student's forward pass while training
+    device: str = "auto"                  # auto | cpu | cuda: where the student trains
     threads: int | None = None            # intra-op threads for ORT and PyTorch; None = library default
     progress: bool = True
     command: str = ""                     # the exact command line, recorded in the report
@@ -48,5 +56,6 @@ class RunConfig:
         """JSON-safe form for the report."""
         values = asdict(self)
         values["teacher"] = str(self.teacher)
+        values["teacher_cache"] = None if self.teacher_cache is None else str(self.teacher_cache)
         values["out"] = str(self.output_dir())
         return values

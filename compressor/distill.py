@@ -7,6 +7,15 @@ validates every epoch, keeps the best epoch's weights and checkpoints atomically
 The loss is any callable ``loss_fn(student_logits (B, C), teacher_logits (K, B, C) | None,
 labels (B,) int64, -1 = unlabeled) -> scalar``; this module never imports ``compressor.losses``.
 
+Teacher logits come from one of three sources: a tensor (K, N, C) in memory; an object with ``shape`` and
+``take(idx) -> (K, B, C)`` such as :class:`compressor.teacher_cache.CachedLogits` (the on-disk cache, read one batch
+at a time); or a callable ``teacher(xb) -> (K, B, C)`` that runs the teachers on each (possibly augmented) batch.
+
+Distributed data parallel: when ``torch.distributed`` is initialised (``torchrun``), the student is wrapped in
+``DistributedDataParallel`` and every global batch of ``batch_size`` rows is split across the ranks, so a run on N
+processes takes the same optimisation steps over the same examples as a run on one; rank 0 alone writes
+checkpoints.
+
 Determinism: ``torch.manual_seed(seed)`` once at the start; epoch ``e``'s shuffle comes from its own
 generator seeded with ``(seed, e)``; the global RNG state (dropout) is saved in every checkpoint and
 restored on resume.
@@ -25,6 +34,7 @@ Both hold plain containers and tensors only and are read with ``torch.load(..., 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +59,7 @@ BEST_NAME = "best.pt"
 _COSMETIC_CONFIG_KEYS = frozenset({"progress"})
 
 LossFn = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
+AMP_MODES = ("none", "bf16")
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    amp: str = "none"      # "bf16": autocast the student's forward pass to bfloat16 (weights and loss stay fp32)
     progress: bool = True  # rich progress bar with live loss / accuracy
 
 
@@ -153,6 +165,13 @@ def _save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _remove_partial_writes(checkpoint_dir: Path) -> None:
+    """Delete temporary files a killed run left mid-write (never read: checkpoints are renamed into place whole)."""
+    for name in (LAST_NAME, BEST_NAME):
+        for partial in checkpoint_dir.glob(f".{name}.*.tmp"):
+            partial.unlink(missing_ok=True)
+
+
 def _load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -182,19 +201,20 @@ def _check_compatible(path: Path, ckpt: dict, config: dict, fingerprint: dict) -
 # Training
 
 
-def _check_inputs(config: TrainConfig, x_train: Tensor, y_train: Tensor, teacher_logits: Tensor | None,
-                  x_val: Tensor, y_val: Tensor) -> None:
+def _check_inputs(config: TrainConfig, x_train: Tensor, y_train: Tensor, teacher_logits,
+                  x_val: Tensor, y_val: Tensor, device: torch.device) -> None:
     if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0:
         raise CompressorError(
             f"training settings epochs={config.epochs}, batch_size={config.batch_size}, lr={config.lr:g} are invalid; "
             "use epochs >= 0, batch size >= 1 and lr > 0"
         )
+    check_amp(config.amp, device)
     n = len(x_train)
     if n == 0:
         raise CompressorError("the transfer set is empty; give train_student at least one example")
     if y_train.shape != (n,):
         raise CompressorError(f"labels have shape {tuple(y_train.shape)} but the transfer set has {n} rows; expected ({n},)")
-    if teacher_logits is not None and (teacher_logits.dim() != 3 or teacher_logits.shape[1] != n):
+    if hasattr(teacher_logits, "shape") and (len(teacher_logits.shape) != 3 or teacher_logits.shape[1] != n):
         raise CompressorError(
             f"teacher logits have shape {tuple(teacher_logits.shape)}; expected (K, {n}, C) for {n} transfer rows"
         )
@@ -202,6 +222,75 @@ def _check_inputs(config: TrainConfig, x_train: Tensor, y_train: Tensor, teacher
         raise CompressorError(f"validation labels have shape {tuple(y_val.shape)}; expected ({len(x_val)},)")
     if int((y_val >= 0).sum()) == 0:
         raise CompressorError("the validation set has no labeled rows, so no epoch can be chosen as best; label it")
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Refuse an ``--amp`` mode this device cannot run, in one line."""
+    if amp not in AMP_MODES:
+        raise CompressorError(f"--amp {amp}: choose one of {', '.join(AMP_MODES)}")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CompressorError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                              f"drop --amp (fp32) or use an Ampere or newer GPU")
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _shard(batch: Tensor, rank: int, world: int) -> tuple[Tensor, float]:
+    """This rank's rows of a global batch and their share of it.
+
+    Written by hand rather than with ``torch.utils.data.DistributedSampler``: that sampler splits the epoch into one
+    stream per rank (and pads it with repeated rows), so the examples that meet in a step depend on the world size.
+    Striding each global batch keeps every step's examples those of a one-process run. A rank left without a row
+    (a last batch smaller than the world) reuses the batch's first row with share 0, so it still joins the
+    gradient all-reduce but adds nothing to it.
+    """
+    if world == 1:
+        return batch, 1.0
+    rows = batch[rank::world]
+    if len(rows) == 0:
+        return batch[:1], 0.0
+    return rows, len(rows) / len(batch)
+
+
+def _global_mean(value: Tensor, world: int) -> float:
+    """The mean of a scalar over the ranks (the value itself in one process)."""
+    if world == 1:
+        return float(value)
+    total = value.detach().float().reshape(1).clone()
+    torch.distributed.all_reduce(total)
+    return float(total) / world
+
+
+def _global_sums(correct: int, labeled: int, world: int) -> tuple[int, int]:
+    """Training-accuracy counts summed over the ranks."""
+    if world == 1:
+        return correct, labeled
+    counts = torch.tensor([correct, labeled], dtype=torch.int64)
+    torch.distributed.all_reduce(counts)
+    return int(counts[0]), int(counts[1])
+
+
+def _teacher_batch(teacher, idx: Tensor, xb: Tensor, device: torch.device) -> Tensor | None:
+    """The teachers' logits (K, B, C) for the batch rows ``idx`` whose inputs are ``xb``."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, Tensor):
+        return teacher[:, idx.to(teacher.device)].to(device)
+    if hasattr(teacher, "take"):
+        return teacher.take(idx).to(device, non_blocking=True)
+    with torch.no_grad():
+        return teacher(xb).to(device)
 
 
 def _make_progress(enabled: bool):
@@ -228,7 +317,7 @@ def train_student(
     student: nn.Module,
     x_train: Tensor,  # (N, ...) float32
     y_train: Tensor,  # (N,) int64, -1 = unlabeled
-    teacher_logits: Tensor | None,  # (K, N, C)
+    teacher_logits,  # (K, N, C) tensor, CachedLogits-like, callable(xb) -> (K, B, C), or None
     x_val: Tensor,  # (M, ...)
     y_val: Tensor,  # (M,) int64
     loss_fn: LossFn,
@@ -261,13 +350,16 @@ def train_student(
         print(result.best_epoch, result.best_val_accuracy)
     """
     t_start = time.perf_counter()
-    _check_inputs(config, x_train, y_train, teacher_logits, x_val, y_val)
+    device = _device_of(student)
+    _check_inputs(config, x_train, y_train, teacher_logits, x_val, y_val, device)
+    rank, world = _world()
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partial_writes(checkpoint_dir)
     last_path, best_path = checkpoint_dir / LAST_NAME, checkpoint_dir / BEST_NAME
     config_dict = asdict(config)
     fingerprint = _json_safe(fingerprint)
-    device = _device_of(student)
 
     torch.manual_seed(config.seed)
     n = len(x_train)
@@ -303,8 +395,13 @@ def train_student(
     elif resume:
         log.info("no checkpoint at %s; starting fresh", last_path)
     resumed_from = start_epoch
+    model = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    with _make_progress(config.progress) as progress:
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    with _make_progress(config.progress and rank == 0) as progress:
         task = progress.add_task(
             "train",
             total=config.epochs * steps_per_epoch,
@@ -322,15 +419,19 @@ def train_student(
             perm = torch.randperm(n, generator=gen)  # (N,)
             loss_sum, seen, correct, labeled = 0.0, 0, 0, 0
             for start in range(0, n, config.batch_size):
-                idx = perm[start : start + config.batch_size]  # (B,)
-                xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)  # (B, ...)
-                yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (B,)
+                batch = perm[start : start + config.batch_size]  # (B,) the global batch
+                idx, share = _shard(batch, rank, world)  # this rank's rows, and their share of the global batch
+                xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)  # (b, ...)
+                yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (b,)
                 if augment is not None:
                     xb = augment(xb, gen)
-                tb = None if teacher_logits is None else teacher_logits[:, idx.to(teacher_logits.device)].to(device)  # (K, B, C)
-                logits = student(xb)  # (B, C)
-                loss = loss_fn(logits, tb, yb)
-                loss_value = float(loss.detach())
+                tb = _teacher_batch(teacher_logits, idx, xb, device)  # (K, b, C)
+                with _autocast(config.amp, device):
+                    logits = model(xb)  # (b, C)
+                # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the global
+                # batch times the world size makes that average the gradient of the global batch's mean loss.
+                loss = loss_fn(logits.float(), tb, yb) * (share * world)
+                loss_value = _global_mean(loss.detach(), world)
                 if not math.isfinite(loss_value):
                     raise CompressorError(
                         f"training loss became {loss_value} in epoch {epoch}; lower --lr (now {config.lr:g}) "
@@ -342,11 +443,11 @@ def train_student(
                 scheduler.step()
 
                 with torch.no_grad():
-                    mask = yb >= 0
+                    mask = (yb >= 0) & (share > 0)
                     correct += int((logits.argmax(dim=1)[mask] == yb[mask]).sum())
                     labeled += int(mask.sum())
-                loss_sum += loss_value * len(idx)
-                seen += len(idx)
+                loss_sum += loss_value * len(batch)
+                seen += len(batch)
                 progress.update(
                     task,
                     advance=1,
@@ -355,6 +456,8 @@ def train_student(
                     train_acc=_fmt(correct / labeled if labeled else None, ".3f"),
                 )
 
+            correct, labeled = _global_sums(correct, labeled, world)
+            # every rank holds the same weights, so each scores validation itself and all agree on the best epoch
             val_acc = evaluate_accuracy(student, x_val, y_val, batch_size=max(config.batch_size, 1024))
             history.append(
                 {
@@ -369,13 +472,14 @@ def train_student(
             if val_acc > best_acc:  # strict: the earliest of equal epochs wins
                 best_epoch, best_acc, best_state = epoch, val_acc, _cpu_state(student)
                 # best.pt before last.pt: a crash in between re-runs this epoch and rewrites both.
-                _save(
-                    {"format": CHECKPOINT_FORMAT, "epoch": epoch, "val_accuracy": val_acc,
-                     "model_state": best_state, "fingerprint": fingerprint},
-                    best_path,
-                )
-            _save(
-                {
+                if rank == 0:
+                    _save(
+                        {"format": CHECKPOINT_FORMAT, "epoch": epoch, "val_accuracy": val_acc,
+                         "model_state": best_state, "fingerprint": fingerprint},
+                        best_path,
+                    )
+            if rank == 0:
+                _save({
                     "format": CHECKPOINT_FORMAT,
                     "epoch": epoch,
                     "model_state": student.state_dict(),
@@ -389,9 +493,7 @@ def train_student(
                     "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     "config": config_dict,
                     "fingerprint": fingerprint,
-                },
-                last_path,
-            )
+                }, last_path)
             progress.update(task, val_acc=f"{val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
 
     if best_state is not None:

@@ -7,13 +7,14 @@ input runs before ``--out`` is created, so a rejected run leaves nothing behind;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,11 +28,14 @@ from compressor.config import PRECISIONS, RunConfig
 from compressor.compare import eager_device, ensemble_rows, headline, student_rows
 from compressor.data import Dataset, load_dataset
 from compressor.diagnostics import diagnose
-from compressor.distill import TrainConfig, TrainResult, predict_logits, train_student
+from compressor.distill import TrainConfig, TrainResult, check_amp, predict_logits, train_student
+from compressor.distributed import World, barrier, join, leave
 from compressor.errors import CompressorError, MissingCapabilityError
 from compressor.fileio import atomic_path
 from compressor.losses import DistillationLoss, HardLabelLoss
+from compressor.omitted_classes import apply_bias_shift, fit_bias_shift, keep_rows, parse_class_list
 from compressor.students import create_student
+from compressor.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
 from compressor.teachers import Ensemble, load_ensemble
 from targets.base import Artifact, check_target_available, get_target
 from targets.benchmark import sweep
@@ -60,6 +64,31 @@ class Tensors:
 
 
 @dataclass
+class TeacherOutputs:
+    """The members' logits per split: ``train`` as the training loop reads it (cached on disk, or a function that
+    runs the teachers on each batch with --no-cache), ``val`` and ``test`` as (K, N, C) tensors."""
+
+    train: object
+    val: torch.Tensor
+    test: torch.Tensor
+    cache: dict
+
+
+@dataclass
+class TransferSet:
+    """What the student trains on: rows ``x``/``y`` (-1 = unlabeled), the teachers' logits for them, the labels
+    that choose the best epoch on validation, the soft-term weight, and the classes left out."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher: object
+    y_val: torch.Tensor
+    alpha: float
+    omitted: tuple[int, ...] = ()
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
 class TrainedBaseline:
     """The hard-label baseline: the student's architecture trained without the teachers."""
 
@@ -67,8 +96,11 @@ class TrainedBaseline:
     training: TrainResult
 
 
-def run(config: RunConfig, console: Console | None = None) -> dict:
-    """Run the main job for ``config`` and return the report (also written to ``<out>/report.json``)."""
+def run(config: RunConfig, console: Console | None = None) -> dict | None:
+    """Run the main job for ``config`` and return the report (also written to ``<out>/report.json``).
+
+    Under torchrun every rank trains; rank 0 alone writes artifacts and returns the report, the others None.
+    """
     console = console or Console(stderr=True)
     started = time.perf_counter()
     try:
@@ -80,6 +112,10 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     _check_config(config)
     out_dir = config.output_dir()
     _check_writable(out_dir)
+    world = join(config.device)
+    check_amp(config.amp, torch.device(world.device))
+    if not world.is_main:                                           # one voice: rank 0 prints and draws progress
+        console, config = Console(stderr=True, quiet=True), dataclasses.replace(config, progress=False)
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -88,19 +124,26 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     dataset, normalisation = load_data(config, ensemble)
     tensors = to_tensors(dataset, normalisation)
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
+    omitted = omitted_classes(config, ensemble, dataset)
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
-    teacher = run_teachers(ensemble, tensors, config)                                   # (K, N, C) per split
-    diagnostics = diagnose(ensemble, teacher["val"], tensors.y_val)                      # 2. diagnose
+    teacher = teacher_outputs(ensemble, dataset, tensors, normalisation, config, world, console)
+    diagnostics = diagnose(ensemble, teacher.val, tensors.y_val)                          # 2. diagnose
     for line in diagnostics["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
+    transfer = transfer_set(config, ensemble, tensors, teacher, omitted, console)
 
     torch.manual_seed(config.seed)                                  # the student and the baseline start alike
     student = choose_student(config, ensemble, dataset)                                 # 3. student
-    out_dir.mkdir(parents=True, exist_ok=True)
-    training = distill(config, ensemble, dataset, tensors, teacher["train"], student, normalisation, console)  # 4.
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    training = distill(config, ensemble, dataset, tensors, transfer, student, normalisation, world, console)  # 4.
+    baseline = train_baseline(config, ensemble, dataset, tensors, transfer, world, console) if config.baseline else None
+    if not world.is_main:
+        leave(world)
+        return None
+    bias_fix = fix_bias(config, student, tensors, transfer, console)
     save_student(student, tensors.x_test[:2], out_dir / "student.pt", config)
-    baseline = train_baseline(config, ensemble, dataset, tensors, console) if config.baseline else None
 
     target = get_target(config.target)                                                  # 5. export
     calibration = {"calibration": tensors.x_train[:CALIBRATION_ROWS].numpy()} if config.precision == "int8" else {}
@@ -108,25 +151,135 @@ def run(config: RunConfig, console: Console | None = None) -> dict:
     runner = target.load(artifact, threads=config.threads)
     parity = check_student_parity(student, runner, tensors, config)                      # 6. parity
 
-    ensemble_runner, ensemble_export = export_ensemble(ensemble, target, tensors, teacher["test"], config, console)
-    report = benchmark_and_report(config, ensemble, dataset, tensors, teacher["test"], student, runner,  # 7.
+    ensemble_runner, ensemble_export = export_ensemble(ensemble, target, tensors, teacher.test, config, console)
+    report = benchmark_and_report(config, ensemble, dataset, tensors, teacher.test, student, runner,  # 7.
                                   artifact, parity, diagnostics, training, normalisation, console,
                                   ensemble_runner, ensemble_export, baseline)
+    report["teacher_cache"] = teacher.cache
+    report["transfer_set"] = transfer.info
+    report["student"]["bias_fix"] = bias_fix
+    report["environment"]["distributed"] = world.describe()
     write_student_bundle(artifact, dataset, ensemble, normalisation, config, out_dir)
     report["seconds_total"] = round(time.perf_counter() - started, 2)
     write_report(report, out_dir)
+    leave(world)
     enforce_parity(parity, f"{config.target} {config.precision} export {artifact.files['model']}")
     return report
 
 
-def run_teachers(ensemble: Ensemble, tensors: Tensors, config: RunConfig) -> dict[str, torch.Tensor]:
-    """Run every member once over train, val and test: (K, N, C) logits per split, reused every epoch."""
-    splits = (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))
-    total = len(ensemble.members) * sum(len(x) for _, x in splits)
+def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], config: RunConfig) -> dict[str, torch.Tensor]:
+    """Run every member once over each split's inputs: (K, N, C) logits per split, with a progress bar."""
+    total = len(ensemble.members) * sum(len(x) for x in splits.values())
     with progress_bar(config.progress) as progress:
         task = progress.add_task(f"teachers ({len(ensemble.members)} members)", total=total)
         return {name: ensemble.member_logits(x, on_batch=lambda rows: progress.advance(task, rows))
-                for name, x in splits}
+                for name, x in splits.items()}
+
+
+def teacher_outputs(ensemble: Ensemble, dataset: Dataset, tensors: Tensors, normalisation: dict | None,
+                    config: RunConfig, world: World, console: Console) -> TeacherOutputs:
+    """The members' logits on every split, from the teacher cache when it holds them; else computed once and
+    stored there by rank 0 (the other ranks read what it stored). With --no-cache the teachers run on the held-out
+    splits once and on every training batch, for inputs that change from epoch to epoch."""
+    splits = {"train": tensors.x_train, "val": tensors.x_val, "test": tensors.x_test}
+    if config.no_cache:
+        held_out = run_teachers(ensemble, {"val": splits["val"], "test": splits["test"]}, config)
+
+        def online(xb: torch.Tensor) -> torch.Tensor:
+            return ensemble.member_logits(xb.cpu(), batch_size=max(len(xb), 1))  # (K, B, C)
+
+        return TeacherOutputs(online, held_out["val"], held_out["test"], {"enabled": False})
+    key = cache_key(ensemble.fingerprint(), dataset.fingerprint(),
+                    {"preprocessing": dataset.preprocessing, "normalisation": normalisation})
+    cache = TeacherCache(config.teacher_cache or default_cache_root(), key)
+    entries, hit = None, False
+    if world.is_main:
+        entries = None if config.refresh_teacher_cache else cache.load()
+        hit = entries is not None
+        if hit:
+            console.print(f"[bold]teacher cache[/] reusing {cache.path}")
+        else:
+            entries = cache.store(run_teachers(ensemble, splits, config))
+            console.print(f"[bold]teacher cache[/] stored {cache.path}")
+    barrier(world)
+    if not world.is_main:
+        entries = cache.load()
+        if entries is None:  # no filesystem shared with rank 0: this rank computes its own copy in memory
+            computed = run_teachers(ensemble, splits, config)
+            entries = {name: CachedLogits(logits.numpy()) for name, logits in computed.items()}
+    return TeacherOutputs(entries["train"], entries["val"].to_tensor(), entries["test"].to_tensor(),
+                          cache.describe(hit))
+
+
+def omitted_classes(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> tuple[int, ...]:
+    """The class indices of --omit-classes (numbers or class names), checked before any work."""
+    if not config.omit_classes:
+        return ()
+    omitted = parse_class_list(config.omit_classes, ensemble.class_names or dataset.class_names,
+                               ensemble.num_classes)
+    if not dataset.labelled:
+        raise CompressorError(f"--omit-classes {config.omit_classes}: the transfer set has no labels to tell "
+                              f"which rows belong to those classes; label it or drop --omit-classes")
+    return omitted
+
+
+def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teacher: TeacherOutputs,
+                 omitted: tuple[int, ...], console: Console) -> TransferSet:
+    """The rows the student learns from: the training split, its labels dropped with --unlabeled, the classes of
+    --omit-classes left out (paper §3). Without labels the soft term alone trains (α = 1), and without labelled
+    validation rows the best epoch is the one that agrees most with the ensemble."""
+    x, y, source = tensors.x_train, tensors.y_train, teacher.train
+    if config.unlabeled:
+        y = torch.full_like(y, -1)
+    info: dict = {"rows": len(x), "unlabeled": config.unlabeled}
+    if omitted:
+        rows = torch.nonzero(keep_rows(tensors.y_train, omitted)).flatten()  # (N_kept,)
+        x, y = x[rows], y[rows]
+        if isinstance(source, torch.Tensor):
+            source = source[:, rows]
+        elif isinstance(source, CachedLogits):
+            source = source.subset(rows.numpy())
+        info.update(rows=len(rows), omitted_classes=list(omitted), rows_dropped=len(tensors.x_train) - len(rows))
+        console.print(f"[bold]transfer set[/] {len(rows)} rows: classes {list(omitted)} left out "
+                      f"({info['rows_dropped']} rows)")
+    alpha = config.alpha
+    if not bool((y >= 0).any()):
+        alpha = 1.0
+        if config.alpha != 1.0:
+            console.print(f"[yellow]note:[/] the transfer set has no labels: training on the soft targets alone "
+                          f"(alpha 1, not {config.alpha})")
+    y_val, selection = tensors.y_val, "validation accuracy"
+    if not bool((y_val >= 0).any()):
+        y_val = ensemble.log_probs(teacher.val).argmax(dim=1)  # (N_val,) the ensemble's answers
+        selection = "agreement with the ensemble on validation (the validation split has no labels)"
+        console.print(f"[yellow]note:[/] best epoch chosen by {selection}")
+    info.update(alpha=alpha, best_epoch_by=selection)
+    return TransferSet(x, y, source, y_val, alpha, omitted, info)
+
+
+def fix_bias(config: RunConfig, student: torch.nn.Module, tensors: Tensors, transfer: TransferSet,
+             console: Console) -> dict | None:
+    """Paper §3's bias fix: raise the left-out classes' output biases by the shift that maximises validation
+    accuracy (--bias-fix auto) or by a given amount; None when no class was left out or --bias-fix none."""
+    if not transfer.omitted or config.bias_fix == "none":
+        return None
+    val_logits = predict_logits(student, tensors.x_val)  # (N_val, C)
+    if config.bias_fix == "auto":
+        fit = fit_bias_shift(val_logits, transfer.y_val, transfer.omitted)
+        shift, summary = fit.shift, fit.to_dict()
+    else:
+        shift = float(config.bias_fix)
+        raised = val_logits.clone()
+        raised[:, list(transfer.omitted)] += shift
+        labelled = transfer.y_val >= 0
+        accuracy = [float((v[labelled].argmax(1) == transfer.y_val[labelled]).double().mean())
+                    for v in (val_logits, raised)]
+        summary = {"classes": list(transfer.omitted), "shift": shift, "val_accuracy_before": accuracy[0],
+                   "val_accuracy_after": accuracy[1]}
+    apply_bias_shift(student, transfer.omitted, shift)
+    console.print(f"[bold]bias fix[/] classes {list(transfer.omitted)} raised by {shift:g}: validation accuracy "
+                  f"{summary['val_accuracy_before']:.2%} -> {summary['val_accuracy_after']:.2%}")
+    return summary
 
 
 def progress_bar(enabled: bool) -> Progress:
@@ -200,45 +353,54 @@ def choose_student(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> t
                           teacher_architecture=architecture)
 
 
-def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors, teacher_train: torch.Tensor,
-            student: torch.nn.Module, normalisation: dict | None, console: Console) -> TrainResult:
-    """Train the student on the ensemble's soft targets at temperature T, mixed with the hard labels."""
-    loss = DistillationLoss(temperature=config.temperature, alpha=config.alpha, combine=ensemble.combine,
+def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors, transfer: TransferSet,
+            student: torch.nn.Module, normalisation: dict | None, world: World, console: Console) -> TrainResult:
+    """Train the student on the ensemble's soft targets at temperature T, mixed with the hard labels, on this
+    rank's device; the student is back on the CPU afterwards, ready for export."""
+    loss = DistillationLoss(temperature=config.temperature, alpha=transfer.alpha, combine=ensemble.combine,
                             weights=tuple(ensemble.weights) if ensemble.weights else None)
     fingerprint = {
         "teacher_sha256": ensemble.fingerprint(), "data_sha256": dataset.fingerprint(),
-        "student": config.student, "temperature": config.temperature, "alpha": config.alpha,
+        "student": config.student, "temperature": config.temperature, "alpha": transfer.alpha,
         "normalisation": json.dumps(normalisation, sort_keys=True),
+        "transfer_set": {key: transfer.info.get(key) for key in ("unlabeled", "omitted_classes", "best_epoch_by")},
+        "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
     }
     checkpoints = config.output_dir() / "checkpoints"
     if (checkpoints / "last.pt").exists() and not config.resume:
         console.print(f"[yellow]note:[/] {checkpoints / 'last.pt'} exists; starting over (pass --resume to continue it)")
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                               weight_decay=config.weight_decay, seed=config.seed, progress=config.progress)
-    return train_student(student, tensors.x_train, tensors.y_train, teacher_train, tensors.x_val, tensors.y_val,
-                         loss, train_config, checkpoints, resume=config.resume, fingerprint=fingerprint)
+    student.to(world.device)
+    try:
+        return train_student(student, transfer.x, transfer.y, transfer.teacher, tensors.x_val, transfer.y_val,
+                             loss, _train_config(config), checkpoints, resume=config.resume, fingerprint=fingerprint)
+    finally:
+        student.cpu()
 
 
-def train_baseline(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors,
-                   console: Console) -> TrainedBaseline | None:
+def _train_config(config: RunConfig) -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                       weight_decay=config.weight_decay, seed=config.seed, amp=config.amp, progress=config.progress)
+
+
+def train_baseline(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors, transfer: TransferSet,
+                   world: World, console: Console) -> TrainedBaseline | None:
     """The student's architecture trained on the hard labels alone with the same budget (--baseline).
 
     Same initial weights, epochs, schedule and batch order as the distilled student, and the best epoch on
     validation like it, so the comparison shows what the teachers add and not what a longer schedule adds.
     """
-    if int((tensors.y_train >= 0).sum()) == 0:
+    if int((transfer.y >= 0).sum()) == 0:
         console.print("[yellow]note:[/] --baseline skipped: the transfer set has no labels to train it on")
         return None
     torch.manual_seed(config.seed)
-    model = choose_student(config, ensemble, dataset)
+    model = choose_student(config, ensemble, dataset).to(world.device)
     console.print(f"[bold]baseline[/] {config.student} on the hard labels alone, {config.epochs} epochs")
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                               weight_decay=config.weight_decay, seed=config.seed, progress=config.progress)
-    fingerprint = {"data_sha256": dataset.fingerprint(), "student": config.student, "loss": "hard-label"}
-    training = train_student(model, tensors.x_train, tensors.y_train, None, tensors.x_val, tensors.y_val,
-                             HardLabelLoss(), train_config, config.output_dir() / "checkpoints-baseline",
+    fingerprint = {"data_sha256": dataset.fingerprint(), "student": config.student, "loss": "hard-label",
+                   "omitted_classes": transfer.info.get("omitted_classes")}
+    training = train_student(model, transfer.x, transfer.y, None, tensors.x_val, transfer.y_val, HardLabelLoss(),
+                             _train_config(config), config.output_dir() / "checkpoints-baseline",
                              resume=config.resume, fingerprint=fingerprint)
-    return TrainedBaseline(model, training)
+    return TrainedBaseline(model.cpu(), training)
 
 
 def save_student(student: torch.nn.Module, example: torch.Tensor, path: Path, config: RunConfig) -> Path:
@@ -449,6 +611,14 @@ def _check_config(config: RunConfig) -> None:
         raise CompressorError(f"--alpha {config.alpha}: must be between 0 (labels only) and 1 (soft targets only)")
     if config.epochs < 1 or config.batch_size < 1:
         raise CompressorError("--epochs and --batch-size must be at least 1")
+    if config.bias_fix not in ("auto", "none"):
+        try:
+            float(config.bias_fix)
+        except ValueError:
+            raise CompressorError(f"--bias-fix {config.bias_fix}: give auto, none or a number of logits "
+                                  f"(the paper raised the omitted 3's bias by 3.5)") from None
+    if config.no_cache and config.refresh_teacher_cache:
+        raise CompressorError("--no-cache and --refresh-teacher-cache contradict each other; pass one of them")
 
 
 def _check_writable(out_dir: Path) -> None:

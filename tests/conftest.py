@@ -18,6 +18,20 @@ if not os.path.exists("/dev/nvidiactl"):
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def teacher_cache_dir(tmp_path_factory):
+    """Every run in the suite (and its subprocesses) caches teacher logits under pytest's temp folder, never in the
+    user's ~/.cache; one folder for the session, so tests see each other's entries as real runs would."""
+    folder = tmp_path_factory.mktemp("teacher-cache")
+    previous = os.environ.get("COMPRESSOR_CACHE_DIR")
+    os.environ["COMPRESSOR_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("COMPRESSOR_CACHE_DIR", None)
+    else:
+        os.environ["COMPRESSOR_CACHE_DIR"] = previous
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: float = 3e-3) -> nn.Module:
     """Plain full-batch-free Adam training for test fixtures; deterministic for a seed."""
     torch.manual_seed(seed)

@@ -295,7 +295,7 @@ def test_no_temp_files_left_and_checkpoints_load_weights_only(problem, tmp_path)
     assert {"model_state", "optimizer_state", "scheduler_state", "epoch", "best_epoch", "best_val_accuracy",
             "history", "rng_state", "config", "fingerprint"} <= set(last)
     assert last["config"] == {"epochs": 3, "batch_size": 64, "lr": 1e-2, "weight_decay": 1e-4, "seed": 7,
-                              "progress": False}
+                              "amp": "none", "progress": False}
 
 
 def test_best_epoch_weights_are_returned(problem, tmp_path):
@@ -362,3 +362,17 @@ def test_augment_sees_every_training_batch_and_is_reproducible(tmp_path):
     for p, q, r in zip(a.parameters(), b.parameters(), plain.parameters()):
         assert torch.equal(p, q)  # same seed, same noise
     assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), plain.parameters()))  # the noise mattered
+
+
+def test_partial_writes_left_by_a_killed_run_are_removed_on_the_next_start(problem, tmp_path):
+    """A SIGKILL during torch.save leaves `.last.pt.<random>.tmp` beside the checkpoints; the next run deletes it
+    and never reads it (tests/compressor/test_kill_resume.py kills real processes)."""
+    x, y, _, xv, yv = problem
+    with pytest.raises(Interrupted):
+        train_student(make_student(), x, y, None, xv, yv, interrupt_at(len(x) // 64 + 2), cfg(epochs=2), tmp_path)
+    for name in (".last.pt.abc123.tmp", ".best.pt.def456.tmp"):
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.txt").write_text("the user's own file stays")
+    result = train_student(make_student(), x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path, resume=True)
+    assert result.resumed_from_epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "notes.txt"]
