@@ -125,6 +125,26 @@ def _training(report: dict) -> list[str]:
         training = run["training"]
         lines.append(f"- {name} `{run['spec']}`: best validation accuracy {_pct(training['best_val_accuracy'])} "
                      f"at epoch {training['best_epoch']} of {len(training['history'])}, {training['seconds']:.1f} s.")
+    transfer = report.get("transfer_set") or {}
+    if transfer:
+        omitted = (f"; classes {transfer['omitted_classes']} left out ({transfer['rows_dropped']} rows)"
+                   if transfer.get("omitted_classes") else "")
+        labels = "labels ignored (soft targets only)" if transfer.get("unlabeled") else f"α = {transfer['alpha']:g}"
+        lines.append(f"- Transfer set: {transfer['rows']} rows, {labels}{omitted}; best epoch by "
+                     f"{transfer['best_epoch_by']}.")
+    fix = report["student"].get("bias_fix")
+    if fix:
+        lines.append(f"- Bias fix: the output biases of classes {fix['classes']} raised by {fix['shift']:g}; "
+                     f"validation accuracy {_pct(fix['val_accuracy_before'])} → {_pct(fix['val_accuracy_after'])}.")
+    cache = report.get("teacher_cache") or {}
+    if cache:
+        lines.append("- Teacher logits: " + (("read from the cache " if cache["hit"] else "computed once and cached ")
+                                             + f"(`{cache['path']}`)" if cache["enabled"]
+                                             else "recomputed on every training batch (--no-cache)") + ".")
+    distributed = (report.get("environment") or {}).get("distributed") or {}
+    if distributed.get("world_size", 1) > 1:
+        lines.append(f"- Trained on {distributed['world_size']} processes ({distributed['backend']}, "
+                     f"DistributedDataParallel).")
     return lines + [""]
 
 

@@ -86,3 +86,25 @@ def test_write_report_writes_both_files_and_json_keeps_every_figure(tmp_path):
     assert json.loads(json_path.read_text()) == data
     assert md_path.read_text() == render_markdown(data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+
+
+def test_training_section_tells_the_transfer_set_the_bias_fix_the_cache_and_the_world():
+    page = report()
+    page["transfer_set"] = {"rows": 900, "unlabeled": False, "omitted_classes": [3], "rows_dropped": 100,
+                            "alpha": 0.9, "best_epoch_by": "validation accuracy"}
+    page["student"]["bias_fix"] = {"classes": [3], "shift": 3.5, "val_accuracy_before": 0.8,
+                                   "val_accuracy_after": 0.9}
+    page["teacher_cache"] = {"enabled": True, "hit": True, "path": "/cache/abc", "key": {}}
+    page["environment"]["distributed"] = {"world_size": 2, "backend": "gloo", "device": "cpu"}
+    text = render_markdown(page)
+    assert "900 rows, α = 0.9; classes [3] left out (100 rows)" in text
+    assert "raised by 3.5; validation accuracy 80.00% → 90.00%" in text
+    assert "read from the cache (`/cache/abc`)" in text
+    assert "Trained on 2 processes (gloo" in text
+    page["teacher_cache"] = {"enabled": False}
+    page["transfer_set"] = {"rows": 1000, "unlabeled": True, "alpha": 1.0, "best_epoch_by": "agreement"}
+    page["student"]["bias_fix"] = None
+    page["environment"]["distributed"] = {"world_size": 1, "backend": None, "device": "cpu"}
+    text = render_markdown(page)
+    assert "recomputed on every training batch" in text and "labels ignored" in text
+    assert "Bias fix" not in text and "processes" not in text
