@@ -187,7 +187,9 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def _check_compatible(path: Path, ckpt: dict, config: dict, fingerprint: dict) -> None:
-    saved_cfg = {k: v for k, v in ckpt.get("config", {}).items() if k not in _COSMETIC_CONFIG_KEYS}
+    # A setting added to TrainConfig after the checkpoint was written took its default value then.
+    saved_cfg = {**asdict(TrainConfig()), **ckpt.get("config", {})}
+    saved_cfg = {k: v for k, v in saved_cfg.items() if k not in _COSMETIC_CONFIG_KEYS}
     cur_cfg = {k: v for k, v in config.items() if k not in _COSMETIC_CONFIG_KEYS}
     differing = _diff_keys(saved_cfg, cur_cfg) + [f"fingerprint.{k}" for k in _diff_keys(ckpt.get("fingerprint", {}), fingerprint)]
     if differing:

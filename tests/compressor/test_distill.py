@@ -376,3 +376,17 @@ def test_partial_writes_left_by_a_killed_run_are_removed_on_the_next_start(probl
     result = train_student(make_student(), x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path, resume=True)
     assert result.resumed_from_epoch == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "notes.txt"]
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_as_its_default(problem, tmp_path):
+    """Checkpoints written before TrainConfig gained `amp` hold no such key; they were trained with its default."""
+    x, y, _, xv, yv = problem
+    train_student(make_student(), x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    del last["config"]["amp"]
+    torch.save(last, tmp_path / "last.pt")
+    result = train_student(make_student(), x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path, resume=True)
+    assert result.resumed_from_epoch == 2
+    with pytest.raises(CompressorError, match="amp"):
+        train_student(make_student(), x, y, None, xv, yv, hard_label_loss, cfg(epochs=2, amp="bf16"), tmp_path,
+                      resume=True)
