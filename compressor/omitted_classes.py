@@ -156,9 +156,10 @@ def apply_bias_shift(model: nn.Module, classes: tuple[int, ...], shift: float) -
     """Add ``shift`` to the output bias of ``classes`` in ``model``, in place, and return ``model``.
 
     The output layer is the model's last ``nn.Linear`` (in ``model.modules()`` order); its ``out_features`` are the
-    classes, so afterwards ``model(x)[:, classes]`` is exactly ``shift`` higher than before and every other column
-    is unchanged. Raises :class:`CompressorError` when the model has no Linear, a convolution comes after it (the
-    head is then not a Linear), the Linear has no bias, or a class index is out of range.
+    classes, so afterwards ``model(x)[:, classes]`` is ``shift`` higher than before (up to float rounding: the bias
+    is added before the last sum, not after) and every other column is bit-for-bit unchanged. Raises
+    :class:`CompressorError` when the model has no Linear, a convolution comes after it (the head is then not a
+    Linear), the Linear has no bias, or a class index is out of range.
     """
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     head = layers[-1] if layers else None
@@ -179,6 +180,7 @@ def apply_bias_shift(model: nn.Module, classes: tuple[int, ...], shift: float) -
 def _check_classes(classes: tuple[int, ...], num_classes: int, what: str) -> None:
     if not classes:
         raise CompressorError("no classes were given to shift; name at least one, e.g. the omitted ones")
-    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < num_classes]
+    bad = [c for c in classes
+           if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < num_classes]
     if bad:
         raise CompressorError(f"class indices {bad} are out of range for {what}; use 0 to {num_classes - 1}")
