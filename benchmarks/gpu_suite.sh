@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the GPU-marked tests of the whole suite, the tempered-KL benchmark on CUDA, and
-# the demo's main job with its PyTorch rows timed on CUDA (host latency beside H2D / compute / D2H CUDA events).
+# One command for a GPU machine: the GPU- and TensorRT-marked tests of the whole suite (the TensorRT ones skip where
+# TensorRT is absent), the tempered-KL benchmark on CUDA, and the demo's main job with its PyTorch rows timed on
+# CUDA (host latency beside H2D / compute / D2H CUDA events).
 # Assumes `pip install --no-deps -e .` (plus the dev extras) is done. Results go to $OUT when set, else
 # benchmarks/results/; the summary file is gpu_suite-summary.txt there.
 set -uo pipefail
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest"
 summary="$dest/gpu_suite-summary.txt"
-python -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$dest/pytest-gpu.log"
+python -m pytest -m "gpu or tensorrt" -q -p no:cacheprovider 2>&1 | tee "$dest/pytest-gpu.log"
 tests_rc=${PIPESTATUS[0]}
 python benchmarks/bench_tempered_kl.py --device cuda --json "$dest/bench_tempered_kl-cuda.json" 2>&1 \
     | tee "$dest/bench_tempered_kl-cuda.txt"

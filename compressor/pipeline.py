@@ -37,7 +37,7 @@ from compressor.omitted_classes import apply_bias_shift, fit_bias_shift, keep_ro
 from compressor.students import create_student
 from compressor.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
 from compressor.teachers import Ensemble, load_ensemble
-from targets.base import Artifact, check_target_available, get_target
+from targets.base import TARGETS, Artifact, check_target_available, get_target
 from targets.benchmark import sweep
 from targets.bundle import apply_normalisation, write_bundle
 from targets.cuda_timing import cuda_device_name
@@ -146,8 +146,10 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     save_student(student, tensors.x_test[:2], out_dir / "student.pt", config)
 
     target = get_target(config.target)                                                  # 5. export
-    calibration = {"calibration": tensors.x_train[:CALIBRATION_ROWS].numpy()} if config.precision == "int8" else {}
-    artifact = target.export(student, tensors.x_test[:2], out_dir / "export", config.precision, **calibration)
+    options = export_options(config)
+    if config.precision == "int8":
+        options["calibration"] = tensors.x_train[:CALIBRATION_ROWS].numpy()
+    artifact = target.export(student, tensors.x_test[:2], out_dir / "export", config.precision, **options)
     runner = target.load(artifact, threads=config.threads)
     parity = check_student_parity(student, runner, tensors, config)                      # 6. parity
 
@@ -289,8 +291,8 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) -> None:
-    """``--target tensorrt`` where no GPU is: export the (untrained) student's graph to a temporary ONNX file,
-    check it against TensorRT's ONNX parser, and stop with the verdict, before any training or any --out.
+    """``--target tensorrt`` where no GPU or no TensorRT is: export the (untrained) student's graph to a temporary
+    ONNX file, check it against TensorRT's ONNX parser, and stop with the verdict, before any training or --out.
 
     The graph of an untrained student is the graph of the trained one: only weights change in training.
     """
@@ -306,8 +308,8 @@ def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) ->
         result = preflight(artifact.files["model"])
     verdict = result.summary().replace(artifact.files["model"].name, f"--student {config.student}", 1)
     if not result.ok:
-        raise CompressorError(f"{verdict}; choose another --student (preflight run without a GPU)")
-    raise MissingCapabilityError(f"{missing} (preflight without a GPU: {verdict})")
+        raise CompressorError(f"{verdict}; choose another --student (TensorRT preflight, run without TensorRT)")
+    raise MissingCapabilityError(f"{missing} (TensorRT preflight, run without TensorRT: {verdict})")
 
 
 def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | None]:
@@ -435,7 +437,7 @@ def export_ensemble(ensemble: Ensemble, target, tensors: Tensors, teacher_test: 
     try:
         with console.status(f"exporting the ensemble to {config.target} for a like-for-like comparison"):
             artifact = target.export(ensemble.as_module(example), example, config.output_dir() / "ensemble-export",
-                                     "fp32")
+                                     "fp32", **export_options(config))
             runner = target.load(artifact, threads=config.threads)
     except CompressorError as exc:
         return None, {"exported": False, "reason": str(exc)}
@@ -444,6 +446,12 @@ def export_ensemble(ensemble: Ensemble, target, tensors: Tensors, teacher_test: 
     parity = check_parity(reference, runner.infer(x.numpy()), "fp32")
     summary = {"exported": True, "artifact": artifact.to_dict(), "parity": parity.to_dict()}
     return (runner if parity.passed else None), summary
+
+
+def export_options(config: RunConfig) -> dict:
+    """Keyword arguments for the target's ``export`` beyond precision: a GPU engine's optimisation profile is chosen
+    from the batch sizes the benchmark will send (``--batch-sizes``), so none of them is split or untuned."""
+    return {"batch_sizes": tuple(config.batch_sizes)} if TARGETS[config.target].needs_gpu else {}
 
 
 def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, student, runner, artifact, parity,

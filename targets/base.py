@@ -77,10 +77,10 @@ class TargetInfo:
     needs_gpu: bool
     description: str
     precisions: tuple[str, ...] = ("fp32",)
+    packages: tuple[str, ...] = ()  # optional packages it imports at run time (the gpu extra), checked up front
 
 
-# The registry, explicit and in one place (no registration as an import side effect). The TensorRT modules
-# arrive in a later change; until then get_target names them as unavailable in this build.
+# The registry, explicit and in one place (no registration as an import side effect).
 TARGETS: dict[str, TargetInfo] = {
     "onnx": TargetInfo("targets.onnx", False,
                        "a portable ONNX file (fp32), run with ONNX Runtime on the CPU"),
@@ -89,9 +89,10 @@ TARGETS: dict[str, TargetInfo] = {
                               ("fp32", "fp16", "int8")),
     "tensorrt": TargetInfo("targets.tensorrt", True,
                            "a TensorRT engine (.plan) built from the ONNX export; NVIDIA GPU",
-                           ("fp32", "fp16", "int8")),
+                           ("fp32", "fp16", "int8"), ("tensorrt",)),
     "torch-tensorrt": TargetInfo("targets.torch_tensorrt", True,
-                                 "torch_tensorrt.compile of the PyTorch student; NVIDIA GPU", ("fp32", "fp16")),
+                                 "torch_tensorrt.compile of the PyTorch student; NVIDIA GPU", ("fp32", "fp16"),
+                                 ("torch_tensorrt",)),
 }
 
 
@@ -116,7 +117,8 @@ def get_target(name: str) -> ModuleType:
 
 def check_target_available(name: str, precision: str = "fp32") -> None:
     """Stop before any training when ``--target name --precision P`` cannot run here: a precision the target does
-    not offer (``CompressorError``), no CUDA GPU, or not in this build (``MissingCapabilityError``, exit code 2).
+    not offer (``CompressorError``), no CUDA GPU, not in this build, or its package (tensorrt, torch_tensorrt) not
+    installed (``MissingCapabilityError``, exit code 2).
     Each error is one line that names the target and the alternative.
     """
     info = _info(name)
@@ -133,6 +135,12 @@ def check_target_available(name: str, precision: str = "fp32") -> None:
                 "use --target onnxruntime to run on the CPU")
     if importlib.util.find_spec(info.module) is None:
         raise MissingCapabilityError(_not_in_build(name))
+    missing = [package for package in info.packages if importlib.util.find_spec(package) is None]
+    if missing:
+        raise MissingCapabilityError(
+            f"--target {name} needs the {' and '.join(missing)} package, which is not installed here; install "
+            "compressor with the gpu extra (pip install -e '.[gpu]'), run the Docker image (docker build -t "
+            "compressor .), or use --target onnxruntime")
 
 
 def _info(name: str) -> TargetInfo:

@@ -59,12 +59,14 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 
 def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str,
-                  batch_size: int = CALIBRATION_BATCH_SIZE) -> dict:
+                  batch_size: int = CALIBRATION_BATCH_SIZE, quantize_bias: bool = True) -> dict:
     """Write ``dst``: ``src`` quantized to INT8 (QDQ), activation ranges calibrated on ``calibration``.
 
     ``calibration`` is (M, ...) rows of the transfer set in the model's input layout, e.g. (512, 1, 8, 8) float32;
     it is fed to ``input_name`` in consecutive batches of ``batch_size`` rows, in order, so the same rows give the
-    same file. Returns JSON-safe metadata: method, calibration rows, per_channel, activation/weight types, versions.
+    same file. ``quantize_bias=False`` keeps biases float32 instead of int32 behind a DequantizeLinear: TensorRT
+    dequantizes only int8/fp8/int4/fp4 tensors, so ``--target tensorrt`` turns it off. Returns JSON-safe metadata:
+    method, calibration rows, per_channel, activation/weight types, versions.
     """
     src, dst = Path(src), Path(dst)
     rows = check_calibration(calibration, _input_shape(src, input_name), src)
@@ -85,7 +87,8 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str
     options = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8,
                "per_channel": True, "reduce_range": False, "calibrate_method": CalibrationMethod.MinMax,
                "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
-                                 "CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_BATCHES}}
+                                 "CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_BATCHES,
+                                 "QuantizeBias": quantize_bias}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compressor-int8-") as work, atomic_path(dst) as tmp:
         prepared = Path(work) / "prepared.onnx"  # shape-inferred and optimised fp32: an intermediate, not kept
@@ -112,6 +115,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str
         "weight_type": "QInt8",
         "symmetric_activations": True,
         "symmetric_weights": True,
+        "quantize_bias": quantize_bias,
         "quantize_linear_nodes": nodes.count("QuantizeLinear"),
         "dequantize_linear_nodes": nodes.count("DequantizeLinear"),
         "seconds": round(seconds, 3),

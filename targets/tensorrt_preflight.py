@@ -14,7 +14,8 @@ compressor's TensorRT 11 build, each with one sentence saying what to change. It
   over the batch axis, so a symbolic non-batch axis has no profile;
 - three of the parser's own static checks that matter for MLP/CNN students: ``BatchNormalization`` in training
   mode, ``Dropout`` with a training-mode input that is not a constant False, and pooling with dilations or with
-  ``MaxPool``'s ``Indices`` output.
+  ``MaxPool``'s ``Indices`` output; and one of the builder's: a ``DequantizeLinear`` of an int32 constant (ONNX
+  Runtime's quantized bias), which TensorRT's dequantize layer (int8/fp8/int4/fp4 inputs) cannot take.
 
 What it cannot know without a GPU: whether the builder finds a tactic (kernel) for every layer on the actual GPU,
 whether the build fits in GPU memory or the workspace, which plugins are registered (so every non-standard domain
@@ -368,6 +369,11 @@ def _restrictions(node: onnx.NodeProto, constants: dict[str, TensorProto], opset
         elif mode.data_location != TensorProto.EXTERNAL and numpy_helper.to_array(mode).any():
             messages.append("training_mode is true, and TensorRT runs Dropout in inference mode only; export the "
                             "student in eval mode (model.eval())")
+    elif node.op_type == "DequantizeLinear" and node.input and node.input[0] in constants:
+        data_type = constants[node.input[0]].data_type
+        if data_type == TensorProto.INT32:
+            messages.append("it dequantizes an int32 tensor (a quantized bias), and TensorRT dequantizes int8, fp8, "
+                            "int4 and fp4 only; quantize with biases kept in float (QuantizeBias=False)")
     elif node.op_type in POOLING_OPS:
         if node.op_type == "MaxPool" and extra_outputs:
             messages.append("the Indices output is not supported; use MaxPool without return_indices")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -143,9 +144,18 @@ def test_a_precision_the_target_does_not_offer_is_refused_with_the_target_that_d
 
 
 @pytest.mark.parametrize("name", ["tensorrt", "torch-tensorrt"])
-def test_tensorrt_targets_are_missing_capabilities_here(name):
-    with pytest.raises(MissingCapabilityError, match=f"--target {name} is not available in this build") as info:
-        get_target(name)
+def test_tensorrt_targets_resolve_to_their_modules_everywhere(name):
+    module = get_target(name)  # importing them needs neither a GPU nor TensorRT: both are asked for at call time
+    assert module.__name__ == "targets." + name.replace("-", "_")
+    assert callable(module.export) and callable(module.load)
+
+
+@pytest.mark.parametrize("name, package", [("tensorrt", "tensorrt"), ("torch-tensorrt", "torch_tensorrt")])
+def test_a_gpu_without_the_package_stops_before_training(monkeypatch, name, package):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, package, None)  # find_spec finds nothing
+    with pytest.raises(MissingCapabilityError, match=f"--target {name} needs the {package} package") as info:
+        check_target_available(name)
     assert info.value.exit_code == 2
 
 

@@ -215,3 +215,20 @@ def test_conversions_run_without_torch(int8_export, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "q.onnx"]
+
+
+def test_int8_for_tensorrt_keeps_biases_float_so_the_preflight_passes(fitted_mlp, calibration, tmp_path):
+    """ONNX Runtime's default int8 graph dequantizes int32 biases, which TensorRT cannot; quantize_bias=False (what
+    --target tensorrt asks for) keeps them float32 and the graph passes the preflight."""
+    from targets.onnx import export as export_onnx
+    from targets.tensorrt_preflight import preflight
+
+    fp32 = export_onnx(fitted_mlp, torch.from_numpy(clusters(2, 9)[0]), tmp_path / "fp32").files["model"]
+    verdicts = {}
+    for quantize_bias in (True, False):
+        path = tmp_path / f"int8-bias-{quantize_bias}.onnx"
+        meta = quantize.quantize_int8(fp32, path, calibration, "input", quantize_bias=quantize_bias)
+        assert meta["quantize_bias"] is quantize_bias
+        verdicts[quantize_bias] = preflight(path)
+    assert not verdicts[True].ok and "int32" in verdicts[True].summary()
+    assert verdicts[False].ok, verdicts[False].summary()

@@ -1,0 +1,456 @@
+"""``--target tensorrt``: the student's ONNX export built into a TensorRT 11 engine (``model.plan``) for this GPU.
+
+``export`` runs three steps, one function each:
+
+1. ``export_graph``: the ONNX graph at the requested precision. fp32 is ``targets.onnx``'s export; fp16 and int8
+   convert that file with ``targets.quantize`` (float16 weights and arithmetic; int8 as QDQ calibrated on
+   transfer-set rows). Input and output stay float32 in every precision, so callers always feed float32.
+2. ``check_graph``: ``targets.tensorrt_preflight`` on that graph, so nodes the parser would reject fail by name
+   before a build is attempted.
+3. ``build_engine``: ``trt.Builder`` -> network -> ``trt.OnnxParser`` -> one optimisation profile over the batch
+   axis -> ``build_serialized_network`` -> ``model.plan`` (atomic), with a timing cache read before and saved after.
+
+For fp16/int8 the fp32 graph is built too (``fp32/model.plan``, ``files["fp32_model"]``): the report times what the
+precision buys on the same backend, as ``--target onnxruntime`` keeps its fp32 file.
+
+Precision lives in the graph, not in the builder. TensorRT 11 networks are always strongly typed (its
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` survives only for old code, and is ignored): each layer runs in the
+types its tensors have in the ONNX graph, and the FP16/INT8 builder flags and INT8 calibrators are gone. So fp16 is
+a float16 graph, int8 a graph with QuantizeLinear/DequantizeLinear pairs, and the builder config names no precision.
+Two consequences:
+
+- int8 biases stay float32 (``quantize_int8(quantize_bias=False)``): ONNX Runtime's default stores them as int32
+  behind a DequantizeLinear, and TensorRT's dequantize layer takes int8/fp8/int4/fp4 inputs only.
+- ``BuilderFlag.TF32`` (on by default) is cleared: it lets float32 matrix products round their inputs to 10-bit
+  mantissas, an error the fp32 parity gate (1e-4 of the largest logit) is tight enough to catch.
+
+TensorRT 10 (which the gpu extra still admits) builds weakly typed networks unless asked, so there
+``network_flags`` sets STRONGLY_TYPED and both versions build the same typed network.
+
+``tensorrt`` and ``torch`` are imported inside the functions that use them: this module imports, and raises its
+one-line errors, on a machine that has neither. ``require_gpu_package`` is the one place that checks.
+API reference: the TensorRT 11 Python bindings' docstrings (NVIDIA/TensorRT ``python/docstrings/infer/pyCoreDoc.h``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.fileio import atomic_path
+from targets.base import Artifact
+from targets.bundle import TRITON_MAX_BATCH
+
+MODEL_FILE = "model.plan"
+TIMING_CACHE_FILE = "timing.cache"
+SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_BATCH_SIZES = (1, 64)
+# The profile's max is at least Triton's max_batch_size, so the bundle's config.pbtxt can send it full batches.
+MIN_PROFILE_MAX = TRITON_MAX_BATCH
+# TensorRT DataType name -> numpy/torch dtype name, for the engine's I/O tensors
+DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+               "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch axis of an engine's one optimisation profile: it runs min <= N <= max rows, tuned for opt rows."""
+
+    min: int
+    opt: int
+    max: int
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+def choose_profile(batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> BatchProfile:
+    """The profile for the batch sizes a user will send, e.g. ``(1, 8, 64, 256)`` -> min 1, opt 64, max 256.
+
+    - min is always 1: a runner splits a large batch into pieces of at most max rows, and the last piece can be
+      any size, so every size from 1 must run.
+    - opt is the upper median of the requested sizes, repeats counted (``(1, 1, 1, 64)`` -> 1): TensorRT picks its
+      kernels by timing this shape, so it sits in the middle of what will be sent, and a size sent often wins.
+    - max is the largest requested size and at least ``MIN_PROFILE_MAX`` (64, Triton's max_batch_size in the bundle).
+    """
+    sizes = sorted(_check_batch_sizes(batch_sizes))
+    return BatchProfile(min=1, opt=sizes[len(sizes) // 2], max=max(sizes[-1], MIN_PROFILE_MAX))
+
+
+def batch_slices(rows: int, limit: int) -> list[slice]:
+    """Consecutive slices covering ``rows`` rows, each at most ``limit`` long: (130, 64) -> [0:64, 64:128, 128:130]."""
+    return [slice(start, min(start + limit, rows)) for start in range(0, rows, limit)]
+
+
+def network_flags(trt: ModuleType) -> int:
+    """``create_network`` flags: none on TensorRT 11 (always strongly typed), STRONGLY_TYPED on TensorRT 10."""
+    if int(str(trt.__version__).split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def describe_parser_errors(parser) -> str:
+    """Every error ``trt.OnnxParser`` recorded, one clause each: "node 'fc1' (Gemm): <description>"."""
+    clauses = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        node, op_type = error.node_name(), error.node_operator()
+        text = " ".join(str(error.desc()).split())  # one line, whatever the parser's layout
+        clauses.append(f"node '{node}' ({op_type}): {text}" if node else text)
+    return "; ".join(clauses) or "the parser recorded no error"
+
+
+def require_gpu_package(package: str, target: str) -> ModuleType:
+    """The imported ``package`` ("tensorrt", "torch_tensorrt") once a CUDA GPU and the package are both here.
+
+    Otherwise MissingCapabilityError (exit code 2), one line naming what is missing and the three ways out. The
+    package is imported only when a GPU is visible, so a machine without one never pays for (or sees) its import.
+    """
+    import torch
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append(f"a CUDA GPU (torch {torch.__version__} sees none)")
+    if importlib.util.find_spec(package) is None:
+        missing.append(f"the {package} package")
+    elif not missing:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # torch_tensorrt prints its import failures
+                return importlib.import_module(package)
+        except Exception as exc:  # a broken install: ImportError, OSError from a missing libnvinfer, or plain Exception
+            missing.append(f"a working {package} package ({type(exc).__name__}: {_first_line(exc)})")
+    raise MissingCapabilityError(
+        f"--target {target} needs an NVIDIA GPU with CUDA and the {package} package, and this machine lacks "
+        f"{' and '.join(missing)}; install compressor with the gpu extra on a CUDA machine (pip install -e '.[gpu]'), "
+        "run the Docker image (docker build -t compressor .), or use --target onnxruntime on the CPU")
+
+
+def export(model, example_input, out_dir: Path, precision: str = "fp32", calibration: np.ndarray | None = None,
+           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, timing_cache: str | Path | None = None) -> Artifact:
+    """Build ``model`` into ``out_dir/model.plan`` for this GPU at ``precision``; input "input" (N, ...), output
+    "logits" (N, C), both float32, for 1 <= N <= the profile's max (``choose_profile(batch_sizes)``).
+
+    ``example_input`` is one batch, e.g. (2, 1, 8, 8) float32. int8 needs ``calibration``: (M, ...) float32
+    transfer-set rows. ``timing_cache`` defaults to ``out_dir/timing.cache``; pass one path to share kernel timings
+    between builds. ``files``: "model" (the plan), "onnx" (the graph it was built from) and, for fp16/int8,
+    "fp32_model"/"fp32_onnx". ``metadata``: TensorRT version, GPU, profile, build seconds, timing cache, preflight.
+    """
+    if precision not in SUPPORTED_PRECISIONS:
+        raise CompressorError(f"--precision {precision}: --target tensorrt builds {', '.join(SUPPORTED_PRECISIONS)}; "
+                              "choose one of them")
+    profile = choose_profile(batch_sizes)
+    out_dir = Path(out_dir)
+    if precision == "int8":
+        from targets import quantize
+
+        if calibration is None:
+            raise CompressorError("--precision int8: int8 needs calibration rows from the transfer set to set its "
+                                  "activation ranges; pass calibration=(M, ...) float32 inputs")
+        quantize.check_calibration(calibration, ("batch", *tuple(example_input.shape)[1:]), out_dir / MODEL_FILE)
+    trt = require_gpu_package("tensorrt", "tensorrt")  # before any file is written
+    cache = Path(timing_cache) if timing_cache is not None else out_dir / TIMING_CACHE_FILE
+
+    graph = export_graph(model, example_input, out_dir / "onnx", precision, calibration)
+    preflight = check_graph(graph.files["model"])
+    build = build_engine(graph.files["model"], out_dir / MODEL_FILE, profile, cache)
+    files = {"model": out_dir / MODEL_FILE, "onnx": graph.files["model"]}
+    metadata = {**graph.metadata, "onnx_file_bytes": graph.metadata["file_bytes"], **build, "preflight": preflight,
+                "batch_sizes": [int(size) for size in batch_sizes], "strongly_typed": True, "tf32": False,
+                "versions": {**graph.metadata["versions"], "tensorrt": trt.__version__}}
+    if precision != "fp32":  # the same graph in fp32, built alike: what the precision buys, on this backend
+        check_graph(graph.files["fp32_model"])
+        fp32_build = build_engine(graph.files["fp32_model"], out_dir / "fp32" / MODEL_FILE, profile, cache)
+        files.update(fp32_model=out_dir / "fp32" / MODEL_FILE, fp32_onnx=graph.files["fp32_model"])
+        metadata["fp32_engine"] = {key: fp32_build[key] for key in ("build_seconds", "file_bytes", "timing_cache")}
+    return Artifact(target="tensorrt", precision=precision, files=files, inputs=graph.inputs, outputs=graph.outputs,
+                    metadata=metadata)
+
+
+def export_graph(model, example_input, out_dir: Path, precision: str, calibration: np.ndarray | None) -> Artifact:
+    """The ONNX graph TensorRT will parse, in ``out_dir/model.onnx``; fp16/int8 keep the fp32 export as
+    ``files["fp32_model"]`` (``out_dir/fp32/model.onnx``). ``metadata`` is the export's, plus ``conversion``."""
+    from targets import quantize
+    from targets.onnx import export_onnx, tensor_spec
+
+    if precision == "fp32":
+        return export_onnx(model, example_input, out_dir, "fp32", target="tensorrt")
+    import onnx
+
+    fp32 = export_onnx(model, example_input, out_dir / "fp32", "fp32", target="tensorrt")
+    source, path = fp32.files["model"], out_dir / "model.onnx"
+    started = time.perf_counter()
+    conversion: dict = {"converter": quantize.FP16_CONVERTER if precision == "fp16" else quantize.INT8_METHOD}
+    if precision == "fp16":
+        quantize.convert_fp16(source, path)
+    else:
+        conversion.update(quantize.quantize_int8(source, path, calibration, fp32.inputs[0].name, quantize_bias=False))
+    conversion.update(seconds=round(time.perf_counter() - started, 3), fp32_bytes=source.stat().st_size,
+                      bytes=path.stat().st_size)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return Artifact(target="tensorrt", precision=precision, files={"model": path, "fp32_model": source},
+                    inputs=[tensor_spec(value) for value in graph.input],
+                    outputs=[tensor_spec(value) for value in graph.output],
+                    metadata={**fp32.metadata, "file_bytes": conversion["bytes"], "conversion": conversion})
+
+
+def check_graph(path: Path) -> str:
+    """``targets.tensorrt_preflight`` on ``path``: its one-line verdict, or CompressorError with every issue."""
+    from targets.tensorrt_preflight import preflight
+
+    result = preflight(path)
+    if not result.ok:
+        raise CompressorError(f"{result.summary()} (checked {path} before building); change those layers in the "
+                              "student, or use --target onnxruntime")
+    return result.summary()
+
+
+def build_engine(onnx_path: Path, plan_path: Path, profile: BatchProfile, timing_cache: Path) -> dict:
+    """Parse ``onnx_path``, build it for the current GPU with one optimisation profile over the batch axis, and write
+    the serialized engine to ``plan_path``. The timing cache at ``timing_cache`` is loaded when present and saved
+    after the build (both atomically). Returns the build record: seconds, bytes, profile shapes, GPU, cache."""
+    import torch
+
+    trt = require_gpu_package("tensorrt", "tensorrt")
+    logger = error_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise CompressorError(f"TensorRT {trt.__version__}'s ONNX parser rejected {onnx_path}: "
+                              f"{describe_parser_errors(parser)}; change those layers in the student, or use "
+                              "--target onnxruntime")
+    config = builder.create_builder_config()
+    config.clear_flag(trt.BuilderFlag.TF32)  # float32 layers stay float32 (see the module docstring)
+    shapes = add_profile(builder, config, network, profile, onnx_path)
+    cache, cache_record = attach_timing_cache(config, timing_cache)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - started
+    if serialized is None:
+        reason = "; ".join(logger.errors[:3]) or "TensorRT logged no error"
+        raise CompressorError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path} on "
+                              f"{torch.cuda.get_device_name()} ({reason}); use --target onnxruntime, or report "
+                              "the model")
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(serialized)  # IHostMemory is a buffer
+    saved = cache.serialize()
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(saved)
+    major, minor = torch.cuda.get_device_capability()
+    return {
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "compute_capability": f"{major}.{minor}",
+        "profile": profile.to_dict(),
+        "profile_shapes": shapes,
+        "build_seconds": round(seconds, 3),
+        "file_bytes": plan_path.stat().st_size,
+        "timing_cache": {**cache_record, "saved_bytes": memoryview(saved).nbytes},
+    }
+
+
+def error_logger(trt: ModuleType):
+    """A ``trt.ILogger`` that keeps errors for our messages and drops warnings and info (not for our users).
+    It must outlive every builder, runtime and engine made with it."""
+
+    class ErrorLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(" ".join(str(msg).split()))
+
+    return ErrorLogger()
+
+
+def add_profile(builder, config, network, profile: BatchProfile, onnx_path: Path) -> dict:
+    """Add one optimisation profile: every input's batch axis (-1 in the network) spans profile.min..max."""
+    optimisation = builder.create_optimization_profile()
+    shapes = {}
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        dims = tuple(tensor.shape)  # (-1, C, H, W): -1 marks the dynamic batch axis
+        if not dims or dims[0] != -1 or -1 in dims[1:]:
+            raise CompressorError(f"{onnx_path}: input '{tensor.name}' has shape {list(dims)}, but the engine needs a "
+                                  "dynamic batch axis and fixed other axes; export the model again")
+        low, opt, high = ((size, *dims[1:]) for size in (profile.min, profile.opt, profile.max))
+        optimisation.set_shape(tensor.name, low, opt, high)
+        shapes[tensor.name] = {"min": list(low), "opt": list(opt), "max": list(high)}
+    config.add_optimization_profile(optimisation)
+    return shapes
+
+
+def attach_timing_cache(config, path: Path) -> tuple[object, dict]:
+    """Give ``config`` the timing cache stored at ``path``, or a new one when there is none or it is unusable
+    (written by another TensorRT version or for another GPU: TensorRT refuses those, so the build starts afresh)."""
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        raise CompressorError(f"cannot read the timing cache {path} ({exc.strerror or exc}); delete it or pass "
+                              "another timing_cache") from exc
+    record: dict = {"path": str(path), "loaded_bytes": len(data)}
+    cache = None
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception:  # the bindings raise their own error types for a malformed cache
+            cache = None
+        if cache is None or not config.set_timing_cache(cache, False):
+            record.update(loaded_bytes=0, note="the cache there was written by another TensorRT or GPU; replaced")
+            cache = None
+    if cache is None:
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache, record
+
+
+def load(artifact: Artifact, threads: int | None = None) -> "TensorRTRunner":
+    """A ``TensorRTRunner`` on ``artifact.files["model"]`` (a ``.plan`` built by ``export`` on this kind of GPU).
+
+    ``threads`` is part of the common interface; host threads do not change how a GPU engine runs, so it is only
+    checked (at least 1 when given) and recorded.
+    """
+    check_threads(threads)
+    require_gpu_package("tensorrt", "tensorrt")
+    return TensorRTRunner(artifact.files["model"], artifact.precision, threads)
+
+
+class TensorRTRunner:
+    """One deserialized engine and its execution context; ``infer`` maps (N, ...) float32 to (N, C) float32 logits.
+
+    Buffers are allocated once, for the profile's max rows: pinned host and device tensors from torch, the device ones
+    bound to the engine by address. Each engine call copies its rows into the pinned input, enqueues H2D copy ->
+    ``execute_async_v3`` -> D2H copy on the runner's own torch CUDA stream (TensorRT synchronises extra on the
+    default stream), and waits for that stream: the same stages ``targets.cuda_timing`` times for PyTorch. Batches
+    larger than the profile's max run in pieces of at most max rows; the profile is read from the engine itself.
+    """
+
+    def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None):
+        import torch
+
+        trt = require_gpu_package("tensorrt", "tensorrt")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CompressorError(f"{self.path}: no such TensorRT engine; export the model again")
+        self.device = torch.device("cuda", torch.cuda.current_device())  # creates the CUDA context TensorRT joins
+        self.logger = error_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            reason = "; ".join(self.logger.errors[:2]) or "not a TensorRT engine"
+            raise CompressorError(f"{self.path}: TensorRT {trt.__version__} cannot load this engine ({reason}); an "
+                                  "engine runs only with the TensorRT version and GPU it was built for, so export "
+                                  "it again on this machine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise CompressorError(f"{self.path}: the engine has inputs {inputs} and outputs {outputs}; compressor "
+                                  "runs engines with one input and one output")
+        (self.input_name,), (self.output_name,) = inputs, outputs
+        self.input_shape = tuple("batch" if d == -1 else d for d in self.engine.get_tensor_shape(self.input_name))
+        self.output_shape = tuple(self.engine.get_tensor_shape(self.output_name))  # (-1, C)
+        self.input_dtype = np.dtype(self._dtype_name(self.input_name))
+        low, opt, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.profile = BatchProfile(int(low[0]), int(opt[0]), int(high[0]))
+
+        rows = self.profile.max
+        in_dtype, out_dtype = (getattr(torch, self._dtype_name(n)) for n in (self.input_name, self.output_name))
+        self.host_in = torch.empty((rows, *self.input_shape[1:]), dtype=in_dtype, pin_memory=True)  # (max, ...)
+        self.host_out = torch.empty((rows, *self.output_shape[1:]), dtype=out_dtype, pin_memory=True)  # (max, C)
+        self.device_in = torch.empty(self.host_in.shape, dtype=in_dtype, device=self.device)
+        self.device_out = torch.empty(self.host_out.shape, dtype=out_dtype, device=self.device)
+        self.context.set_tensor_address(self.input_name, self.device_in.data_ptr())
+        self.context.set_tensor_address(self.output_name, self.device_out.data_ptr())
+        self.stream = torch.cuda.Stream(self.device)
+
+        gpu = torch.cuda.get_device_name(self.device)
+        self.name = f"tensorrt {precision} ({gpu}, batch {self.profile.min}..{self.profile.max})"
+        self.info = {
+            "device": "cuda",
+            "gpu": gpu,
+            "threads": threads,
+            "profile": self.profile.to_dict(),
+            "model_file": str(self.path),
+            "input": {"name": self.input_name, "shape": list(self.input_shape), "dtype": self.input_dtype.name},
+            "versions": {"tensorrt": trt.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        }
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """(N, ...) array of the engine's input dtype -> (N, C) float32 logits; N above the profile's max is split."""
+        check_input(x, self.path, self.input_shape, self.input_dtype)
+        if len(x) == 0:
+            return np.empty((0, *self.output_shape[1:]), np.float32)
+        pieces = [self._run(x[rows]) for rows in batch_slices(len(x), self.profile.max)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One engine call on (n, ...) rows, 1 <= n <= profile.max; returns a fresh (n, C) float32 array."""
+        import torch
+
+        n = len(x)
+        if not self.context.set_input_shape(self.input_name, (n, *self.input_shape[1:])):
+            raise CompressorError(f"{self.path}: the engine refused a batch of {n} (profile batch "
+                                  f"{self.profile.min}..{self.profile.max}); export it again")
+        self.host_in[:n].numpy()[...] = x  # the previous call has finished with this buffer: it synchronised
+        with torch.cuda.stream(self.stream):
+            self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                reason = "; ".join(self.logger.errors[-2:]) or "TensorRT logged no error"
+                raise CompressorError(f"{self.path}: the engine failed to run a batch of {n} ({reason})")
+            self.host_out[:n].copy_(self.device_out[:n], non_blocking=True)
+        self.stream.synchronize()
+        return self.host_out[:n].numpy().astype(np.float32)  # a copy: the buffer is reused by the next call
+
+    def _dtype_name(self, tensor: str) -> str:
+        dtype = self.engine.get_tensor_dtype(tensor)
+        if dtype.name not in DTYPE_NAMES:
+            raise CompressorError(f"{self.path}: tensor '{tensor}' is {dtype.name}, which compressor cannot feed or "
+                                  "read; export with float32 input and output")
+        return DTYPE_NAMES[dtype.name]
+
+
+def check_input(x, path: Path, input_shape: tuple, dtype: np.dtype) -> None:
+    """CompressorError naming the expected and actual dtype/shape; TensorRT's own message is cryptic.
+    ``input_shape`` has "batch" (or any string) for the dynamic axis: ("batch", 1, 8, 8)."""
+    expected = "(" + ", ".join(str(d) for d in input_shape) + ")"
+    if not isinstance(x, np.ndarray):
+        raise CompressorError(f"{path}: expected a numpy array of shape {expected}, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise CompressorError(f"{path}: expected {dtype.name} input of shape {expected}, got {x.dtype.name}; "
+                              f"convert with x.astype(np.{dtype.name})")
+    fixed_ok = all(not isinstance(want, int) or want == got for want, got in zip(input_shape, x.shape))
+    if x.ndim != len(input_shape) or not fixed_ok:
+        raise CompressorError(f"{path}: expected input of shape {expected}, got {tuple(x.shape)}")
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise CompressorError(f"--threads {threads}: must be at least 1 (or left out)")
+
+
+def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    sizes = list(batch_sizes) if isinstance(batch_sizes, Sequence) else []
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in sizes):
+        raise CompressorError(f"batch sizes {batch_sizes!r}: give one or more whole numbers of at least 1, "
+                              "e.g. (1, 64); they set the engine's optimisation profile")
+    return [int(s) for s in sizes]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
