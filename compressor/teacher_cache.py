@@ -9,7 +9,7 @@ and never sees the old logits.
 An entry is a folder ``<root>/<key digest>/``:
 
 - ``train.npy`` — the transfer set's member logits (K, N, C) in float16, read through a memory map, so a transfer
-  set larger than RAM works (float32 when a logit exceeds float16's range);
+  set larger than RAM works (float32 when a logit reaches 128, where float16's steps grow to 0.125);
 - ``val.npy``, ``test.npy`` — the held-out splits in float32, so the report's ensemble accuracy is exact;
 - ``entry.json`` — the key and the sha256, shape and dtype of each array.
 
@@ -38,7 +38,9 @@ from compressor.fileio import directory_mode
 CACHE_FORMAT = "compressor.teacher-cache/1"
 ENTRY_FILE = "entry.json"
 SPLITS = ("train", "val", "test")
-FLOAT16_MAX = 65504.0
+# Below 128, float16 rounds a logit by at most 0.03 (its steps there are 0.0625), well under what moves a tempered
+# softmax; larger logits (rare in trained classifiers) are kept in float32.
+FLOAT16_SAFE_MAX = 128.0
 
 
 def default_cache_root() -> Path:
@@ -115,13 +117,16 @@ class TeacherCache:
             record = json.loads((self.path / ENTRY_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise self._stale(f"{ENTRY_FILE} is unreadable ({exc})") from exc
-        if record.get("key") != self.key:
+        if not isinstance(record, dict) or record.get("key") != self.key:
             raise self._stale("its record was written for other teachers, data or preprocessing")
+        arrays = record.get("arrays")
         out = {}
         for split in SPLITS:
-            info = record.get("arrays", {}).get(split)
+            info = arrays.get(split) if isinstance(arrays, dict) else None
             file = self.path / f"{split}.npy"
-            if info is None or not file.is_file():
+            if not isinstance(info, dict) or not {"sha256", "shape", "dtype"} <= set(info):
+                raise self._stale(f"{ENTRY_FILE} has no complete record of {file.name}")
+            if not file.is_file():
                 raise self._stale(f"{file.name} is missing")
             if _sha256_file(file) != info["sha256"]:
                 raise self._stale(f"{file.name} does not match the checksum recorded when it was written")
@@ -134,13 +139,17 @@ class TeacherCache:
 
     def store(self, logits: dict[str, Tensor]) -> dict[str, CachedLogits]:
         """Write ``logits[split]`` (K, N, C) for every split as a new entry, atomically, and return it loaded."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}.", suffix=".tmp", dir=self.root))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}.", suffix=".tmp", dir=self.root))
+        except OSError as exc:
+            raise CompressorError(f"cannot create the teacher cache in {self.root} ({exc.strerror or exc}); choose "
+                                  f"another --teacher-cache or pass --no-cache") from exc
         try:
             arrays = {}
             for split in SPLITS:
                 values = logits[split].detach().cpu().float().numpy()  # (K, N, C)
-                small = split == "train" and (values.size == 0 or float(np.abs(values).max()) < FLOAT16_MAX)
+                small = split == "train" and (values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX)
                 array = values.astype(np.float16) if small else values
                 file = scratch / f"{split}.npy"
                 np.save(file, array, allow_pickle=False)
