@@ -201,7 +201,7 @@ def teacher_outputs(ensemble: Ensemble, dataset: Dataset, tensors: Tensors, norm
         if hit:
             console.print(f"[bold]teacher cache[/] reusing {cache.path}")
         else:
-            entries = cache.store(run_teachers(ensemble, splits, config))
+            entries = cache.store(run_teachers(ensemble, splits, config), replace=config.refresh_teacher_cache)
             console.print(f"[bold]teacher cache[/] stored {cache.path}")
     barrier(world)
     if not world.is_main:

@@ -137,8 +137,12 @@ class TeacherCache:
             out[split] = CachedLogits(array)
         return out
 
-    def store(self, logits: dict[str, Tensor]) -> dict[str, CachedLogits]:
-        """Write ``logits[split]`` (K, N, C) for every split as a new entry, atomically, and return it loaded."""
+    def store(self, logits: dict[str, Tensor], replace: bool = False) -> dict[str, CachedLogits]:
+        """Write ``logits[split]`` (K, N, C) for every split as a new entry, atomically, and return it loaded.
+
+        Runs that share the cache may compute the same key at once; the first to finish stores its entry and the
+        others use it (their logits are the same), unless ``replace`` (--refresh-teacher-cache) asks to swap it out.
+        """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}.", suffix=".tmp", dir=self.root))
@@ -157,14 +161,17 @@ class TeacherCache:
             record = {"key": self.key, "arrays": arrays}
             (scratch / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
             os.chmod(scratch, directory_mode())  # mkdtemp makes 0700; other users of a shared cache must read it
-            if self.path.exists():
-                shutil.rmtree(self.path)  # a refused or refreshed entry: replace it
+            if replace and self.path.exists():
+                # moved aside in one rename, so a reader sees the old entry whole or none, never half of one
+                retired = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}.old.", suffix=".tmp", dir=self.root))
+                os.replace(self.path, retired / "entry")
+                shutil.rmtree(retired)
             try:
                 os.replace(scratch, self.path)
             except OSError:
-                if not self.exists():
+                if not self.path.is_dir():
                     raise
-                shutil.rmtree(scratch)  # another run sharing the cache stored the same key first: use its entry
+                shutil.rmtree(scratch)  # another run sharing the cache stored this key first: use its entry
         except OSError as exc:
             shutil.rmtree(scratch, ignore_errors=True)
             raise CompressorError(f"could not write the teacher cache {self.path}: {exc.strerror or exc}; free disk "
@@ -173,7 +180,9 @@ class TeacherCache:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         loaded = self.load()
-        assert loaded is not None
+        if loaded is None:
+            raise CompressorError(f"teacher cache {self.path} vanished right after it was stored (another run "
+                                  f"refreshing it?); rerun, or pass --no-cache")
         return loaded
 
     def describe(self, hit: bool) -> dict:

@@ -216,11 +216,25 @@ def test_store_leaves_no_scratch_folder_and_replaces_a_damaged_entry(tmp_path):
     _truncate(cache.path / "train.npy")
     (cache.path / "stray.txt").write_text("left by hand")
     fresh = member_logits(seed=1)
-    loaded = cache.store(fresh)  # what --refresh-teacher-cache does
+    loaded = cache.store(fresh, replace=True)  # what --refresh-teacher-cache does
     assert torch.equal(loaded["test"].to_tensor(), fresh["test"])
     assert torch.equal(TeacherCache(tmp_path, a_key()).load()["train"].to_tensor(), fresh["train"].half().float())
     assert sorted(p.name for p in tmp_path.iterdir()) == [cache.digest]
     assert not (cache.path / "stray.txt").exists()  # the old folder was replaced whole, not written over
+
+
+def test_two_runs_storing_one_key_at_once_both_end_with_the_first_entry(tmp_path):
+    """Runs that share a cache (a sweep launched in parallel) may both miss and both compute: the second store
+    finds the first's entry in place, keeps it whole and returns it, rather than deleting it under the first."""
+    first, second = TeacherCache(tmp_path, a_key()), TeacherCache(tmp_path, a_key())
+    logits = member_logits()
+    first.store(logits)
+    before = {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()}
+    shifted = {split: values + 1.0 for split, values in logits.items()}  # a tell-tale, not what a real run computes
+    loaded = second.store(shifted)
+    assert torch.equal(loaded["val"].to_tensor(), logits["val"])
+    assert {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.digest]  # no scratch folder left
 
 
 def test_a_store_that_fails_midway_leaves_nothing(tmp_path):
