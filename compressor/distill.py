@@ -274,11 +274,11 @@ def _global_mean(value: Tensor, world: int) -> float:
     return float(total) / world
 
 
-def _global_sums(correct: int, labeled: int, world: int) -> tuple[int, int]:
-    """Training-accuracy counts summed over the ranks."""
+def _global_sums(correct: int, labeled: int, world: int, device: torch.device) -> tuple[int, int]:
+    """Training-accuracy counts summed over the ranks (on ``device``: NCCL reduces CUDA tensors only)."""
     if world == 1:
         return correct, labeled
-    counts = torch.tensor([correct, labeled], dtype=torch.int64)
+    counts = torch.tensor([correct, labeled], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(counts)
     return int(counts[0]), int(counts[1])
 
@@ -458,7 +458,7 @@ def train_student(
                     train_acc=_fmt(correct / labeled if labeled else None, ".3f"),
                 )
 
-            correct, labeled = _global_sums(correct, labeled, world)
+            correct, labeled = _global_sums(correct, labeled, world, device)
             # every rank holds the same weights, so each scores validation itself and all agree on the best epoch
             val_acc = evaluate_accuracy(student, x_val, y_val, batch_size=max(config.batch_size, 1024))
             history.append(

@@ -237,9 +237,7 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
     if omitted:
         rows = torch.nonzero(keep_rows(tensors.y_train, omitted)).flatten()  # (N_kept,)
         x, y = x[rows], y[rows]
-        if isinstance(source, torch.Tensor):
-            source = source[:, rows]
-        elif isinstance(source, CachedLogits):
+        if isinstance(source, CachedLogits):  # with --no-cache the teachers run on the kept rows themselves
             source = source.subset(rows.numpy())
         info.update(rows=len(rows), omitted_classes=list(omitted), rows_dropped=len(tensors.x_train) - len(rows))
         console.print(f"[bold]transfer set[/] {len(rows)} rows: classes {list(omitted)} left out "
