@@ -101,6 +101,10 @@ def job_options(func):
                      help="Mixed precision while training: bf16 autocasts the student's forward pass."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device,
                      show_default=True, help="Where the student trains (auto: CUDA when present)."),
+        click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+                     default=RunConfig.ort_provider, show_default=True,
+                     help="ONNX Runtime execution provider for --target onnxruntime/onnx (auto: CUDA when "
+                          "onnxruntime-gpu has it, else CPU; tensorrt: its TensorRT provider, engines cached)."),
         click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -119,7 +123,7 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
         unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
-        amp=options["amp"], device=options["device"],
+        amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
         threads=options["threads"], progress=not options["no_progress"],
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 

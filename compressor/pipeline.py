@@ -150,7 +150,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     if config.precision == "int8":
         options["calibration"] = tensors.x_train[:CALIBRATION_ROWS].numpy()
     artifact = target.export(student, tensors.x_test[:2], out_dir / "export", config.precision, **options)
-    runner = target.load(artifact, threads=config.threads)
+    runner = target.load(artifact, threads=config.threads, **runner_options(config))
     parity = check_student_parity(student, runner, tensors, config)                      # 6. parity
 
     ensemble_runner, ensemble_export = export_ensemble(ensemble, target, tensors, teacher.test, config, console)
@@ -436,7 +436,7 @@ def export_ensemble(ensemble: Ensemble, target, tensors: Tensors, teacher_test: 
         with console.status(f"exporting the ensemble to {config.target} for a like-for-like comparison"):
             artifact = target.export(ensemble.as_module(example), example, config.output_dir() / "ensemble-export",
                                      "fp32", **export_options(config))
-            runner = target.load(artifact, threads=config.threads)
+            runner = target.load(artifact, threads=config.threads, **runner_options(config))
     except CompressorError as exc:
         return None, {"exported": False, "reason": str(exc)}
     x = tensors.x_test[:PARITY_ROWS]
@@ -444,6 +444,11 @@ def export_ensemble(ensemble: Ensemble, target, tensors: Tensors, teacher_test: 
     parity = check_parity(reference, runner.infer(x.numpy()), "fp32")
     summary = {"exported": True, "artifact": artifact.to_dict(), "parity": parity.to_dict()}
     return (runner if parity.passed else None), summary
+
+
+def runner_options(config: RunConfig) -> dict:
+    """Keyword arguments for the target's ``load`` beyond threads: ONNX Runtime's execution provider."""
+    return {"provider": config.ort_provider} if config.target in ("onnx", "onnxruntime") else {}
 
 
 def export_options(config: RunConfig) -> dict:
@@ -466,7 +471,8 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     targets_ = [(runner, config.precision)]
     if "fp32_model" in artifact.files:  # a reduced-precision export: its fp32 graph shows what the precision buys
         fp32 = get_target(config.target).load(Artifact(config.target, "fp32", {"model": artifact.files["fp32_model"]},
-                                                       artifact.inputs, artifact.outputs), threads=config.threads)
+                                                       artifact.inputs, artifact.outputs), threads=config.threads,
+                                                       **runner_options(config))
         targets_.insert(0, (fp32, "fp32"))
     rows += student_rows("student", student, predict_logits(student, tensors.x_test).numpy(), pool, device,
                          config.target, targets_, x_test)
@@ -623,6 +629,13 @@ def _check_config(config: RunConfig) -> None:
         except ValueError:
             raise CompressorError(f"--bias-fix {config.bias_fix}: give auto, none or a number of logits "
                                   f"(the paper raised the omitted 3's bias by 3.5)") from None
+    if config.ort_provider != "auto":
+        if config.target not in ("onnx", "onnxruntime"):
+            raise CompressorError(f"--ort-provider {config.ort_provider} applies to --target onnxruntime or onnx, "
+                                  f"not --target {config.target}; drop it")
+        from targets.onnxruntime import check_provider
+
+        check_provider(config.ort_provider)  # no onnxruntime-gpu: stop before training
     if config.no_cache and config.refresh_teacher_cache:
         raise CompressorError("--no-cache and --refresh-teacher-cache contradict each other; pass one of them")
 

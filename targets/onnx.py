@@ -47,11 +47,11 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32") -> Arti
     return export_onnx(model, example_input, out_dir, precision, target="onnx")
 
 
-def load(artifact: Artifact, threads: int | None = None) -> Runner:
-    """Run the ONNX file with ONNX Runtime (see ``targets.onnxruntime.OrtRunner``)."""
+def load(artifact: Artifact, threads: int | None = None, provider: str = "auto") -> Runner:
+    """Run the ONNX file with ONNX Runtime on ``provider`` (see ``targets.onnxruntime.OrtRunner``)."""
     from targets.onnxruntime import load as ort_load
 
-    return ort_load(artifact, threads=threads)
+    return ort_load(artifact, threads=threads, provider=provider)
 
 
 def export_onnx(model, example_input, out_dir: Path, precision: str, target: str) -> Artifact:

@@ -6,9 +6,12 @@ tools (``targets.quantize``): fp16 weights and arithmetic, or static INT8 in QDQ
 rows. Every precision keeps a float32 input and output, so callers feed float32 whatever was exported.
 
 ``OrtRunner`` is also the runner behind ``--target onnx``. Sessions use ``ORT_ENABLE_ALL`` (constant folding,
-node fusions, layout transforms) and ``CPUExecutionProvider``, with ``CUDAExecutionProvider`` first when
-onnxruntime-gpu provides it. Intra-op threads default to ONNX Runtime's own choice (one per physical core);
-``info`` records the count in use so a latency figure can be reproduced.
+node fusions, layout transforms). The execution provider is ``--ort-provider``: ``auto`` puts
+``CUDAExecutionProvider`` first when onnxruntime-gpu provides it, then the CPU; ``cpu``, ``cuda`` and ``tensorrt``
+ask for one (``tensorrt``: ONNX Runtime's TensorRT provider, which builds and caches an engine beside the model on
+first use; CUDA and the CPU stay behind it for the nodes TensorRT does not take). Intra-op threads default to ONNX
+Runtime's own choice (one per physical core); ``info`` records the count and providers in use so a latency figure
+can be reproduced.
 
 No torch import at module level: loading and running need only numpy and onnxruntime.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, MissingCapabilityError
 from targets.base import Artifact
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -30,6 +33,10 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
 
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                   "tensorrt": "TensorrtExecutionProvider"}
+TRT_CACHE_DIR = "ort-tensorrt-cache"  # beside the model: engines and timing caches of ONNX Runtime's TensorRT EP
 
 
 def export(model, example_input, out_dir: Path, precision: str = "fp32",
@@ -81,9 +88,10 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32",
                     metadata=metadata)
 
 
-def load(artifact: Artifact, threads: int | None = None) -> "OrtRunner":
-    """An ``OrtRunner`` on ``artifact.files["model"]``."""
-    return OrtRunner.from_path(artifact.files["model"], threads=threads, precision=artifact.precision)
+def load(artifact: Artifact, threads: int | None = None, provider: str = "auto") -> "OrtRunner":
+    """An ``OrtRunner`` on ``artifact.files["model"]`` with the execution provider ``provider`` (PROVIDER_CHOICES)."""
+    return OrtRunner.from_path(artifact.files["model"], threads=threads, precision=artifact.precision,
+                               provider=provider)
 
 
 class OrtRunner:
@@ -109,9 +117,11 @@ class OrtRunner:
         }
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, threads: int | None = None, precision: str = "fp32") -> "OrtRunner":
+    def from_path(cls, path: str | os.PathLike, threads: int | None = None, precision: str = "fp32",
+                  provider: str = "auto") -> "OrtRunner":
         """Open the .onnx file ``path``; ``threads=None`` lets ONNX Runtime use one thread per physical core."""
         path = Path(path)
+        providers = session_providers(provider, path.parent / TRT_CACHE_DIR)
         if not path.is_file():
             raise CompressorError(f"{path}: no such ONNX file; export the model again")
         if threads is not None and threads < 1:
@@ -121,7 +131,7 @@ class OrtRunner:
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
         options.log_severity_level = 3  # errors only: its warnings about unused initializers are not for our users
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=session_providers())
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise CompressorError(f"ONNX Runtime cannot load {path} ({str(exc).splitlines()[0]}); "
                                   "export the model again") from exc
@@ -146,10 +156,33 @@ class OrtRunner:
             raise CompressorError(f"{self.path}: expected input of shape {expected}, got {tuple(x.shape)}")
 
 
-def session_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, then the CPU (always available)."""
+def check_provider(choice: str) -> None:
+    """Refuse, in one line, an ``--ort-provider`` this onnxruntime build lacks (exit code 2), before any work."""
+    if choice not in PROVIDER_CHOICES:
+        raise CompressorError(f"--ort-provider {choice}: choose one of {', '.join(PROVIDER_CHOICES)}")
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or ["CPUExecutionProvider"]
+    if choice != "auto" and PROVIDER_NAMES[choice] not in available:
+        raise MissingCapabilityError(
+            f"--ort-provider {choice}: this onnxruntime {ort.__version__} offers {', '.join(available)} only; "
+            f"install onnxruntime-gpu (the gpu extra) with CUDA{' and TensorRT' * (choice == 'tensorrt')} "
+            f"libraries on a GPU machine, or use --ort-provider auto")
+
+
+def session_providers(choice: str = "auto", trt_cache: Path | None = None) -> list:
+    """The providers list for a session: ``auto`` is CUDA first when this build has it, then the CPU; ``cpu``,
+    ``cuda`` and ``tensorrt`` name one, each with the ones below it behind for the nodes it does not take.
+    TensorRT's engines and timing cache are kept in ``trt_cache``, so a second session starts without a build."""
+    check_provider(choice)
+    available = ort.get_available_providers()
+    if choice == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    chain = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}[choice]
+    providers: list = [PROVIDER_NAMES[name] for name in chain if PROVIDER_NAMES[name] in available]
+    if choice == "tensorrt":
+        cache = str(trt_cache or Path(TRT_CACHE_DIR))
+        providers[0] = ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                                                      "trt_timing_cache_enable": True, "trt_timing_cache_path": cache})
+    return providers
 
 
 def physical_cores() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -167,3 +168,21 @@ def test_inspect_lists_members_and_scores_them_on_data(capsys, digits_ensemble):
     code, output = run_cli(capsys, "inspect", "/nonexistent.pt")
     assert code == 1
     assert_one_clear_line(output, "/nonexistent.pt")
+
+
+def test_an_ort_provider_this_build_lacks_stops_before_training(capsys, digits_ensemble, tmp_path):
+    out = tmp_path / "out"
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--ort-provider", "tensorrt", "--out", out, *QUICK)
+    assert code == 2
+    assert_one_clear_line(output, "--ort-provider tensorrt", "install onnxruntime-gpu")
+    assert not out.exists()
+
+
+def test_the_chosen_ort_provider_runs_the_student_and_the_ensemble(capsys, digits_ensemble, tmp_path):
+    out = tmp_path / "out"
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--ort-provider", "cpu", "--out", out,
+                           "--rounds", "1", "--batch-sizes", "1", *QUICK)
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["ort_provider"] == "cpu"
+    assert report["runner"]["providers"] == ["CPUExecutionProvider"]

@@ -6,8 +6,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compressor.errors import CompressorError
-from targets.onnxruntime import OrtRunner, load, physical_cores
+from compressor.errors import CompressorError, MissingCapabilityError
+from targets.onnxruntime import (
+    PROVIDER_NAMES,
+    OrtRunner,
+    check_provider,
+    load,
+    physical_cores,
+    session_providers,
+)
 
 
 def test_runner_records_providers_threads_and_versions(exported_mlp):
@@ -67,3 +74,42 @@ def test_runner_module_does_not_need_torch(mlp_onnx, tmp_path):
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_execution_provider_is_chosen_or_refused_in_one_line(exported_mlp):
+    _, artifact = exported_mlp
+    runner = load(artifact, threads=1, provider="cpu")
+    assert runner.info["providers"] == ["CPUExecutionProvider"] and runner.info["device"] == "cpu"
+    assert session_providers("auto") == [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                                         if p in ort.get_available_providers()]
+    for choice in ("cuda", "tensorrt"):
+        if PROVIDER_NAMES[choice] in ort.get_available_providers():
+            continue  # a GPU build: covered by the gpu test below
+        with pytest.raises(MissingCapabilityError, match=f"--ort-provider {choice}: this onnxruntime .* only; "
+                                                         "install onnxruntime-gpu") as raised:
+            load(artifact, provider=choice)
+        assert raised.value.exit_code == 2 and "\n" not in str(raised.value)
+    with pytest.raises(CompressorError, match="--ort-provider rocm: choose one of auto, cpu, cuda, tensorrt"):
+        check_provider("rocm")
+
+
+def test_tensorrt_provider_options_cache_engines_beside_the_model(monkeypatch, tmp_path):
+    """What a TensorRT-enabled onnxruntime-gpu is asked for; the provider list is built without running it."""
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: everything)
+    (name, options), *rest = session_providers("tensorrt", tmp_path / "cache")
+    assert name == "TensorrtExecutionProvider" and rest == everything[1:]
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "cache")
+    assert options["trt_timing_cache_enable"]
+    assert session_providers("cuda") == everything[1:] and session_providers("cpu") == everything[2:]
+
+
+@pytest.mark.gpu
+def test_the_cuda_provider_runs_the_export_on_the_gpu(exported_mlp, make_inputs, run_torch):
+    model, artifact = exported_mlp
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider (install onnxruntime-gpu)")
+    runner = load(artifact, provider="cuda")
+    assert runner.info["providers"][0] == "CUDAExecutionProvider" and runner.info["device"] == "cuda"
+    x = make_inputs(64)
+    np.testing.assert_allclose(runner.infer(x), run_torch(model, x), rtol=1e-3, atol=1e-4)
