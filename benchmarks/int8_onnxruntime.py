@@ -4,7 +4,9 @@ A ``--student`` (default ``mlp:800x800``, the paper's small net) is trained on F
 ``--epochs`` with ``compressor.distill.train_student`` (checkpoints in ``--work-dir``, so a rerun reuses the net),
 then exported by ``targets.onnxruntime.export`` exactly as ``compress --target onnxruntime --precision P`` does:
 fp32, fp16 (ONNX Runtime's float16 converter, float32 I/O) and int8 (static QDQ, symmetric, per-channel weights,
-MinMax ranges calibrated on 512 training rows). Each export is scored on the 10,000 test images and timed with the
+MinMax ranges calibrated on 512 training rows); beside them, ONNX Runtime's *dynamic* int8 quantization of the same
+fp32 file (weights int8, activation ranges computed per call, no calibration), the baseline the static QDQ export
+must beat. Each export is scored on the 10,000 test images and timed with the
 report's own harness (``targets.benchmark.sweep``: warm-up, timed calls for ``--duration``, interleaved rounds) at
 every ``--batch-sizes``. Throughput is rows per second at the median latency.
 
@@ -43,7 +45,7 @@ from compressor.fileio import write_json_atomic
 from compressor.losses import HardLabelLoss
 from compressor.students import create_student
 from targets.benchmark import measure_latency, sweep
-from targets.onnxruntime import export, load
+from targets.onnxruntime import OrtRunner, export, load
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 RESULTS = Path(__file__).parent / "results"
@@ -100,11 +102,10 @@ def main(args: argparse.Namespace) -> int:
     for precision in ("fp32", "fp16", "int8"):
         extra = {"calibration": calibration} if precision == "int8" else {}
         artifact = export(student, example, work / "export" / precision, precision, **extra)
-        runner = load(artifact, threads=args.threads)
-        top1 = float((runner.infer(data.test.x).argmax(1) == data.test.y).mean())
-        runners.append(runner)
-        rows.append({"precision": precision, "top1": top1, "file_bytes": Path(artifact.files["model"]).stat().st_size,
-                     "runner": runner.name})
+        runners.append(load(artifact, threads=args.threads))
+        rows.append(_score(runners[-1], precision, data))
+    runners.append(dynamic_int8(work / "export", args.threads))
+    rows.append(_score(runners[-1], "int8-dynamic", data))
     pool = data.test.x[:POOL]
     measures = [lambda b, w, d, r=r: measure_latency(r.infer, pool, b, w, d) for r in runners]
     latencies = sweep(measures, args.batch_sizes, args.warmup, args.duration, args.rounds)
@@ -128,6 +129,21 @@ def main(args: argparse.Namespace) -> int:
     print_table(result)
     console.print(f"wrote {out}")
     return 0
+
+
+def dynamic_int8(export_dir: Path, threads: int | None) -> OrtRunner:
+    """ONNX Runtime's dynamic int8 quantization of the fp32 export (``export_dir/fp32/model.onnx``), as a runner."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = export_dir / "int8-dynamic" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(export_dir / "fp32" / "model.onnx", path, weight_type=QuantType.QInt8)
+    return OrtRunner.from_path(path, threads=threads, precision="int8-dynamic")
+
+
+def _score(runner: OrtRunner, precision: str, data) -> dict:
+    top1 = float((runner.infer(data.test.x).argmax(1) == data.test.y).mean())
+    return {"precision": precision, "top1": top1, "file_bytes": runner.path.stat().st_size, "runner": runner.name}
 
 
 def print_table(result: dict) -> None:
