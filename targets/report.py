@@ -102,7 +102,21 @@ def _parity(report: dict) -> list[str]:
     return ["## Parity of the export with PyTorch", "",
             f"{parity['precision']} gate {verdict}. max |diff| {metrics.get('max_abs_diff', float('nan')):.2e} "
             f"(tolerance {metrics.get('tolerance', float('nan')):.2e}), top-1 agreement "
-            f"{_pct(metrics.get('top1_agreement'))}.", ""]
+            f"{_pct(metrics.get('top1_agreement'))}.", *_build(report), ""]
+
+
+def _build(report: dict) -> list[str]:
+    """The engine build of a GPU target (TensorRT version, build time, profile), when the export made one."""
+    export = report.get("export") or {}
+    meta = export.get("metadata") or {}
+    seconds = meta.get("build_seconds", meta.get("compile_seconds"))
+    if seconds is None:
+        return []
+    versions = meta.get("versions") or {}
+    profile = meta.get("profile") or {}
+    batch = f", batch profile {profile['min']}..{profile['max']} (opt {profile['opt']})" if profile else ""
+    return ["", f"Engine built in {seconds:.1f} s with TensorRT {versions.get('tensorrt', '?')} on "
+                f"{meta.get('gpu', 'the GPU')}{batch}."]
 
 
 def _teachers(report: dict) -> list[str]:

@@ -108,3 +108,12 @@ def test_training_section_tells_the_transfer_set_the_bias_fix_the_cache_and_the_
     text = render_markdown(page)
     assert "recomputed on every training batch" in text and "labels ignored" in text
     assert "Bias fix" not in text and "processes" not in text
+
+
+def test_a_gpu_engine_build_is_named_with_its_time_version_and_profile():
+    page = report()
+    assert "Engine built" not in render_markdown(page)  # ONNX Runtime builds no engine
+    page["export"] = {"metadata": {"build_seconds": 12.34, "gpu": "NVIDIA H100", "versions": {"tensorrt": "11.0.1"},
+                                   "profile": {"min": 1, "opt": 64, "max": 256}}}
+    assert "Engine built in 12.3 s with TensorRT 11.0.1 on NVIDIA H100, batch profile 1..256 (opt 64)." \
+        in render_markdown(page)
