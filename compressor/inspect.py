@@ -15,7 +15,8 @@ from compressor.teachers import load_ensemble
 
 def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train: int | None,
                      console: Console) -> dict:
-    """Print members, parameter counts, input shape and classes; with ``data``, accuracy on its test split.
+    """Print members, parameter counts, input shape and classes; with ``data``, the diagnostics on its test split
+    (accuracy, NLL, ECE, disagreement, fitted weights and temperature).
 
     Normalisation from the ensemble's metadata is applied to the data exactly as the main job applies it.
     Returns what it printed, as a dict.
@@ -50,12 +51,21 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
         accuracy.add_column("model")
         accuracy.add_column("top-1", justify="right")
         accuracy.add_column("NLL", justify="right")
+        accuracy.add_column("ECE", justify="right")
         for member in scores["members"]:
-            accuracy.add_row(member["name"], f"{member['accuracy']:.2%}", f"{member['nll']:.4f}")
+            accuracy.add_row(member["name"], f"{member['accuracy']:.2%}", f"{member['nll']:.4f}",
+                             f"{member['ece']:.4f}")
         if scores["mixture"]:
-            accuracy.add_row("[bold]ensemble[/]", f"{scores['mixture']['accuracy']:.2%}",
-                             f"{scores['mixture']['nll']:.4f}")
+            mixture = scores["mixture"]
+            accuracy.add_row("[bold]ensemble[/]", f"{mixture['accuracy']:.2%}", f"{mixture['nll']:.4f}",
+                             f"{mixture['ece']:.4f}")
         console.print(accuracy)
+        if scores.get("fit"):
+            fit = scores["fit"]
+            console.print(f"members disagree on {scores['disagreement']['mean']:.2%} of rows; weights and "
+                          f"temperature fitted on these rows: {[round(w, 2) for w in fit['weights']]}, "
+                          f"T {fit['temperature']:.2f}, NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}",
+                          highlight=False, soft_wrap=True)
         for line in scores["warnings"]:
             console.print(f"[yellow]warning:[/] {line}")
         info["scores"] = scores

@@ -27,7 +27,7 @@ from compressor import __version__
 from compressor.config import PRECISIONS, RunConfig
 from compressor.compare import eager_device, ensemble_rows, headline, student_rows
 from compressor.data import Dataset, load_dataset
-from compressor.diagnostics import diagnose
+from compressor.diagnostics import diagnose, transfer_sample
 from compressor.distill import TrainConfig, TrainResult, check_amp, predict_logits, train_student
 from compressor.distributed import World, barrier, join, leave
 from compressor.errors import CompressorError, MissingCapabilityError
@@ -128,7 +128,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
     teacher = teacher_outputs(ensemble, dataset, tensors, normalisation, config, world, console)
-    diagnostics = diagnose(ensemble, teacher.val, tensors.y_val)                          # 2. diagnose
+    diagnostics = diagnose_teachers(ensemble, tensors, teacher, config)                  # 2. diagnose
     for line in diagnostics["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
     transfer = transfer_set(config, ensemble, tensors, teacher, omitted, console)
@@ -211,6 +211,17 @@ def teacher_outputs(ensemble: Ensemble, dataset: Dataset, tensors: Tensors, norm
             entries = {name: CachedLogits(logits.numpy()) for name, logits in computed.items()}
     return TeacherOutputs(entries["train"], entries["val"].to_tensor(), entries["test"].to_tensor(),
                           cache.describe(hit))
+
+
+def diagnose_teachers(ensemble: Ensemble, tensors: Tensors, teacher: TeacherOutputs, config: RunConfig) -> dict:
+    """The ensemble on validation and on a sample of the transfer set (compressor.diagnostics)."""
+    rows = transfer_sample(tensors.y_train, config.seed)  # (S,)
+    if isinstance(teacher.train, CachedLogits):
+        transfer = teacher.train.take(rows)  # (K, S, C): only the sampled rows are read
+    else:  # --no-cache: the teachers run on the sample once more
+        transfer = teacher.train(tensors.x_train[rows])
+    return diagnose(ensemble, teacher.val, tensors.y_val, transfer_logits=transfer,
+                    transfer_labels=tensors.y_train[rows])
 
 
 def omitted_classes(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> tuple[int, ...]:

@@ -123,11 +123,27 @@ def _teachers(report: dict) -> list[str]:
     diagnostics = report.get("diagnostics") or {}
     if not diagnostics.get("members"):
         return []
-    lines = ["## Teachers on the validation split", "", _row(["member", "accuracy", "NLL"]), _row(["---"] * 3)]
+    lines = ["## Teachers on the validation split", "", _row(["member", "accuracy", "NLL", "ECE"]),
+             _row(["---"] * 4)]
     for member in diagnostics["members"]:
-        lines.append(_row([member["name"], _pct(member["accuracy"]), _num(member["nll"])]))
+        lines.append(_row([member["name"], _pct(member["accuracy"]), _num(member["nll"]), _num(member.get("ece"))]))
     mixture = diagnostics["mixture"]
-    return lines + [_row(["**ensemble**", _pct(mixture["accuracy"]), _num(mixture["nll"])]), ""]
+    lines += [_row(["**ensemble**", _pct(mixture["accuracy"]), _num(mixture["nll"]), _num(mixture.get("ece"))]), ""]
+    if diagnostics.get("disagreement") and len(diagnostics["members"]) > 1:
+        lines.append(f"- Members disagree on {_pct(diagnostics['disagreement']['mean'])} of validation rows "
+                     f"(mean over pairs).")
+    fit = diagnostics.get("fit")
+    if fit:
+        weights = ", ".join(f"{w:.2f}" for w in fit["weights"])
+        lines.append(f"- Fitted on validation (recorded, not applied): weights [{weights}], temperature "
+                     f"{fit['temperature']:.2f}; NLL {_num(fit['nll_before'])} → {_num(fit['nll_after'])}, ECE "
+                     f"{_num(fit['ece_before'])} → {_num(fit['ece_after'])}.")
+    transfer = diagnostics.get("transfer") or {}
+    if transfer.get("examples"):
+        lines.append(f"- On the transfer set ({transfer['examples']:,} rows): accuracy {_pct(transfer['accuracy'])} "
+                     f"(validation {_pct(transfer['heldout_accuracy'])}), soft-target entropy "
+                     f"{transfer['entropy']:.3f} nats (validation {transfer['heldout_entropy']:.3f}).")
+    return lines + [""]
 
 
 def _training(report: dict) -> list[str]:
