@@ -139,10 +139,52 @@ def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: 
     return rows
 
 
-def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, precision: str = "fp32") -> str:
+BOOTSTRAP_RESAMPLES = 2000  # paired resamples of the test rows for the interval of the gain kept
+BOOTSTRAP_CHUNK = 250       # resamples drawn at a time, so memory stays at CHUNK x N indices
+
+
+def verdict(rows: list[Row], labels: np.ndarray, seed: int = 0) -> dict | None:
+    """Gain kept = (student − baseline) / (ensemble − baseline) in test top-1, with a paired bootstrap 95% interval.
+
+    The student, the hard-label baseline and the ensemble (all in PyTorch eager) are scored on the same labelled
+    test rows; each resample draws those rows with replacement and recomputes the three accuracies together. When
+    more than 2.5% of resamples find the ensemble no better than the baseline, the ensemble's gain is within the
+    noise of the test split and the share kept is "not measurable". None without a baseline row or labels.
+    """
+    by_kind = {row.kind: row for row in rows if row.backend == EAGER}
+    if not {"student", "baseline", "ensemble"} <= set(by_kind):
+        return None
+    labelled = labels >= 0
+    if not labelled.any():
+        return None
+    y = labels[labelled]
+    correct = np.stack([by_kind[kind].scores[labelled].argmax(1) == y
+                        for kind in ("student", "baseline", "ensemble")]).astype(np.float64)  # (3, n)
+    student, baseline, ensemble = correct.mean(1)
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, BOOTSTRAP_RESAMPLES, BOOTSTRAP_CHUNK):
+        idx = rng.integers(0, len(y), (min(BOOTSTRAP_CHUNK, BOOTSTRAP_RESAMPLES - start), len(y)))  # (R, n)
+        means.append(correct[:, idx].mean(axis=2))  # (3, R)
+    resampled = np.concatenate(means, axis=1)  # (3, R)
+    gains = resampled[2] - resampled[1]  # (R,) ensemble − baseline
+    measurable = bool(ensemble > baseline and (gains <= 0).mean() <= 0.025)
+    kept = (student - baseline) / (ensemble - baseline) if ensemble > baseline else None
+    interval = None
+    if measurable:
+        shares = (resampled[0] - resampled[1])[gains > 0] / gains[gains > 0]
+        interval = [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
+    return {"student_top1": float(student), "baseline_top1": float(baseline), "ensemble_top1": float(ensemble),
+            "gain_kept": None if kept is None else float(kept), "interval_95": interval, "measurable": measurable,
+            "resamples": BOOTSTRAP_RESAMPLES, "examples": int(len(y)), "seed": seed}
+
+
+def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, precision: str = "fp32",
+             gain: dict | None = None) -> str:
     """What a person reads first: the student's batch-1 speed-up over the ensemble on the same backend (and in
     PyTorch eager), the accuracy it keeps, the share of the ensemble's gain over the hard-label baseline it keeps,
-    and, when it loses more than a point or loses to the baseline, the likely cause."""
+    and, when it loses more than a point or loses to the baseline, the likely cause. ``gain`` is :func:`verdict`'s
+    result: with it the share kept carries its bootstrap interval, or is called not measurable."""
     find = {(row["kind"], row["backend"]): row for row in rows if row["kind"] != "student"}
     eager = find[("ensemble", EAGER)]
     student = next(row for row in rows
@@ -172,7 +214,7 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
         return text + " The test split has no labels, so accuracy is not known; see agreement with the ensemble."
     text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
              f"({student_acc:.2%} vs {ensemble_acc:.2%})")
-    text += _baseline_clause(baseline, student_acc, ensemble_acc) if baseline else "."
+    text += _baseline_clause(baseline, student_acc, ensemble_acc, gain) if baseline else "."
     drop = 100 * (ensemble_acc - student_acc)
     if drop > 1.0:
         if training.best_epoch == epochs:
@@ -186,7 +228,7 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
     return text
 
 
-def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float) -> str:
+def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float, verdict_: dict | None = None) -> str:
     """How much of the ensemble's gain over the hard-label baseline the student keeps, in words."""
     baseline_acc = baseline["accuracy"]["top1"]
     gain = ensemble_acc - baseline_acc
@@ -194,7 +236,16 @@ def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float) ->
         return (f"; the same network trained on labels alone reaches {baseline_acc:.2%}: the ensemble has no "
                 f"gain over it to pass on, so distillation cannot pay here.")
     kept = (student_acc - baseline_acc) / gain
-    clause = f" and {kept:.0%} of its gain over the hard-label baseline ({baseline_acc:.2%})."
+    if verdict_ is not None and not verdict_["measurable"]:
+        clause = (f"; the ensemble's gain over the hard-label baseline ({baseline_acc:.2%}) is "
+                  f"{100 * gain:.2f} points, within the noise of {verdict_['examples']:,} test rows, so the share "
+                  f"of it the student keeps ({kept:.0%}) is not measurable.")
+    elif verdict_ is not None:
+        low, high = verdict_["interval_95"]
+        clause = (f" and {kept:.0%} (95% interval {low:.0%} to {high:.0%}) of its gain over the hard-label "
+                  f"baseline ({baseline_acc:.2%}).")
+    else:
+        clause = f" and {kept:.0%} of its gain over the hard-label baseline ({baseline_acc:.2%})."
     if student_acc < baseline_acc:
         clause += (f" Distillation did NOT pay: the same network trained on labels alone is "
                    f"{100 * (baseline_acc - student_acc):.2f} points better. Likely causes: a schedule too short "

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from compressor import __version__
 from compressor.config import PRECISIONS, RunConfig
-from compressor.compare import eager_device, ensemble_rows, headline, student_rows
+from compressor.compare import eager_device, ensemble_rows, headline, student_rows, verdict
 from compressor.data import Dataset, load_dataset
 from compressor.diagnostics import diagnose, transfer_sample
 from compressor.distill import TrainConfig, TrainResult, check_amp, predict_logits, train_student
@@ -490,6 +490,7 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
 
     reference = rows[0].scores
     measured = [row.describe(y_test, reference) for row in rows]
+    gain = verdict(rows, y_test, config.seed)
     total = len(rows) * len(config.batch_sizes) * config.rounds
     with progress_bar(config.progress) as progress:
         task = progress.add_task("benchmark", total=total)
@@ -542,7 +543,8 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
                       "split": "test", "examples": len(x_test)},
         "rows": measured,
         "pareto": None if pareto is None else pareto.name,
-        "headline": headline(measured, config.target, training, config.epochs, config.precision),
+        "verdict": gain,
+        "headline": headline(measured, config.target, training, config.epochs, config.precision, gain),
         "warnings": warnings_,
     }
 

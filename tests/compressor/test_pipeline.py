@@ -161,6 +161,46 @@ def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline(
     assert "no gain over it to pass on" in nothing
 
 
+def _scored(kind: str, correct: np.ndarray, labels: np.ndarray):
+    """A Row whose argmax is right exactly where ``correct`` says (scores one-hot on the label or the next class)."""
+    from compressor.compare import EAGER, Row
+
+    answers = np.where(correct, labels, (labels + 1) % 10)
+    return Row(kind, kind, EAGER, "cpu", "fp32", 1, "-", np.eye(10)[answers], None)
+
+
+def test_the_gain_kept_carries_a_bootstrap_interval_or_is_called_not_measurable():
+    from compressor.compare import headline, verdict
+    from compressor.distill import TrainResult
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2000)
+
+    def right(share):  # exactly `share` of the rows right, at random positions
+        return rng.permutation(np.arange(2000) < round(share * 2000))
+
+    rows = [_scored("ensemble", right(0.95), labels), _scored("baseline", right(0.85), labels),
+            _scored("student", right(0.90), labels)]
+    gain = verdict(rows, labels)
+    assert gain["gain_kept"] == pytest.approx(0.5) and gain["measurable"]
+    low, high = gain["interval_95"]
+    assert 0 < low < 0.5 < high < 1  # excludes 0: the student keeps a real share
+    text = headline([_row("ensemble", "PyTorch eager", 0.95, 1.0, 100), _row("baseline", "PyTorch eager", 0.85, 1, 1),
+                     _row("student", "onnxruntime", 0.90, 0.1, 1)], "onnxruntime", TrainResult(3, 0.9), 10, gain=gain)
+    assert f"and 50% (95% interval {low:.0%} to {high:.0%}) of its gain" in text
+
+    small = labels[:300]
+    close = [_scored("ensemble", right(0.86)[:300], small), _scored("baseline", right(0.855)[:300], small),
+             _scored("student", right(0.86)[:300], small)]
+    noisy = verdict(close, small)
+    assert not noisy["measurable"] and noisy["interval_95"] is None
+    text = headline([_row("ensemble", "PyTorch eager", 0.87, 1.0, 100), _row("baseline", "PyTorch eager", 0.86, 1, 1),
+                     _row("student", "onnxruntime", 0.86, 0.1, 1)], "onnxruntime", TrainResult(3, 0.9), 10, gain=noisy)
+    assert "within the noise of 300 test rows" in text and "not measurable" in text
+    assert verdict(rows[::2], labels) is None  # no baseline row
+    assert verdict(rows, np.full(2000, -1)) is None  # no labels
+
+
 def test_baseline_is_trained_on_labels_with_the_same_budget_and_reported(tmp_path, digits_ensemble):
     out = tmp_path / "baseline"
     assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--epochs", "3", "--student", "mlp:32",
@@ -171,6 +211,9 @@ def test_baseline_is_trained_on_labels_with_the_same_budget_and_reported(tmp_pat
     assert baseline["parameters"] == rows[("student", "PyTorch eager")]["parameters"]
     assert len(report["baseline"]["training"]["history"]) == 3 and (out / "checkpoints-baseline" / "best.pt").is_file()
     assert "of its gain over the hard-label baseline" in report["headline"] or "no gain over it" in report["headline"]
+    verdict = report["verdict"]
+    assert verdict["baseline_top1"] == baseline["accuracy"]["top1"] and verdict["resamples"] == 2000
+    assert verdict["measurable"] == (verdict["interval_95"] is not None)
     assert len(baseline["latency"]["1"]["round_medians"]) == 1
     # the baseline saw no teacher: retraining it by hand on the labels gives the same accuracy
     markdown = (out / "report.md").read_text()
