@@ -515,6 +515,11 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
                          f"({'; '.join(ensemble_export['parity']['failures'])}); its row is left out")
     warnings_ += timing_warnings(measured, config.rounds) + precision_warnings(measured, config.target,
                                                                               config.precision)
+    if gain is not None and not gain["measurable"]:
+        warnings_.append(f"the same-budget hard-label baseline ({gain['baseline_top1']:.2%}) is within the noise of "
+                         f"the ensemble ({gain['ensemble_top1']:.2%}) on {gain['examples']:,} test rows: there is "
+                         f"no measurable gain for distillation to keep; a better ensemble, or more test data to "
+                         f"tell them apart, would")
     try:
         pareto = plot_pareto(measured, config.output_dir() / "pareto.png",
                              title=f"{dataset.name}: test accuracy against batch-1 latency")

@@ -214,6 +214,7 @@ def test_baseline_is_trained_on_labels_with_the_same_budget_and_reported(tmp_pat
     verdict = report["verdict"]
     assert verdict["baseline_top1"] == baseline["accuracy"]["top1"] and verdict["resamples"] == 2000
     assert verdict["measurable"] == (verdict["interval_95"] is not None)
+    assert verdict["measurable"] != any("within the noise of the ensemble" in w for w in report["warnings"])
     assert len(baseline["latency"]["1"]["round_medians"]) == 1
     # the baseline saw no teacher: retraining it by hand on the labels gives the same accuracy
     markdown = (out / "report.md").read_text()
