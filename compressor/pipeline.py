@@ -518,8 +518,8 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     if gain is not None and not gain["measurable"]:
         warnings_.append(f"the same-budget hard-label baseline ({gain['baseline_top1']:.2%}) is within the noise of "
                          f"the ensemble ({gain['ensemble_top1']:.2%}) on {gain['examples']:,} test rows: there is "
-                         f"no measurable gain for distillation to keep; a better ensemble, or more test data to "
-                         f"tell them apart, would")
+                         f"no measurable gain for distillation to keep (a stronger ensemble, or more test data to "
+                         f"tell the two apart, would change that)")
     try:
         pareto = plot_pareto(measured, config.output_dir() / "pareto.png",
                              title=f"{dataset.name}: test accuracy against batch-1 latency")
