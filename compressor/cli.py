@@ -90,6 +90,10 @@ def job_options(func):
         click.option("--no-cache", is_flag=True,
                      help="Run the teachers on every training batch instead of caching their logits."),
         click.option("--refresh-teacher-cache", is_flag=True, help="Recompute and replace this run's cache entry."),
+        click.option("--recipe", type=click.Choice(["hinton", "consistent", "function-matching"]),
+                     default=RunConfig.recipe, show_default=True,
+                     help="hinton: the paper; consistent: teachers see the student's augmented view; "
+                          "function-matching: mixed pairs of inputs, alpha 1 (Beyer et al. 2022)."),
         click.option("--unlabeled", is_flag=True,
                      help="Ignore the transfer set's labels: train on the soft targets alone (alpha 1)."),
         click.option("--omit-classes", default=None, metavar="CLASSES",
@@ -124,6 +128,7 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
         unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
         amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
+        recipe=options["recipe"],
         threads=options["threads"], progress=not options["no_progress"],
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 

@@ -44,6 +44,7 @@ class RunConfig:
     amp: str = "none"                     # none | bf16: autocast the student's forward pass while training
     device: str = "auto"                  # auto | cpu | cuda: where the student trains
     ort_provider: str = "auto"            # auto | cpu | cuda | tensorrt: ONNX Runtime's execution provider
+    recipe: str = "hinton"                # hinton | consistent | function-matching (compressor/recipes.py)
     threads: int | None = None            # intra-op threads for ORT and PyTorch; None = library default
     progress: bool = True
     command: str = ""                     # the exact command line, recorded in the report

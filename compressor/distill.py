@@ -328,6 +328,7 @@ def train_student(
     resume: bool = False,
     fingerprint: dict | None = None,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    view: Callable[[Tensor, Tensor, int], Tensor] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on the transfer set and return what happened.
 
@@ -340,6 +341,11 @@ def train_student(
     randomness from ``generator``, seeded per epoch, so a run and its resumption see the same batches. Teacher
     logits are not recomputed for the transformed batch, so pass ``augment`` only with ``teacher_logits=None``
     (training a teacher or a baseline) or when a small change of input leaves the soft targets valid.
+
+    ``view(xb, rows, epoch) -> xb`` is the same for recipes whose view of a row must not depend on its batch
+    (``compressor.augment``): a deterministic function of the training rows ``rows`` (indices into ``x_train``)
+    and the 1-based epoch. A callable teacher source runs on the viewed batch, so the teachers see exactly what the
+    student sees.
 
     ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it exists (its config and
     ``fingerprint`` must match) and starts fresh when it does not; ``resume=False`` always starts
@@ -427,6 +433,8 @@ def train_student(
                 yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (b,)
                 if augment is not None:
                     xb = augment(xb, gen)
+                if view is not None:
+                    xb = view(xb, idx, epoch)
                 tb = _teacher_batch(teacher_logits, idx, xb, device)  # (K, b, C)
                 with _autocast(config.amp, device):
                     logits = model(xb)  # (b, C)

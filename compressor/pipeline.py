@@ -34,6 +34,7 @@ from compressor.errors import CompressorError, MissingCapabilityError
 from compressor.fileio import atomic_path
 from compressor.losses import DistillationLoss, HardLabelLoss
 from compressor.omitted_classes import apply_bias_shift, fit_bias_shift, keep_rows, parse_class_list
+from compressor.recipes import Recipe, make_recipe
 from compressor.students import create_student
 from compressor.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
 from compressor.teachers import Ensemble, load_ensemble
@@ -66,12 +67,14 @@ class Tensors:
 @dataclass
 class TeacherOutputs:
     """The members' logits per split: ``train`` as the training loop reads it (cached on disk, or a function that
-    runs the teachers on each batch with --no-cache), ``val`` and ``test`` as (K, N, C) tensors."""
+    runs the teachers on each batch with --no-cache), ``val`` and ``test`` as (K, N, C) tensors, and ``online``,
+    the function that runs the teachers on any batch (for recipes whose inputs change every epoch)."""
 
     train: object
     val: torch.Tensor
     test: torch.Tensor
     cache: dict
+    online: object
 
 
 @dataclass
@@ -84,6 +87,7 @@ class TransferSet:
     teacher: object
     y_val: torch.Tensor
     alpha: float
+    recipe: Recipe
     omitted: tuple[int, ...] = ()
     info: dict = field(default_factory=dict)
 
@@ -132,6 +136,10 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     for line in diagnostics["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
     transfer = transfer_set(config, ensemble, tensors, teacher, omitted, console)
+    diagnostics["view_check"] = check_views(ensemble, transfer.recipe, tensors, teacher)
+    if diagnostics["view_check"] and diagnostics["view_check"]["warning"]:
+        diagnostics["warnings"].append(diagnostics["view_check"]["warning"])
+        console.print(f"[yellow]warning:[/] {diagnostics['view_check']['warning']}")
 
     torch.manual_seed(config.seed)                                  # the student and the baseline start alike
     student = choose_student(config, ensemble, dataset)                                 # 3. student
@@ -184,13 +192,13 @@ def teacher_outputs(ensemble: Ensemble, dataset: Dataset, tensors: Tensors, norm
     stored there by rank 0 (the other ranks read what it stored). With --no-cache the teachers run on the held-out
     splits once and on every training batch, for inputs that change from epoch to epoch."""
     splits = {"train": tensors.x_train, "val": tensors.x_val, "test": tensors.x_test}
+
+    def online(xb: torch.Tensor) -> torch.Tensor:
+        return ensemble.member_logits(xb.cpu(), batch_size=max(len(xb), 1))  # (K, B, C)
+
     if config.no_cache:
         held_out = run_teachers(ensemble, {"val": splits["val"], "test": splits["test"]}, config)
-
-        def online(xb: torch.Tensor) -> torch.Tensor:
-            return ensemble.member_logits(xb.cpu(), batch_size=max(len(xb), 1))  # (K, B, C)
-
-        return TeacherOutputs(online, held_out["val"], held_out["test"], {"enabled": False})
+        return TeacherOutputs(online, held_out["val"], held_out["test"], {"enabled": False}, online)
     key = cache_key(ensemble.fingerprint(), dataset.fingerprint(),
                     {"preprocessing": dataset.preprocessing, "normalisation": normalisation})
     cache = TeacherCache(config.teacher_cache or default_cache_root(), key)
@@ -210,7 +218,7 @@ def teacher_outputs(ensemble: Ensemble, dataset: Dataset, tensors: Tensors, norm
             computed = run_teachers(ensemble, splits, config)
             entries = {name: CachedLogits(logits.numpy()) for name, logits in computed.items()}
     return TeacherOutputs(entries["train"], entries["val"].to_tensor(), entries["test"].to_tensor(),
-                          cache.describe(hit))
+                          cache.describe(hit), online)
 
 
 def diagnose_teachers(ensemble: Ensemble, tensors: Tensors, teacher: TeacherOutputs, config: RunConfig) -> dict:
@@ -253,7 +261,11 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
         info.update(rows=len(rows), omitted_classes=list(omitted), rows_dropped=len(tensors.x_train) - len(rows))
         console.print(f"[bold]transfer set[/] {len(rows)} rows: classes {list(omitted)} left out "
                       f"({info['rows_dropped']} rows)")
-    alpha = config.alpha
+    recipe = make_recipe(config.recipe, tuple(x.shape[1:]), x, config.seed)
+    if recipe.teachers_per_batch:
+        source = teacher.online  # the teachers see each batch's view, which changes every epoch
+    info.update(recipe.describe())
+    alpha = config.alpha if recipe.alpha is None else recipe.alpha
     if not bool((y >= 0).any()):
         alpha = 1.0
         if config.alpha != 1.0:
@@ -265,7 +277,32 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
         selection = "agreement with the ensemble on validation (the validation split has no labels)"
         console.print(f"[yellow]note:[/] best epoch chosen by {selection}")
     info.update(alpha=alpha, best_epoch_by=selection)
-    return TransferSet(x, y, source, y_val, alpha, omitted, info)
+    return TransferSet(x, y, source, y_val, alpha, recipe, omitted, info)
+
+
+MAX_VIEW_DROP = 0.02  # teachers losing more validation accuracy than this on the recipe's views are not robust to them
+
+
+def check_views(ensemble: Ensemble, recipe: Recipe, tensors: Tensors, teacher: TeacherOutputs) -> dict | None:
+    """The teachers' validation accuracy on the recipe's labelled views (its shifts) against the plain inputs;
+    a warning when they lose more than 2 points, since their soft targets on those views then teach their errors."""
+    if recipe.baseline_view is None:
+        return None
+    labelled = tensors.y_val >= 0
+    if not bool(labelled.any()):
+        return None
+    x, y = tensors.x_val[labelled], tensors.y_val[labelled]
+    rows = torch.arange(len(x)) + len(tensors.x_train)  # rows no training view uses, so the check is its own draw
+    viewed = recipe.baseline_view(x, rows, 1)
+    plain = float((ensemble.log_probs(teacher.val[:, labelled]).argmax(1) == y).double().mean())
+    on_views = float((ensemble.log_probs(ensemble.member_logits(viewed)).argmax(1) == y).double().mean())
+    warning = None
+    if plain - on_views > MAX_VIEW_DROP:
+        warning = (f"the teachers reach {on_views:.2%} on the recipe's views of the validation split against "
+                   f"{plain:.2%} on the plain images: they are not robust to {recipe.baseline_view.describe()}, "
+                   f"so --recipe {recipe.name} would teach their errors; prefer --recipe hinton or teachers "
+                   f"trained with that augmentation")
+    return {"plain_accuracy": plain, "view_accuracy": on_views, "warning": warning}
 
 
 def fix_bias(config: RunConfig, student: torch.nn.Module, tensors: Tensors, transfer: TransferSet,
@@ -374,7 +411,8 @@ def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Te
         "teacher_sha256": ensemble.fingerprint(), "data_sha256": dataset.fingerprint(),
         "student": config.student, "temperature": config.temperature, "alpha": transfer.alpha,
         "normalisation": json.dumps(normalisation, sort_keys=True),
-        "transfer_set": {key: transfer.info.get(key) for key in ("unlabeled", "omitted_classes", "best_epoch_by")},
+        "transfer_set": {key: transfer.info.get(key)
+                         for key in ("unlabeled", "omitted_classes", "best_epoch_by", "recipe", "augmentation")},
         "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
     }
     checkpoints = config.output_dir() / "checkpoints"
@@ -383,7 +421,8 @@ def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Te
     student.to(world.device)
     try:
         return train_student(student, transfer.x, transfer.y, transfer.teacher, tensors.x_val, transfer.y_val,
-                             loss, _train_config(config), checkpoints, resume=config.resume, fingerprint=fingerprint)
+                             loss, _train_config(config), checkpoints, resume=config.resume, fingerprint=fingerprint,
+                             view=transfer.recipe.view)
     finally:
         student.cpu()
 
@@ -407,10 +446,10 @@ def train_baseline(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tens
     model = choose_student(config, ensemble, dataset).to(world.device)
     console.print(f"[bold]baseline[/] {config.student} on the hard labels alone, {config.epochs} epochs")
     fingerprint = {"data_sha256": dataset.fingerprint(), "student": config.student, "loss": "hard-label",
-                   "omitted_classes": transfer.info.get("omitted_classes")}
+                   "omitted_classes": transfer.info.get("omitted_classes"), "recipe": config.recipe}
     training = train_student(model, transfer.x, transfer.y, None, tensors.x_val, transfer.y_val, HardLabelLoss(),
                              _train_config(config), config.output_dir() / "checkpoints-baseline",
-                             resume=config.resume, fingerprint=fingerprint)
+                             resume=config.resume, fingerprint=fingerprint, view=transfer.recipe.baseline_view)
     return TrainedBaseline(model.cpu(), training)
 
 

@@ -162,6 +162,9 @@ def _training(report: dict) -> list[str]:
         labels = "labels ignored (soft targets only)" if transfer.get("unlabeled") else f"α = {transfer['alpha']:g}"
         lines.append(f"- Transfer set: {transfer['rows']} rows, {labels}{omitted}; best epoch by "
                      f"{transfer['best_epoch_by']}.")
+        if transfer.get("recipe"):
+            lines.append(f"- Recipe `{transfer['recipe']}`: augmentation {transfer['augmentation']}; teacher logits "
+                         f"{transfer['teachers']}.")
     fix = report["student"].get("bias_fix")
     if fix:
         lines.append(f"- Bias fix: the output biases of classes {fix['classes']} raised by {fix['shift']:g}; "
