@@ -24,3 +24,17 @@ class MissingCapabilityError(CompressorError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: libraries often append pages of advice below it."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of ``exc``: exporters and compilers wrap the model's own error in their own."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from compressor.errors import CompressorError
-from compressor.fileio import directory_mode
+from compressor.fileio import directory_mode, sha256_file
 
 CACHE_FORMAT = "compressor.teacher-cache/1"
 ENTRY_FILE = "entry.json"
@@ -128,7 +128,7 @@ class TeacherCache:
                 raise self._stale(f"{ENTRY_FILE} has no complete record of {file.name}")
             if not file.is_file():
                 raise self._stale(f"{file.name} is missing")
-            if _sha256_file(file) != info["sha256"]:
+            if sha256_file(file) != info["sha256"]:
                 raise self._stale(f"{file.name} does not match the checksum recorded when it was written")
             array = np.load(file, mmap_mode="r", allow_pickle=False)
             if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
@@ -157,7 +157,7 @@ class TeacherCache:
                 array = values.astype(np.float16) if small else values
                 file = scratch / f"{split}.npy"
                 np.save(file, array, allow_pickle=False)
-                arrays[split] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": _sha256_file(file)}
+                arrays[split] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256_file(file)}
             record = {"key": self.key, "arrays": arrays}
             (scratch / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
             os.chmod(scratch, directory_mode())  # mkdtemp makes 0700; other users of a shared cache must read it
@@ -192,11 +192,3 @@ class TeacherCache:
     def _stale(self, why: str) -> CompressorError:
         return CompressorError(f"teacher cache {self.path} cannot be used: {why}; delete that folder or rerun with "
                                f"--refresh-teacher-cache (or --no-cache to run the teachers on every batch)")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

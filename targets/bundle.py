@@ -17,7 +17,6 @@ Imports only the standard library, numpy, onnxruntime and ``compressor.errors``/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError, MissingCapabilityError
-from compressor.fileio import directory_mode
+from compressor.fileio import directory_mode, sha256_file
 
 BUNDLE_FORMAT = 1
 METADATA_FILE = "metadata.json"
@@ -97,7 +96,7 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
                               "choose another --out") from exc
     try:
         shutil.copyfile(model_file, staging / model_name)
-        full = {**metadata, "model_file": model_name, "sha256": _sha256(staging / model_name),
+        full = {**metadata, "model_file": model_name, "sha256": sha256_file(staging / model_name),
                 "bundle_format": BUNDLE_FORMAT}
         triton_model = staging / "triton" / triton_name
         (triton_model / "1").mkdir(parents=True)
@@ -173,7 +172,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                               f"reads format {BUNDLE_FORMAT}; re-export the bundle with this version")
     if not model_file.is_file():
         raise CompressorError(f"{model_file}: the bundle's model file is missing; re-export the bundle")
-    digest = _sha256(model_file)
+    digest = sha256_file(model_file)
     if digest != metadata.get("sha256"):
         raise CompressorError(f"{model_file}: sha256 {digest[:12]}... does not match {metadata_file} "
                               f"({str(metadata.get('sha256'))[:12]}...); the file changed after export, "
@@ -210,13 +209,6 @@ def _validate(metadata: dict) -> None:
     if missing:
         raise ValueError(f"bundle metadata lacks {', '.join(missing)}")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _swap_in(staging: Path, bundle_dir: Path) -> None:

@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, root_cause
 from compressor.fileio import atomic_path
 from targets.base import Artifact, Runner, TensorSpec
 
@@ -76,7 +76,7 @@ def export_onnx(model, example_input, out_dir: Path, precision: str, target: str
     try:
         proto = _quiet_export(torch, model, example_input)
     except Exception as exc:
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         first_line = (str(cause).strip().splitlines() or [""])[0]
         raise CompressorError(f"ONNX export of {type(model).__name__} failed ({type(cause).__name__}: {first_line}); "
                               "the model's forward must be traceable by torch.export (run with --debug for details)"
@@ -160,12 +160,3 @@ def _make_dir(out_dir: Path) -> Path:
         raise CompressorError(f"cannot create the export folder {out_dir} ({exc.strerror or exc}); "
                               "choose another --out") from exc
     return out_dir
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost cause: torch.onnx wraps the model's own error in a page of advice."""
-    seen = set()
-    while exc.__cause__ is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__
-    return exc

@@ -19,7 +19,6 @@ No torch import at module level: loading and running need only numpy and onnxrun
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +68,7 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32",
 
     fp32 = export_onnx(model, example_input, out_dir / "fp32", "fp32", target="onnxruntime")
     source, path = fp32.files["model"], out_dir / "model.onnx"
-    started = time.perf_counter()
-    conversion: dict = {"converter": quantize.FP16_CONVERTER if precision == "fp16" else quantize.INT8_METHOD}
-    if precision == "fp16":
-        quantize.convert_fp16(source, path)
-    else:
-        conversion.update(quantize.quantize_int8(source, path, calibration, fp32.inputs[0].name))
-    conversion["seconds"] = round(time.perf_counter() - started, 3)
-    conversion["fp32_bytes"] = source.stat().st_size
-    conversion["bytes"] = path.stat().st_size
+    conversion = quantize.convert(source, path, precision, calibration, fp32.inputs[0].name)
 
     graph = onnx.load(str(path), load_external_data=False).graph
     metadata = {**fp32.metadata, "file_bytes": conversion["bytes"], "conversion": conversion}

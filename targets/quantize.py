@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_static)
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line
 from compressor.fileio import atomic_path
 
 FP16_CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
@@ -50,7 +50,7 @@ def convert_fp16(src: Path, dst: Path) -> Path:
         half = convert_float_to_float16(proto, keep_io_types=True)
         OnnxModel.graph_topological_sort(half.graph)  # the converter's input Casts sit last; the checker wants order
     except Exception as exc:  # the converter raises bare ValueError/RuntimeError/KeyError
-        raise CompressorError(f"fp16 conversion of {src} failed ({type(exc).__name__}: {_first_line(exc)}); "
+        raise CompressorError(f"fp16 conversion of {src} failed ({type(exc).__name__}: {first_line(exc)}); "
                               "export with --precision fp32, or report the model") from exc
     with atomic_path(dst) as tmp:
         onnx.save_model(half, tmp)
@@ -96,7 +96,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str
             quant_pre_process(str(src), str(prepared))
             quantize_static(str(prepared), str(tmp), _BatchReader(rows, input_name, batch_size), **options)
         except Exception as exc:  # onnxruntime raises ValueError/RuntimeError/its own Fail types
-            raise CompressorError(f"INT8 quantization of {src} failed ({type(exc).__name__}: {_first_line(exc)}); "
+            raise CompressorError(f"INT8 quantization of {src} failed ({type(exc).__name__}: {first_line(exc)}); "
                                   "export with --precision fp16 or fp32, or report the model") from exc
         _check(tmp, dst, "int8")
     seconds = time.perf_counter() - started
@@ -121,6 +121,21 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str
         "seconds": round(seconds, 3),
         "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
     }
+
+
+def convert(src: Path, dst: Path, precision: str, calibration: np.ndarray | None, input_name: str,
+            quantize_bias: bool = True) -> dict:
+    """Write ``dst``: the fp32 ONNX ``src`` at ``precision`` ("fp16" or "int8"), and return the conversion's record
+    (converter, int8 calibration details, seconds, fp32 and converted bytes) for the artifact's metadata."""
+    started = time.perf_counter()
+    record: dict = {"converter": FP16_CONVERTER if precision == "fp16" else INT8_METHOD}
+    if precision == "fp16":
+        convert_fp16(src, dst)
+    else:
+        record.update(quantize_int8(src, dst, calibration, input_name, quantize_bias=quantize_bias))
+    record.update(seconds=round(time.perf_counter() - started, 3), fp32_bytes=Path(src).stat().st_size,
+                  bytes=Path(dst).stat().st_size)
+    return record
 
 
 def check_calibration(calibration, input_shape: tuple, src: Path) -> np.ndarray:
@@ -176,7 +191,7 @@ def _load(src: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(src))
     except Exception as exc:  # google.protobuf.message.DecodeError and friends
-        raise CompressorError(f"{src} is not a readable ONNX file ({_first_line(exc)}); export the model again"
+        raise CompressorError(f"{src} is not a readable ONNX file ({first_line(exc)}); export the model again"
                               ) from exc
 
 
@@ -184,9 +199,5 @@ def _check(tmp: Path, dst: Path, precision: str) -> None:
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise CompressorError(f"the {precision} model {dst} fails onnx.checker ({_first_line(exc)}); this is a "
+        raise CompressorError(f"the {precision} model {dst} fails onnx.checker ({first_line(exc)}); this is a "
                               "converter bug, please report it with the model") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]

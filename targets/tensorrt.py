@@ -47,7 +47,7 @@ from types import ModuleType
 
 import numpy as np
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.errors import CompressorError, MissingCapabilityError, first_line
 from compressor.fileio import atomic_path
 from targets.base import Artifact
 from targets.bundle import TRITON_MAX_BATCH
@@ -129,7 +129,7 @@ def require_gpu_package(package: str, target: str) -> ModuleType:
             with contextlib.redirect_stdout(io.StringIO()):  # torch_tensorrt prints its import failures
                 return importlib.import_module(package)
         except Exception as exc:  # a broken install: ImportError, OSError from a missing libnvinfer, or plain Exception
-            missing.append(f"a working {package} package ({type(exc).__name__}: {_first_line(exc)})")
+            missing.append(f"a working {package} package ({type(exc).__name__}: {first_line(exc)})")
     raise MissingCapabilityError(
         f"--target {target} needs an NVIDIA GPU with CUDA and the {package} package, and this machine lacks "
         f"{' and '.join(missing)}; install compressor with the gpu extra on a CUDA machine (pip install -e '.[gpu]'), "
@@ -189,14 +189,7 @@ def export_graph(model, example_input, out_dir: Path, precision: str, calibratio
 
     fp32 = export_onnx(model, example_input, out_dir / "fp32", "fp32", target="tensorrt")
     source, path = fp32.files["model"], out_dir / "model.onnx"
-    started = time.perf_counter()
-    conversion: dict = {"converter": quantize.FP16_CONVERTER if precision == "fp16" else quantize.INT8_METHOD}
-    if precision == "fp16":
-        quantize.convert_fp16(source, path)
-    else:
-        conversion.update(quantize.quantize_int8(source, path, calibration, fp32.inputs[0].name, quantize_bias=False))
-    conversion.update(seconds=round(time.perf_counter() - started, 3), fp32_bytes=source.stat().st_size,
-                      bytes=path.stat().st_size)
+    conversion = quantize.convert(source, path, precision, calibration, fp32.inputs[0].name, quantize_bias=False)
     graph = onnx.load(str(path), load_external_data=False).graph
     return Artifact(target="tensorrt", precision=precision, files={"model": path, "fp32_model": source},
                     inputs=[tensor_spec(value) for value in graph.input],
@@ -450,7 +443,3 @@ def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
         raise CompressorError(f"batch sizes {batch_sizes!r}: give one or more whole numbers of at least 1, "
                               "e.g. (1, 64); they set the engine's optimisation profile")
     return [int(s) for s in sizes]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, first_line, root_cause
 from targets.base import Artifact, TensorSpec
 from targets.tensorrt import (DEFAULT_BATCH_SIZES, BatchProfile, batch_slices, check_input, check_threads,
                               choose_profile, require_gpu_package)
@@ -125,9 +125,9 @@ def compile_and_save(torch_tensorrt, model: nn.Module, row_shape: tuple, path: P
             compiled = torch_tensorrt.compile(module, ir="dynamo", arg_inputs=[spec], min_block_size=1,
                                               disable_tf32=True, timing_cache_path=str(timing_cache))
     except Exception as exc:  # torch.export and every converter raise their own types
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         raise CompressorError(f"Torch-TensorRT could not compile {type(model).__name__} at {precision} "
-                              f"({type(cause).__name__}: {_first_line(cause)}); the student's forward must be "
+                              f"({type(cause).__name__}: {first_line(cause)}); the student's forward must be "
                               "traceable by torch.export, or use --target tensorrt") from exc
     seconds = time.perf_counter() - started
     partition = _partition(compiled)
@@ -202,7 +202,7 @@ class TorchTensorRTRunner:
                 module = torch_tensorrt.load(str(path), extra_files=extra).module()
         except Exception as exc:  # torch.export.load, then torch.jit.load, each with their own errors
             raise CompressorError(f"{path}: Torch-TensorRT {torch_tensorrt.__version__} cannot load this program "
-                                  f"({_first_line(_root_cause(exc))}); its engines run only with the versions and "
+                                  f"({first_line(root_cause(exc))}); its engines run only with the versions and "
                                   "GPU they were built for, so export it again on this machine") from exc
         try:
             description = json.loads(extra[DESCRIPTION_FILE])
@@ -253,9 +253,9 @@ def _save(torch_tensorrt, compiled, path: Path, inputs: list, extra_files: dict)
         raise CompressorError(f"could not write {path}: {exc.strerror or exc}; free disk space or choose another "
                               "--out") from exc
     except Exception as exc:  # re-export of the compiled graph inside torch_tensorrt.save
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         raise CompressorError(f"Torch-TensorRT could not save {path} ({type(cause).__name__}: "
-                              f"{_first_line(cause)}); use --target tensorrt") from exc
+                              f"{first_line(cause)}); use --target tensorrt") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -282,15 +282,3 @@ def _single_output(output) -> torch.Tensor:
     if not isinstance(output, torch.Tensor):
         raise CompressorError(f"the compiled student returned {type(output).__name__}, not one (N, C) tensor")
     return output
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while exc.__cause__ is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__
-    return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]

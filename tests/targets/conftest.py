@@ -94,3 +94,19 @@ def mlp_onnx(tmp_path, exported_mlp) -> Path:
     path.parent.mkdir()
     shutil.copyfile(exported_mlp[1].files["model"], path)
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(digits_data) -> nn.Module:
+    """A 64-128-10 MLP trained for 15 epochs on the digits training split (CPU, seeded): a real student for the
+    GPU targets' parity tests."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES))
+    x, y = torch.from_numpy(digits_data.train.x), torch.from_numpy(digits_data.train.y)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(15):
+        for rows in torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).split(64):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+            optimiser.step()
+    return model.eval()

@@ -232,29 +232,15 @@ def tensorrt_gpu():
 
 
 @pytest.fixture(scope="module")
-def digits_student(tensorrt_gpu, digits_data) -> nn.Module:
-    """A 64-128-10 MLP trained for 15 epochs on the digits training split (CPU, seeded)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    x, y = torch.from_numpy(digits_data.train.x), torch.from_numpy(digits_data.train.y)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(15):
-        for rows in torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).split(64):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
-            optimiser.step()
-    return model.eval()
-
-
-def torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()  # (N, C)
+def digits_student(tensorrt_gpu, digits_mlp) -> nn.Module:
+    """The conftest's trained digits MLP, once this machine has what the tests below need."""
+    return digits_mlp
 
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_passes_the_parity_gate_of_its_precision(tensorrt_gpu, digits_student, digits_data, tmp_path,
-                                                        precision):
+                                                        precision, run_torch):
     x, y = digits_data.test.x, digits_data.test.y  # (360, 1, 8, 8): more rows than the profile's max
     calibration = {"calibration": digits_data.train.x[:512]} if precision == "int8" else {}
     artifact = export(digits_student, torch.from_numpy(x[:2]), tmp_path / "export", precision, **calibration)
@@ -269,7 +255,7 @@ def test_engine_passes_the_parity_gate_of_its_precision(tensorrt_gpu, digits_stu
 
     runner = load(artifact)
     assert runner.info["device"] == "cuda" and runner.info["profile"] == meta["profile"]
-    reference = torch_logits(digits_student, x)
+    reference = run_torch(digits_student, x)
     result = check_parity(reference, runner.infer(x), precision, labels=y)
     assert result.passed, result.failures
 
@@ -296,13 +282,13 @@ def test_a_shared_timing_cache_is_loaded_by_the_next_build(tensorrt_gpu, digits_
 
 
 @pytest.mark.tensorrt
-def test_batches_above_the_profile_max_are_split(tensorrt_gpu, digits_student, digits_data, tmp_path):
+def test_batches_above_the_profile_max_are_split(tensorrt_gpu, digits_student, digits_data, tmp_path, run_torch):
     x = digits_data.test.x[:200]  # pieces of 64, 64, 64 and 8
     artifact = export(digits_student, torch.from_numpy(x[:2]), tmp_path, "fp32", batch_sizes=(1, 4, 8))
     runner = load(artifact)
     assert runner.profile == BatchProfile(1, 4, 64)
     logits = runner.infer(x)
     assert logits.shape == (200, 10) and logits.dtype == np.float32
-    assert check_parity(torch_logits(digits_student, x), logits, "fp32").passed
+    assert check_parity(run_torch(digits_student, x), logits, "fp32").passed
     np.testing.assert_array_equal(logits[:64], runner.infer(x[:64]))  # the same engine call on the same rows
     assert runner.infer(x[:0]).shape == (0, 10)

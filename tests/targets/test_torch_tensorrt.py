@@ -103,29 +103,15 @@ def torch_tensorrt_gpu():
 
 
 @pytest.fixture(scope="module")
-def digits_student(torch_tensorrt_gpu, digits_data) -> nn.Module:
-    """A 64-128-10 MLP trained for 15 epochs on the digits training split (CPU, seeded)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    x, y = torch.from_numpy(digits_data.train.x), torch.from_numpy(digits_data.train.y)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(15):
-        for rows in torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).split(64):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
-            optimiser.step()
-    return model.eval()
-
-
-def torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()  # (N, C)
+def digits_student(torch_tensorrt_gpu, digits_mlp) -> nn.Module:
+    """The conftest's trained digits MLP, once this machine has what the tests below need."""
+    return digits_mlp
 
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_program_passes_the_parity_gate_of_its_precision(torch_tensorrt_gpu, digits_student, digits_data, tmp_path,
-                                                         precision):
+                                                         precision, run_torch):
     x, y = digits_data.test.x, digits_data.test.y  # (360, 1, 8, 8): more rows than the profile's max
     artifact = export(digits_student, torch.from_numpy(x[:2]), tmp_path / "export", precision)
 
@@ -143,7 +129,7 @@ def test_program_passes_the_parity_gate_of_its_precision(torch_tensorrt_gpu, dig
 
     runner = load(artifact)
     assert runner.info["device"] == "cuda" and runner.profile == BatchProfile(1, 64, 64)
-    reference = torch_logits(digits_student, x)
+    reference = run_torch(digits_student, x)
     result = check_parity(reference, runner.infer(x), precision, labels=y)
     assert result.passed, result.failures
     if precision == "fp16":
@@ -153,7 +139,8 @@ def test_program_passes_the_parity_gate_of_its_precision(torch_tensorrt_gpu, dig
 
 
 @pytest.mark.tensorrt
-def test_batches_above_the_profile_max_are_split(torch_tensorrt_gpu, digits_student, digits_data, tmp_path):
+def test_batches_above_the_profile_max_are_split(torch_tensorrt_gpu, digits_student, digits_data, tmp_path,
+                                                 run_torch):
     x = digits_data.test.x[:200]  # pieces of 64, 64, 64 and 8
     # opt 1: torch.export must still trace a dynamic batch axis (it traces with TRACE_ROWS rows, not opt)
     artifact = export(digits_student, torch.from_numpy(x[:2]), tmp_path, "fp32", batch_sizes=(1, 1, 8))
@@ -161,5 +148,5 @@ def test_batches_above_the_profile_max_are_split(torch_tensorrt_gpu, digits_stud
     assert runner.profile == BatchProfile(1, 1, 64)
     logits = runner.infer(x)
     assert logits.shape == (200, 10) and logits.dtype == np.float32
-    assert check_parity(torch_logits(digits_student, x), logits, "fp32").passed
+    assert check_parity(run_torch(digits_student, x), logits, "fp32").passed
     assert runner.infer(x[:0]).shape == (0, 10)
