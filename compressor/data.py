@@ -51,6 +51,7 @@ class Dataset:
     val: Split
     test: Split
     split_info: dict = field(default_factory=dict)
+    _digest: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (array ids, sha256)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -67,12 +68,19 @@ class Dataset:
         return int(labels.max()) + 1 if labels.size else None
 
     def fingerprint(self) -> str:
-        """sha256 over every split's bytes: identifies the exact data a checkpoint was trained on."""
-        digest = hashlib.sha256()
-        for part in (self.train, self.val, self.test):
-            digest.update(np.ascontiguousarray(part.x).tobytes())
-            digest.update(np.ascontiguousarray(part.y).tobytes())
-        return digest.hexdigest()
+        """sha256 over every split's bytes: identifies the exact data a checkpoint was trained on.
+
+        Computed once per set of split arrays (a run asks for it for the teacher cache, the student and the
+        baseline), and hashed from the arrays' memory without copying them.
+        """
+        arrays = [array for part in (self.train, self.val, self.test) for array in (part.x, part.y)]
+        ids = tuple(id(array) for array in arrays)
+        if self._digest is None or self._digest[0] != ids:
+            digest = hashlib.sha256()
+            for array in arrays:
+                digest.update(np.ascontiguousarray(array).data)
+            self._digest = (ids, digest.hexdigest())
+        return self._digest[1]
 
     def describe(self) -> dict:
         """JSON-safe summary for the report: source, preprocessing, shapes and the split."""

@@ -168,10 +168,12 @@ class TeacherCache:
                 shutil.rmtree(retired)
             try:
                 os.replace(scratch, self.path)
+                ours = True
             except OSError:
                 if not self.path.is_dir():
                     raise
                 shutil.rmtree(scratch)  # another run sharing the cache stored this key first: use its entry
+                ours = False
         except OSError as exc:
             shutil.rmtree(scratch, ignore_errors=True)
             raise CompressorError(f"could not write the teacher cache {self.path}: {exc.strerror or exc}; free disk "
@@ -179,6 +181,9 @@ class TeacherCache:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+        if ours:  # just written and checksummed: open it without reading every byte back
+            return {split: CachedLogits(np.load(self.path / f"{split}.npy", mmap_mode="r", allow_pickle=False))
+                    for split in SPLITS}
         loaded = self.load()
         if loaded is None:
             raise CompressorError(f"teacher cache {self.path} vanished right after it was stored (another run "

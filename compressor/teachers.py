@@ -17,7 +17,7 @@ import json
 import tomllib
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -88,6 +88,7 @@ class Ensemble:
     weights: list[float] | None
     combine: str
     metadata: dict
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)  # fingerprint(), once read
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -205,13 +206,21 @@ class Ensemble:
             ) from exc
 
     def fingerprint(self) -> str:
-        """sha256 over the teacher file and every member file: identifies the teachers a checkpoint used."""
-        digest = hashlib.sha256()
-        files = [self.path] + sorted({Path(m.source) for m in self.members} - {self.path})
-        for file in files:
-            if file.is_file():
-                digest.update(file.read_bytes())
-        return digest.hexdigest()
+        """sha256 over the teacher file and every member file: identifies the teachers a checkpoint used.
+
+        Read once per run (the teacher cache and the checkpoints both ask), in 1 MiB blocks, so a teacher file of
+        several GB is never held in memory whole.
+        """
+        if self._digest is None:
+            digest = hashlib.sha256()
+            files = [self.path] + sorted({Path(m.source) for m in self.members} - {self.path})
+            for file in files:
+                if file.is_file():
+                    with open(file, "rb") as handle:
+                        for block in iter(lambda: handle.read(1 << 20), b""):
+                            digest.update(block)
+            self._digest = digest.hexdigest()
+        return self._digest
 
     def describe(self) -> dict:
         """JSON-safe summary for reports and ``compress inspect``."""
