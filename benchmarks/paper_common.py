@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from compressor.augment import Shift
 from compressor.data import load_dataset
 from compressor.distill import TrainConfig, TrainResult, predict_logits, train_student
 from compressor.kernels import ensemble_log_probs
@@ -49,16 +50,6 @@ def mlp_student(width: int, seed: int) -> nn.Module:
     """``mlp:{width}x{width}`` from compressor's registry, initialised from ``seed``: the paper's 2×800 and 2×30."""
     torch.manual_seed(seed)
     return create_student(f"mlp:{width}x{width}", (1, 28, 28), 10)
-
-
-def jitter(x: Tensor, generator: torch.Generator, pixels: int) -> Tensor:
-    """Shift each (1, H, W) image by an independent whole-pixel offset in [-pixels, pixels]² with zero fill."""
-    n, _, h, w = x.shape
-    padded = nn.functional.pad(x, (pixels,) * 4)  # (N, 1, H + 2p, W + 2p)
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator)  # (N,) each
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (N, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (N, 1, W)
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)  # (N, 1, H, W)
 
 
 def errors(model: nn.Module, x: Tensor, y: Tensor) -> int:
@@ -146,7 +137,7 @@ class Runs:
         self.results: dict[str, TrainResult] = {}
 
     def train(self, name: str, model: nn.Module, loss, teacher_logits: Tensor | None = None, *,
-              x: Tensor | None = None, y: Tensor | None = None, epochs: int | None = None, augment=None,
+              x: Tensor | None = None, y: Tensor | None = None, epochs: int | None = None, view=None,
               weight_decay: float = 0.0, seed: int | None = None, fingerprint: dict | None = None) -> dict:
         """Train ``model`` on ``x``, ``y`` (default: the whole training split) and ``teacher_logits`` (K, N, 10),
         append its row and return it. ``fingerprint`` must describe a transfer set other than the training split."""
@@ -161,7 +152,7 @@ class Runs:
         capped = {"max_train": args.max_train} if args.max_train else {}
         result = train_student(model, data.x if x is None else x, data.y if y is None else y, teacher_logits,
                                data.xv, data.yv, loss, config, folder, resume=True,
-                               fingerprint={**capped, **(fingerprint or {})}, augment=augment)
+                               fingerprint={**capped, **(fingerprint or {})}, view=view)
         self.early_states[name] = {k: v.clone() for k, v in model.state_dict().items()}  # best epoch on validation
         self.results[name] = result
         early_errors = errors(model, data.xt, data.yt)
@@ -185,13 +176,13 @@ def train_teacher_ensemble(runs: Runs) -> tuple[list[nn.Module], Tensor]:
     their ensemble, and return the members (at their last epoch) and their logits (K, N, 10) for the training split,
     un-jittered: the soft targets of every transfer set drawn from it."""
     args, data = runs.args, runs.data
-    augment = (lambda xb, generator: jitter(xb, generator, args.jitter)) if args.jitter else None
     members, names, seconds = [], [], 0.0
     for k in range(args.members):
         torch.manual_seed(args.seed + k)
         net = teacher_net(args.input_dropout, args.hidden_dropout)
         names.append(f"teacher member {k + 1} 2×1200")
-        seconds += runs.train(names[-1], net, HardLabelLoss(), epochs=args.teacher_epochs, augment=augment,
+        view = Shift(args.jitter, args.seed + k) if args.jitter else None  # ±jitter px, per row and epoch
+        seconds += runs.train(names[-1], net, HardLabelLoss(), epochs=args.teacher_epochs, view=view,
                               weight_decay=args.teacher_weight_decay, seed=args.seed + k)["seconds"]
         members.append(net)
     teacher_logits = torch.stack([predict_logits(m, data.x) for m in members])  # (K, N, 10)

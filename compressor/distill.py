@@ -327,7 +327,6 @@ def train_student(
     checkpoint_dir: Path,
     resume: bool = False,
     fingerprint: dict | None = None,
-    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     view: Callable[[Tensor, Tensor, int], Tensor] | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on the transfer set and return what happened.
@@ -337,15 +336,11 @@ def train_student(
     After every epoch: validation accuracy, ``best.pt`` when it is a new best, ``last.pt`` always.
     At the end the best epoch's weights are loaded into ``student``, which is left in eval mode.
 
-    ``augment(xb, generator) -> xb`` transforms each training batch (never validation); it must draw its
-    randomness from ``generator``, seeded per epoch, so a run and its resumption see the same batches. Teacher
-    logits are not recomputed for the transformed batch, so pass ``augment`` only with ``teacher_logits=None``
-    (training a teacher or a baseline) or when a small change of input leaves the soft targets valid.
-
-    ``view(xb, rows, epoch) -> xb`` is the same for recipes whose view of a row must not depend on its batch
-    (``compressor.augment``): a deterministic function of the training rows ``rows`` (indices into ``x_train``)
-    and the 1-based epoch. A callable teacher source runs on the viewed batch, so the teachers see exactly what the
-    student sees.
+    ``view(xb, rows, epoch) -> xb`` transforms each training batch (never validation), as a deterministic function
+    of its training rows ``rows`` (indices into ``x_train``) and the 1-based epoch (``compressor.augment``), so a
+    run, its resumption and every DDP rank see the same inputs. A callable teacher source runs on the viewed batch,
+    so the teachers see exactly what the student sees; a tensor or cached source is not recomputed for it, so pair
+    those with a view only when training without teachers (a teacher or a baseline).
 
     ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it exists (its config and
     ``fingerprint`` must match) and starts fresh when it does not; ``resume=False`` always starts
@@ -431,8 +426,6 @@ def train_student(
                 idx, share = _shard(batch, rank, world)  # this rank's rows, and their share of the global batch
                 xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)  # (b, ...)
                 yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (b,)
-                if augment is not None:
-                    xb = augment(xb, gen)
                 if view is not None:
                     xb = view(xb, idx, epoch)
                 tb = _teacher_batch(teacher_logits, idx, xb, device)  # (K, b, C)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.distill import TrainConfig, TrainResult, evaluate_accuracy, predict_logits, train_student
+from compressor.augment import uniform
 from compressor.errors import CompressorError
 
 D, C, H = 8, 3, 32  # features, classes, hidden units
@@ -343,20 +344,20 @@ def test_bad_shapes_raise(problem, tmp_path):
         train_student(make_student(), x, y, None, xv, torch.full_like(yv, -1), hard_label_loss, cfg(epochs=1), tmp_path)
 
 
-def test_augment_sees_every_training_batch_and_is_reproducible(tmp_path):
-    """The hook transforms training batches only, draws from the per-epoch generator, and resumes identically."""
+def test_a_view_sees_every_training_batch_and_is_reproducible(tmp_path):
+    """The hook transforms training batches only, as a function of (row, epoch), and reruns identically."""
     x, y, _, xv, yv = make_problem()
     seen: list[int] = []
 
-    def noisy(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def noisy(xb: torch.Tensor, rows: torch.Tensor, epoch: int) -> torch.Tensor:
         seen.append(len(xb))
-        return xb + 0.1 * torch.randn(xb.shape, generator=generator)
+        return xb + 0.1 * (uniform(rows, epoch, 0, 9).float()[:, None] - 0.5)
 
     a = make_student()
-    train_student(a, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "a", augment=noisy)
+    train_student(a, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "a", view=noisy)
     assert sum(seen) == 2 * len(x)  # every training row, every epoch; validation never goes through it
     b = make_student()
-    train_student(b, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "b", augment=noisy)
+    train_student(b, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "b", view=noisy)
     plain = make_student()
     train_student(plain, x, y, None, xv, yv, hard_label_loss, cfg(epochs=2), tmp_path / "c")
     for p, q, r in zip(a.parameters(), b.parameters(), plain.parameters()):
