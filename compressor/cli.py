@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import __version__
-from compressor.config import PRECISIONS, RunConfig
+from compressor.config import PRECISIONS, RunConfig, SpecialistsConfig
 from compressor.errors import CompressorError
 
 TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
@@ -150,6 +150,7 @@ def cli(ctx: click.Context, teacher: Path | None, trust_pickle: bool, **options)
     compress demo                  # a small digits ensemble, end to end, in about a minute
     compress inspect ensemble.pt   # members, parameters, shapes, classes
     compress preflight model.onnx  # will it build with TensorRT? (no GPU needed)
+    compress specialists --generalist g.pt --num-specialists 2 --out spec/   # paper §5
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -197,6 +198,58 @@ def preflight(model: Path, debug: bool) -> None:
     stdout.print(result.summary(), highlight=False, soft_wrap=True)
     if not result.ok:
         raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.option("--generalist", type=click.Path(path_type=Path), required=True,
+              help="The generalist: any teacher file compress accepts (one model or an ensemble).")
+@click.option("--data", default=None, help="digits | IDX folder | file.npz (default: the generalist's hint).")
+@click.option("--num-specialists", "-M", type=int, required=True, help="How many specialists to train.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: ensemble.pt, summary.json, specialists/<m>/ (checkpoints, logs).")
+@click.option("--subsets", default=None, metavar="'A,B;C,D'",
+              help="The specialists' classes by name or index, ';' between specialists (default: found by "
+                   "K-means on the covariance of the generalist's predictions).")
+@click.option("--clusters", type=int, default=None,
+              help="K-means clusters of classes (default specialists + 1); the most confused become the subsets.")
+@click.option("--top-n", type=int, default=SpecialistsConfig.top_n, show_default=True,
+              help="The generalist's top-n classes select the specialists active for an input.")
+@click.option("--jobs", "-j", type=int, default=SpecialistsConfig.jobs, show_default=True,
+              help="Specialists trained at once, one process each.")
+@click.option("--epochs", type=int, default=SpecialistsConfig.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=SpecialistsConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=SpecialistsConfig.lr, show_default=True)
+@click.option("--seed", type=int, default=SpecialistsConfig.seed, show_default=True)
+@click.option("--max-train", type=int, default=None, help="Cap each split at N examples (quick runs).")
+@click.option("--normalise", callback=_parse_normalise, default=None, metavar="MEAN/STD",
+              help="Per-channel normalisation before the generalist (overrides its metadata).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled generalist.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def specialists(generalist: Path, out: Path, debug: bool, **options) -> None:
+    """Build a specialist ensemble (paper §5): a generalist plus specialists for the classes it confuses,
+    trained in parallel processes; the result, OUT/ensemble.pt, is a teacher for the main job."""
+    from compressor.specialist_training import run_specialists
+
+    config = SpecialistsConfig(teacher=generalist, out=out, **options,
+                               command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]))
+    summary = run_specialists(config, stderr)
+    table = Table(title="test split: generalist against generalist + specialists")
+    for column in ("rows", "examples", "generalist", "+ specialists", "change (95% interval)"):
+        table.add_column(column, justify="left" if column == "rows" else "right")
+    test = summary["test"]
+    named = [("all", test["all"]), ("specialists' classes", test["specialist_classes"])]
+    named += [(f"{k} active", v) for k, v in test["by_active"].items()]
+    for name, entry in named:
+        if entry["examples"]:
+            low, high = entry["change_interval_95"]
+            table.add_row(name, f"{entry['examples']:,}", _percent(entry["generalist_top1"]),
+                          _percent(entry["specialists_top1"]),
+                          f"{100 * entry['change']:+.2f} ({100 * low:+.2f} to {100 * high:+.2f}) pt")
+    stdout.print(table)
+    stdout.print(f"specialist ensemble in {summary['ensemble']}: pass it to compress --teacher; training took "
+                 f"{summary['training_seconds']:.0f} s ({summary['specialist_seconds_sum']:.0f} s of specialist "
+                 f"training in all)")
 
 
 @cli.command()

@@ -9,6 +9,8 @@ Rows, in the order the report prints them (DESIGN.md, Benchmark and report):
   report can separate what distillation buys from what the backend buys);
 - each member in PyTorch eager;
 - the hard-label baseline (the student's architecture trained on the labels alone, same budget), when asked;
+- for a specialist ensemble (paper §5), its generalist as the one member row, and the same student distilled from
+  the generalist alone (same budget), so the report shows what the specialists add;
 - the distilled student in PyTorch eager and on the target.
 
 Each row says what its timing covers (``timed``). PyTorch rows run on CUDA when a GPU is visible (host latency
@@ -117,7 +119,9 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
         measure, timed = runner_measure(runner, pool)
         rows.append(Row("ensemble", "ensemble", target, runner.info.get("device", "cpu"), "fp32",
                         ensemble.parameters, timed, runner.infer(x_test), measure))
-    for k, member in enumerate(ensemble.members):
+    # a specialist's (N, C) output spreads its dustbin over the other classes, so only the generalist is a row
+    members = ensemble.members[:1] if ensemble.specialist_subsets is not None else ensemble.members
+    for k, member in enumerate(members):
         forward = on_device(member.forward, device) if device == "cuda" else member
         measure, timed = eager_measure(forward, pool, device)
         rows.append(Row(f"member {member.name}", "member", EAGER, device, "fp32", member.parameters, timed,
@@ -127,20 +131,41 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
 
 def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: np.ndarray, device: str,
                  target: str | None = None, runners: list[tuple[object, str]] = (),
-                 x_test: np.ndarray | None = None) -> list[Row]:
-    """A student (``kind`` "student" or "baseline") in PyTorch eager, then on the target per (runner, precision)."""
+                 x_test: np.ndarray | None = None, label: str | None = None) -> list[Row]:
+    """A student (``kind`` "student", "baseline" or "generalist-student") in PyTorch eager, then on the target per
+    (runner, precision); ``label`` is what the report calls it (default: ``kind``)."""
     parameters = sum(p.numel() for p in student.parameters())
+    label = label or kind
     measure, timed = eager_measure(on_device(student, device), pool, device)
-    rows = [Row(kind, kind, EAGER, device, "fp32", parameters, timed, scores, measure)]
+    rows = [Row(label, kind, EAGER, device, "fp32", parameters, timed, scores, measure)]
     for runner, precision in runners:
         measure, timed = runner_measure(runner, pool)
-        rows.append(Row(kind, kind, target, runner.info.get("device", "cpu"), precision, parameters, timed,
+        rows.append(Row(label, kind, target, runner.info.get("device", "cpu"), precision, parameters, timed,
                         runner.infer(x_test), measure))
     return rows
 
 
 BOOTSTRAP_RESAMPLES = 2000  # paired resamples of the test rows for the interval of the gain kept
 BOOTSTRAP_CHUNK = 250       # resamples drawn at a time, so memory stays at CHUNK x N indices
+
+
+def bootstrap_means(values: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Means of ``values`` (V, n) over BOOTSTRAP_RESAMPLES paired resamples of the n columns: (V, R). Paired: every
+    row of ``values`` is resampled with the same column indices, so differences between rows keep their pairing."""
+    rng = np.random.default_rng(seed)
+    n = values.shape[1]
+    means = []
+    for start in range(0, BOOTSTRAP_RESAMPLES, BOOTSTRAP_CHUNK):
+        idx = rng.integers(0, n, (min(BOOTSTRAP_CHUNK, BOOTSTRAP_RESAMPLES - start), n))  # (R, n)
+        means.append(values[:, idx].mean(axis=2))  # (V, R)
+    return np.concatenate(means, axis=1)  # (V, R)
+
+
+def paired_bootstrap(differences: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of the mean of per-row ``differences`` (n,), e.g. one model's correctness minus another's
+    on the same test rows, from BOOTSTRAP_RESAMPLES resamples."""
+    resampled = bootstrap_means(np.asarray(differences, dtype=np.float64)[None], seed)[0]  # (R,)
+    return float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))
 
 
 def verdict(rows: list[Row], labels: np.ndarray, seed: int = 0) -> dict | None:
@@ -161,12 +186,7 @@ def verdict(rows: list[Row], labels: np.ndarray, seed: int = 0) -> dict | None:
     correct = np.stack([by_kind[kind].scores[labelled].argmax(1) == y
                         for kind in ("student", "baseline", "ensemble")]).astype(np.float64)  # (3, n)
     student, baseline, ensemble = correct.mean(1)
-    rng = np.random.default_rng(seed)
-    means = []
-    for start in range(0, BOOTSTRAP_RESAMPLES, BOOTSTRAP_CHUNK):
-        idx = rng.integers(0, len(y), (min(BOOTSTRAP_CHUNK, BOOTSTRAP_RESAMPLES - start), len(y)))  # (R, n)
-        means.append(correct[:, idx].mean(axis=2))  # (3, R)
-    resampled = np.concatenate(means, axis=1)  # (3, R)
+    resampled = bootstrap_means(correct, seed)  # (3, R)
     gains = resampled[2] - resampled[1]  # (R,) ensemble − baseline
     measurable = bool(ensemble > baseline and (gains <= 0).mean() <= 0.025)
     kept = (student - baseline) / (ensemble - baseline) if ensemble > baseline else None

@@ -61,3 +61,28 @@ class RunConfig:
         values["teacher_cache"] = None if self.teacher_cache is None else str(self.teacher_cache)
         values["out"] = str(self.output_dir())
         return values
+
+
+@dataclass(frozen=True)
+class SpecialistsConfig:
+    """One ``compress specialists`` run. ``teacher`` is the generalist file (the name ``load_data`` reads)."""
+
+    teacher: Path
+    out: Path
+    num_specialists: int = 2
+    data: str | None = None
+    subsets: str | None = None        # "shirt,t-shirt;sandal,sneaker": overrides the clustering
+    clusters: int | None = None       # K-means clusters; None = num_specialists + 1
+    top_n: int = 1                    # the generalist's top-n classes select the active specialists
+    jobs: int = 1                     # specialists trained at once, one process each
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3                  # fine-tuning from the generalist's weights
+    weight_decay: float = 1e-4
+    seed: int = 0
+    max_train: int | None = None
+    normalise: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    trust_pickle: bool = False
+    device: str = "auto"
+    progress: bool = True
+    command: str = ""

@@ -47,15 +47,18 @@ def diagnose(ensemble: Ensemble, member_logits: torch.Tensor, labels: torch.Tens
         return {"members": [], "mixture": None, "warnings": [f"the {split} split has no labels: accuracy unknown"]}
     member_logits, labels = member_logits[:, keep].double(), labels[keep]
     y = labels.numpy()
-    members = [{"name": member.name, **_scores(logits, y)} for member, logits in zip(ensemble.members, member_logits)]
     mixture_log_probs = ensemble.log_probs(member_logits)  # (N, C)
+    # A specialist's (N, C) logits spread its dustbin over the other classes, so its top-1 means nothing alone:
+    # a specialist ensemble is scored as its generalist and its combination, and has no weights to fit.
+    classifiers = member_logits[:1] if ensemble.specialist_subsets is not None else member_logits
+    members = [{"name": member.name, **_scores(logits, y)} for member, logits in zip(ensemble.members, classifiers)]
     mixture = _scores(mixture_log_probs, y)
     best = max(members, key=lambda m: m["accuracy"])
     result = {"split": split, "examples": int(keep.sum()), "members": members, "mixture": mixture,
-              "best_member": best["name"], "disagreement": disagreement(member_logits),
-              "fit": fit_ensemble(member_logits, labels, ensemble.combine),
+              "best_member": best["name"], "disagreement": disagreement(classifiers),
+              "fit": fit_ensemble(member_logits, labels, ensemble.combine) if classifiers is member_logits else None,
               "transfer": None, "warnings": []}
-    if len(members) > 1 and mixture["accuracy"] <= best["accuracy"]:
+    if len(member_logits) > 1 and mixture["accuracy"] <= best["accuracy"]:
         result["warnings"].append(
             f"the ensemble ({mixture['accuracy']:.2%}) does not beat its best member '{best['name']}' "
             f"({best['accuracy']:.2%}) on {split}: distilling the ensemble can gain no more than that member offers")

@@ -35,6 +35,7 @@ from compressor.fileio import atomic_path
 from compressor.losses import DistillationLoss, HardLabelLoss
 from compressor.omitted_classes import apply_bias_shift, fit_bias_shift, keep_rows, parse_class_list
 from compressor.recipes import Recipe, make_recipe
+from compressor.specialist_training import score_specialists
 from compressor.students import create_student
 from compressor.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
 from compressor.teachers import Ensemble, load_ensemble
@@ -90,6 +91,9 @@ class TransferSet:
     recipe: Recipe
     omitted: tuple[int, ...] = ()
     info: dict = field(default_factory=dict)
+    combine: str = "arithmetic"                  # how the loss mixes ``teacher``'s members
+    weights: tuple[float, ...] | None = None
+    generalist: object = None                    # a specialist ensemble's generalist alone, as ``teacher`` is read
 
 
 @dataclass
@@ -147,6 +151,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
         out_dir.mkdir(parents=True, exist_ok=True)
     training = distill(config, ensemble, dataset, tensors, transfer, student, normalisation, world, console)  # 4.
     baseline = train_baseline(config, ensemble, dataset, tensors, transfer, world, console) if config.baseline else None
+    from_generalist = distill_generalist(config, ensemble, dataset, tensors, transfer, normalisation, world, console)
     if not world.is_main:
         leave(world)
         return None
@@ -164,7 +169,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     ensemble_runner, ensemble_export = export_ensemble(ensemble, target, tensors, teacher.test, config, console)
     report = benchmark_and_report(config, ensemble, dataset, tensors, teacher.test, student, runner,  # 7.
                                   artifact, parity, diagnostics, training, normalisation, console,
-                                  ensemble_runner, ensemble_export, baseline)
+                                  ensemble_runner, ensemble_export, baseline, from_generalist)
     report["teacher_cache"] = teacher.cache
     report["transfer_set"] = transfer.info
     report["student"]["bias_fix"] = bias_fix
@@ -277,7 +282,26 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
         selection = "agreement with the ensemble on validation (the validation split has no labels)"
         console.print(f"[yellow]note:[/] best epoch chosen by {selection}")
     info.update(alpha=alpha, best_epoch_by=selection)
-    return TransferSet(x, y, source, y_val, alpha, recipe, omitted, info)
+    if ensemble.specialist_subsets is None:
+        return TransferSet(x, y, source, y_val, alpha, recipe, omitted, info,
+                           ensemble.combine, tuple(ensemble.weights) if ensemble.weights else None)
+    info["soft_targets"] = "the specialist ensemble's combination q (paper §5), softened as softmax(log q / T)"
+    combined, generalist = specialist_sources(ensemble, source)
+    return TransferSet(x, y, combined, y_val, alpha, recipe, omitted, info, generalist=generalist)
+
+
+COMBINE_ROWS = 8192  # transfer rows combined at a time when a specialist ensemble's soft targets are precomputed
+
+
+def specialist_sources(ensemble: Ensemble, source) -> tuple[object, object]:
+    """A specialist ensemble's teacher source as two one-member sources the loss reads as is: its combined
+    log-probabilities log q (1, N, C), computed once for cached logits, and its generalist's logits (1, N, C)."""
+    if isinstance(source, CachedLogits):
+        n = source.shape[1]
+        combined = torch.cat([ensemble.log_probs(source.take(torch.arange(i, min(i + COMBINE_ROWS, n))))
+                              for i in range(0, n, COMBINE_ROWS)])  # (N, C)
+        return CachedLogits(combined[None].numpy()), CachedLogits(source.array[:1], source.rows)
+    return (lambda xb: ensemble.log_probs(source(xb))[None]), (lambda xb: source(xb)[:1])
 
 
 MAX_VIEW_DROP = 0.02  # teachers losing more validation accuracy than this on the recipe's views are not robust to them
@@ -402,11 +426,12 @@ def choose_student(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> t
 
 
 def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors, transfer: TransferSet,
-            student: torch.nn.Module, normalisation: dict | None, world: World, console: Console) -> TrainResult:
+            student: torch.nn.Module, normalisation: dict | None, world: World, console: Console,
+            folder: str = "checkpoints") -> TrainResult:
     """Train the student on the ensemble's soft targets at temperature T, mixed with the hard labels, on this
-    rank's device; the student is back on the CPU afterwards, ready for export."""
-    loss = DistillationLoss(temperature=config.temperature, alpha=transfer.alpha, combine=ensemble.combine,
-                            weights=tuple(ensemble.weights) if ensemble.weights else None)
+    rank's device, checkpointing into ``<out>/<folder>``; the student is back on the CPU afterwards."""
+    loss = DistillationLoss(temperature=config.temperature, alpha=transfer.alpha, combine=transfer.combine,
+                            weights=transfer.weights)
     fingerprint = {
         "teacher_sha256": ensemble.fingerprint(), "data_sha256": dataset.fingerprint(),
         "student": config.student, "temperature": config.temperature, "alpha": transfer.alpha,
@@ -414,8 +439,9 @@ def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Te
         "transfer_set": {key: transfer.info.get(key)
                          for key in ("unlabeled", "omitted_classes", "best_epoch_by", "recipe", "augmentation")},
         "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
+        "soft_targets": transfer.info.get("soft_targets"),
     }
-    checkpoints = config.output_dir() / "checkpoints"
+    checkpoints = config.output_dir() / folder
     if (checkpoints / "last.pt").exists() and not config.resume:
         console.print(f"[yellow]note:[/] {checkpoints / 'last.pt'} exists; starting over (pass --resume to continue it)")
     student.to(world.device)
@@ -425,6 +451,24 @@ def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Te
                              view=transfer.recipe.view)
     finally:
         student.cpu()
+
+
+def distill_generalist(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors,
+                       transfer: TransferSet, normalisation: dict | None, world: World,
+                       console: Console) -> TrainedBaseline | None:
+    """For a specialist ensemble, the same student distilled from its generalist alone with the same budget, so
+    the report shows what the specialists add to distillation; None for any other ensemble."""
+    if transfer.generalist is None:
+        return None
+    console.print(f"[bold]student from the generalist[/] {config.student}, the same budget, the generalist's soft "
+                  f"targets alone")
+    torch.manual_seed(config.seed)
+    model = choose_student(config, ensemble, dataset)
+    alone = dataclasses.replace(transfer, teacher=transfer.generalist, generalist=None,
+                                info={**transfer.info, "soft_targets": "the generalist alone"})
+    training = distill(config, ensemble, dataset, tensors, alone, model, normalisation, world, console,
+                       folder="checkpoints-generalist")
+    return TrainedBaseline(model, training)
 
 
 def _train_config(config: RunConfig) -> TrainConfig:
@@ -509,7 +553,8 @@ def export_options(config: RunConfig) -> dict:
 
 def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, student, runner, artifact, parity,
                          diagnostics, training, normalisation, console, ensemble_runner=None,
-                         ensemble_export=None, baseline: TrainedBaseline | None = None) -> dict:
+                         ensemble_export=None, baseline: TrainedBaseline | None = None,
+                         from_generalist: TrainedBaseline | None = None) -> dict:
     """Score and time every row (compressor.compare) on the test split, draw pareto.png, and assemble the report."""
     x_test, y_test = tensors.x_test.numpy(), tensors.y_test.numpy()
     pool = x_test[:BENCHMARK_POOL]
@@ -518,6 +563,10 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     if baseline is not None:
         rows += student_rows("baseline", baseline.model, predict_logits(baseline.model, tensors.x_test).numpy(),
                              pool, device)
+    if from_generalist is not None:
+        rows += student_rows("generalist-student", from_generalist.model,
+                             predict_logits(from_generalist.model, tensors.x_test).numpy(), pool, device,
+                             label="student from generalist")
     targets_ = [(runner, config.precision)]
     if "fp32_model" in artifact.files:  # a reduced-precision export: its fp32 graph shows what the precision buys
         fp32 = get_target(config.target).load(Artifact(config.target, "fp32", {"model": artifact.files["fp32_model"]},
@@ -578,6 +627,8 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
         "student": {"spec": config.student, "parameters": _parameters(student), "training": training.to_dict()},
         "baseline": None if baseline is None else {"spec": config.student, "loss": "hard-label cross-entropy",
                                                    "training": baseline.training.to_dict()},
+        "specialists": None if from_generalist is None else specialist_summary(
+            ensemble, teacher_test, measured, y_test, from_generalist, config.seed),
         "export": artifact.to_dict(),
         "runner": {"name": runner.name, **runner.info},
         "parity": parity.to_dict(),
@@ -591,6 +642,18 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
         "headline": headline(measured, config.target, training, config.epochs, config.precision, gain),
         "warnings": warnings_,
     }
+
+
+def specialist_summary(ensemble: Ensemble, teacher_test: torch.Tensor, rows: list[dict], y_test: np.ndarray,
+                       from_generalist: TrainedBaseline, seed: int) -> dict:
+    """A specialist ensemble's section of the report: the generalist against the specialist ensemble on the test
+    split (overall, on the specialists' classes, by specialists active), and the two students' accuracy."""
+    eager = {row["kind"]: row["accuracy"]["top1"] for row in rows if row["backend"] == "PyTorch eager"}
+    return {"subsets": ensemble.metadata["specialists"].get("subset_names"),
+            "test": score_specialists(ensemble, teacher_test, y_test, seed),
+            "student_from_specialists_top1": eager.get("student"),
+            "student_from_generalist_top1": eager.get("generalist-student"),
+            "generalist_student_training": from_generalist.training.to_dict()}
 
 
 def timing_warnings(rows: list[dict], rounds: int) -> list[str]:

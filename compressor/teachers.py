@@ -27,7 +27,10 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.fileio import atomic_path
-from compressor.kernels import ensemble_log_probs
+from compressor.kernels import COMBINES, ensemble_log_probs
+from compressor.specialists import COMBINE as COMBINE_SPECIALISTS
+from compressor.specialists import check_metadata as check_specialists
+from compressor.specialists import specialist_log_probs
 from compressor.students import describe_architecture
 
 META_FILE = "compressor.json"
@@ -134,8 +137,22 @@ class Ensemble:
             outputs.append(logits)
         return torch.stack(outputs)  # (K, N, C)
 
+    @property
+    def specialist_subsets(self) -> list[tuple[int, ...]] | None:
+        """Each specialist's classes when this is a specialist ensemble (member 0 the generalist), else None."""
+        spec = self.metadata.get("specialists")
+        return None if self.combine != COMBINE_SPECIALISTS else [tuple(s) for s in spec["subsets"]]
+
     def log_probs(self, member_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """The ensemble's prediction (N, C) log-probabilities from its members' (K, N, C) logits."""
+        """The ensemble's prediction (N, C) log-probabilities from its members' (K, N, C) logits.
+
+        A specialist ensemble combines its members as paper §5 does (:func:`specialist_log_probs`) and softens the
+        result q at temperature T as ``softmax(log q / T)``.
+        """
+        if self.combine == COMBINE_SPECIALISTS:
+            combined = specialist_log_probs(member_logits, self.specialist_subsets,
+                                            int(self.metadata["specialists"].get("top_n", 1)))
+            return combined if temperature == 1.0 else torch.log_softmax(combined / temperature, dim=-1)
         weights = torch.tensor(self.weights, dtype=member_logits.dtype) if self.weights else None
         return ensemble_log_probs(member_logits, temperature, weights, self.combine)
 
@@ -237,6 +254,7 @@ class Ensemble:
             "class_names": self.class_names,
             "normalisation": self.normalisation,
             "dataset": self.metadata.get("dataset"),
+            "specialists": self.metadata.get("specialists"),
         }
 
 
@@ -247,7 +265,9 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
     ``example_input`` is a batch (N, ...) the members accept (N ≥ 2 so a fixed batch size is caught).
     ``metadata`` may hold ``class_names``, ``normalisation`` ({"mean": [...], "std": [...]} per input channel,
     applied as (x - mean) / std), ``dataset`` (a ``--data`` hint), ``weights`` (one per member) and
-    ``member_names``. Each member is scripted, or traced when scripting fails. Written atomically.
+    ``member_names``; a specialist ensemble (:mod:`compressor.specialist_training` writes them) also gives
+    ``combine="specialists"`` and ``specialists`` (its subsets, one per member after the generalist, and how they
+    were found). Each member is scripted, or traced when scripting fails. Written atomically.
 
     Example::
 
@@ -258,7 +278,8 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
     models = list(models)
     if not models:
         raise CompressorError("save_ensemble needs at least one model")
-    unknown = set(metadata) - {"class_names", "normalisation", "dataset", "weights", "member_names"}
+    unknown = set(metadata) - {"class_names", "normalisation", "dataset", "weights", "member_names", "combine",
+                               "specialists"}
     if unknown:
         raise CompressorError(f"save_ensemble: unknown metadata keys {sorted(unknown)}")
     names = metadata.pop("member_names", None) or [f"member-{k}" for k in range(len(models))]
@@ -279,6 +300,9 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
     if len(classes) != 1 or len(next(iter(classes))) != 2:
         raise CompressorError(f"save_ensemble: members return different or non-(N, C) shapes {sorted(classes)}")
     num_classes = outputs[0].shape[1]
+    combine = metadata.get("combine", "arithmetic")
+    if combine == COMBINE_SPECIALISTS:
+        check_specialists(metadata.get("specialists") or {}, len(models), num_classes, "save_ensemble")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -289,7 +313,8 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
         "normalisation": metadata.get("normalisation"),
         "dataset": metadata.get("dataset"),
         "weights": weights,
-        "combine": "arithmetic",
+        "combine": combine,
+        "specialists": metadata.get("specialists"),
         "members": [{"name": n, **d} for n, d in zip(names, descriptions)],
         "torch_version": torch.__version__,
     }
@@ -409,7 +434,10 @@ def _load_archive(path: Path) -> Ensemble:
         members = [Member(info["name"], "torchscript", str(path), child,
                           sum(p.numel() for p in child.parameters()), info.get("architecture"))
                    for info, child in zip(member_meta, children)]
-        return Ensemble(path, "torchscript archive", members, meta.get("weights"), meta.get("combine", "arithmetic"), meta)
+        combine = meta.get("combine", "arithmetic")
+        if combine == COMBINE_SPECIALISTS:
+            check_specialists(meta.get("specialists") or {}, len(members), meta.get("num_classes"), str(path))
+        return Ensemble(path, "torchscript archive", members, meta.get("weights"), combine, meta)
     # a plain TorchScript model (no compressor.json): a one-member ensemble
     member = Member(path.stem, "torchscript", str(path), module, sum(p.numel() for p in module.parameters()))
     return Ensemble(path, "torchscript module", [member], None, "arithmetic", {})
@@ -482,7 +510,11 @@ def _load_manifest(path: Path, trust_pickle: bool) -> Ensemble:
         weights.append(float(entry.get("weight", 1.0)))
     header = manifest.get("ensemble", {})
     meta = {key: header.get(key) for key in ("input_shape", "num_classes", "class_names", "normalisation", "dataset")}
-    return Ensemble(path, "manifest", members, weights, header.get("combine", "arithmetic"), meta)
+    combine = header.get("combine", "arithmetic")
+    if combine not in COMBINES:
+        raise CompressorError(f"{path}: combine = {combine!r} is not one of {', '.join(COMBINES)}; a specialist "
+                              f"ensemble is the archive that compress specialists writes, not a manifest")
+    return Ensemble(path, "manifest", members, weights, combine, meta)
 
 
 def _load_pickle(path: Path) -> Ensemble:

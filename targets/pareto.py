@@ -28,6 +28,7 @@ KIND_STYLES = {
     "member": ("^", "#7f7f7f", "ensemble member"),
     "baseline": ("D", "#ff7f0e", "baseline (no distillation)"),
     "student": ("o", "#d62728", "student"),
+    "generalist-student": ("P", "#2ca02c", "student from the generalist alone"),
 }
 OTHER_STYLE = ("X", "#9467bd", "other")
 

@@ -27,7 +27,7 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     if report.get("pareto"):
         lines += [f"![test accuracy against batch-1 latency]({report['pareto']})", ""]
-    lines += _accuracy_table(report) + _latency_table(report) + _per_class_table(report)
+    lines += _accuracy_table(report) + _specialists(report) + _latency_table(report) + _per_class_table(report)
     lines += _parity(report) + _teachers(report) + _training(report) + _provenance(report)
     return "\n".join(lines)
 
@@ -44,6 +44,31 @@ def _accuracy_table(report: dict) -> list[str]:
                            _num(acc.get("kl_to_ensemble"))]))
     lines += ["", "Agreement: the share of inputs where the row's top-1 class is the ensemble's. KL to ensemble: "
               "mean KL(ensemble ‖ row) in nats. ECE: expected calibration error over 15 confidence bins.", ""]
+    return lines
+
+
+def _specialists(report: dict) -> list[str]:
+    """A specialist ensemble's section: the generalist against generalist + specialists (paper §5), and the two
+    students distilled with the same budget."""
+    section = report.get("specialists")
+    if not section:
+        return []
+    header = ["test rows", "examples", "generalist", "+ specialists", "change", "95% interval"]
+    lines = ["## Specialists (Hinton et al. 2015, §5)", "",
+             "Subsets: " + "; ".join(", ".join(subset) for subset in section["subsets"] or []) + ".", "",
+             _row(header), _row(["---"] * len(header))]
+    test = section["test"]
+    named = [("all", test["all"]), ("the specialists' classes", test["specialist_classes"])]
+    named += [(f"{k} specialist(s) active", entry) for k, entry in test["by_active"].items()]
+    for name, entry in named:
+        if entry["examples"]:
+            low, high = entry["change_interval_95"]
+            lines.append(_row([name, f"{entry['examples']:,}", _pct(entry["generalist_top1"]),
+                               _pct(entry["specialists_top1"]), f"{100 * entry['change']:+.2f} pt",
+                               f"{100 * low:+.2f} to {100 * high:+.2f} pt"]))
+    ours, theirs = section["student_from_specialists_top1"], section["student_from_generalist_top1"]
+    lines += ["", f"The student distilled from the specialist ensemble reaches {_pct(ours)}; the same student "
+                  f"distilled from the generalist alone, with the same budget, reaches {_pct(theirs)}.", ""]
     return lines
 
 
