@@ -39,6 +39,11 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
                   f"normalisation: {info['normalisation'] or 'none'}")
     if info["class_names"]:
         console.print("class names: " + ", ".join(info["class_names"]))
+    if info["specialists"]:
+        subsets = info["specialists"].get("subset_names") or info["specialists"]["subsets"]
+        console.print(f"specialists (paper §5, top-{info['specialists'].get('top_n', 1)} of the generalist selects "
+                      f"them): " + "; ".join(f"{m}: {', '.join(map(str, s))}" for m, s in enumerate(subsets, 1)),
+                      highlight=False, soft_wrap=True)
     spec = data or info.get("dataset")
     if spec:
         dataset = load_dataset(spec, max_train=max_train)

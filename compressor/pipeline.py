@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from compressor import __version__
 from compressor.config import PRECISIONS, RunConfig
-from compressor.compare import eager_device, ensemble_rows, headline, student_rows, verdict
+from compressor.compare import EAGER, eager_device, ensemble_rows, headline, paired_bootstrap, student_rows, verdict
 from compressor.data import Dataset, load_dataset
 from compressor.diagnostics import diagnose, transfer_sample
 from compressor.distill import TrainConfig, TrainResult, check_amp, predict_logits, train_student
@@ -628,7 +628,7 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
         "baseline": None if baseline is None else {"spec": config.student, "loss": "hard-label cross-entropy",
                                                    "training": baseline.training.to_dict()},
         "specialists": None if from_generalist is None else specialist_summary(
-            ensemble, teacher_test, measured, y_test, from_generalist, config.seed),
+            ensemble, teacher_test, rows, y_test, from_generalist, config.seed),
         "export": artifact.to_dict(),
         "runner": {"name": runner.name, **runner.info},
         "parity": parity.to_dict(),
@@ -644,15 +644,21 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
     }
 
 
-def specialist_summary(ensemble: Ensemble, teacher_test: torch.Tensor, rows: list[dict], y_test: np.ndarray,
+def specialist_summary(ensemble: Ensemble, teacher_test: torch.Tensor, rows: list, y_test: np.ndarray,
                        from_generalist: TrainedBaseline, seed: int) -> dict:
     """A specialist ensemble's section of the report: the generalist against the specialist ensemble on the test
-    split (overall, on the specialists' classes, by specialists active), and the two students' accuracy."""
-    eager = {row["kind"]: row["accuracy"]["top1"] for row in rows if row["backend"] == "PyTorch eager"}
+    split (overall, on the specialists' classes, by specialists active), and the student distilled from it against
+    the student distilled from the generalist alone, with a paired bootstrap 95% interval of the difference."""
+    eager = {row.kind: row.scores for row in rows if row.backend == EAGER}
+    labelled = y_test >= 0
+    right = {kind: eager[kind][labelled].argmax(1) == y_test[labelled] for kind in ("student", "generalist-student")}
+    difference = right["student"].astype(float) - right["generalist-student"].astype(float)  # (n,)
     return {"subsets": ensemble.metadata["specialists"].get("subset_names"),
             "test": score_specialists(ensemble, teacher_test, y_test, seed),
-            "student_from_specialists_top1": eager.get("student"),
-            "student_from_generalist_top1": eager.get("generalist-student"),
+            "student_from_specialists_top1": float(right["student"].mean()),
+            "student_from_generalist_top1": float(right["generalist-student"].mean()),
+            "student_difference": float(difference.mean()),
+            "student_difference_interval_95": list(paired_bootstrap(difference, seed)),
             "generalist_student_training": from_generalist.training.to_dict()}
 
 

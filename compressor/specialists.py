@@ -142,8 +142,11 @@ def dustbin_shift(subset_fraction: float, trained_fraction: float = 0.5) -> floa
 
     A classifier trained under class priors π_train learns log-odds shifted by log(π_train / π_natural); the
     correction removes that shift: the subset's odds against the dustbin were multiplied by
-    (t / (1 − t)) / (f / (1 − f)), so the dustbin's logit rises by its log. For a rare subset (f ≪ 1, t = ½) this
-    is the paper's "log of the proportion by which the specialist class is oversampled", log(½ / f).
+    (t / (1 − t)) / (f / (1 − f)), so the dustbin's logit rises by its log, log((1 − f) / f) for t = ½. The paper's
+    wording, "the log of the proportion by which the specialist class is oversampled", log(½ / f), counts the
+    subset's oversampling but not the dustbin's undersampling from 1 − f to ½, which adds log(2(1 − f)) (about
+    log 2 for a rare subset); only the odds form recovers the natural posterior exactly (tests/compressor/
+    test_specialists.py checks it on exact Bayes tables).
     """
     f, t = subset_fraction, trained_fraction
     if not (0 < f < 1 and 0 < t < 1):
@@ -240,11 +243,12 @@ def specialist_log_probs(member_logits: Tensor, subsets: Subsets, top_n: int = 1
     a = p_g + torch.einsum("nm,mnc,mc->nc", active, p_m, masks)  # (N, C): mass that names its class
     b = active * torch.einsum("mnc,mc->nm", p_m, outside)  # (N, M): dustbin mass, censored to outside S_m
     # Start from the generalist: each dustbin spread over its classes as the generalist spreads its own mass there
-    # (plus a trace, so no class the generalist rules out is stuck at 0). With one active specialist this is already
+    # (plus the smallest normal number, so a class whose probability underflowed to 0 is not stuck there; anything
+    # larger, even float32's eps, would swamp the small probabilities of a confident generalist). With one active specialist this is already
     # the optimum in closed form: S_m's classes get a_c / 2 and the rest the generalist's shape scaled to hold
     # (Σ_{c ∉ S_m} p_g(c) + b_m) / 2; the steps below matter when top_n > 1 activates several specialists.
     tiny = torch.finfo(logits.dtype).tiny
-    spread = p_g + torch.finfo(logits.dtype).eps  # (N, C)
+    spread = p_g + tiny  # (N, C)
     r = a + spread * ((b / (spread @ outside.T)) @ outside)  # (N, C)
     q = r / r.sum(dim=1, keepdim=True)
     for _ in range(iterations):

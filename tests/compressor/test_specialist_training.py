@@ -47,8 +47,11 @@ def built(generalist, tmp_path_factory) -> Path:
     return out
 
 
-def test_the_job_writes_a_specialist_ensemble_with_its_subsets_and_corrections(built):
+def test_the_job_writes_a_specialist_ensemble_with_its_subsets_and_corrections(built, capsys):
     ensemble = load_ensemble(built / "ensemble.pt")
+    assert main(["inspect", str(built / "ensemble.pt")]) == 0
+    assert "specialists (paper §5, top-1 of the generalist selects them): 1: 1, 8; 2: 3, 9" in " ".join(
+        capsys.readouterr().out.split())
     assert ensemble.combine == "specialists" and len(ensemble.members) == 3
     assert ensemble.specialist_subsets == [(1, 8), (3, 9)]
     assert ensemble.metadata["specialists"]["found"] == {"method": "--subsets"}
