@@ -67,8 +67,11 @@ def _specialists(report: dict) -> list[str]:
                                _pct(entry["specialists_top1"]), f"{100 * entry['change']:+.2f} pt",
                                f"{100 * low:+.2f} to {100 * high:+.2f} pt"]))
     ours, theirs = section["student_from_specialists_top1"], section["student_from_generalist_top1"]
+    low, high = section["student_difference_interval_95"]
     lines += ["", f"The student distilled from the specialist ensemble reaches {_pct(ours)}; the same student "
-                  f"distilled from the generalist alone, with the same budget, reaches {_pct(theirs)}.", ""]
+                  f"distilled from the generalist alone, with the same budget, reaches {_pct(theirs)} (difference "
+                  f"{100 * section['student_difference']:+.2f} pt, 95% interval {100 * low:+.2f} to "
+                  f"{100 * high:+.2f} pt).", ""]
     return lines
 
 

@@ -107,7 +107,11 @@ def test_the_main_job_distils_the_specialist_ensemble_and_reports_the_generalist
     assert section["student_from_generalist_top1"] is not None and section["student_from_specialists_top1"] is not None
     assert report["diagnostics"]["fit"] is None and [m["name"] for m in report["diagnostics"]["members"]] == [
         "generalist"]
-    assert "## Specialists" in (out / "report.md").read_text()
+    markdown = " ".join((out / "report.md").read_text().split())
+    assert "## Specialists" in markdown
+    low, high = section["student_difference_interval_95"]
+    assert low <= section["student_difference"] <= high
+    assert "distilled from the generalist alone, with the same budget, reaches" in markdown
     assert (out / "checkpoints-generalist" / "last.pt").exists()
 
 
