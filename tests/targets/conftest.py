@@ -97,6 +97,16 @@ def mlp_onnx(tmp_path, exported_mlp) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cuda_package():
+    """``cuda_package(name)``: the imported package ``name`` when it and a CUDA GPU are present; skips otherwise."""
+    def need(name: str):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return pytest.importorskip(name, reason=f"needs the {name} package (pip install -e '.[gpu]')")
+    return need
+
+
+@pytest.fixture(scope="session")
 def digits_mlp(digits_data) -> nn.Module:
     """A 64-128-10 MLP trained for 15 epochs on the digits training split (CPU, seeded): a real student for the
     GPU targets' parity tests."""

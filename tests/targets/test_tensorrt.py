@@ -225,10 +225,8 @@ def test_bad_requests_are_refused_before_the_gpu_is_asked_for(no_gpu, make_mlp, 
 # ---- with TensorRT and a CUDA GPU (pytest -m tensorrt) -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tensorrt_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return pytest.importorskip("tensorrt", reason="needs the tensorrt package (pip install -e '.[gpu]')")
+def tensorrt_gpu(cuda_package):
+    return cuda_package("tensorrt")
 
 
 @pytest.fixture(scope="module")

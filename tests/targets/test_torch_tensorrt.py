@@ -96,10 +96,8 @@ def test_requests_it_cannot_serve_are_refused_with_the_target_that_can(no_gpu, m
 # ---- with torch_tensorrt and a CUDA GPU (pytest -m tensorrt) -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def torch_tensorrt_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return pytest.importorskip("torch_tensorrt", reason="needs the torch_tensorrt package (pip install -e '.[gpu]')")
+def torch_tensorrt_gpu(cuda_package):
+    return cuda_package("torch_tensorrt")
 
 
 @pytest.fixture(scope="module")
