@@ -49,6 +49,7 @@ from compressor.pipeline import run
 from compressor.specialist_training import run_specialists
 from compressor.students import create_student
 from compressor.teachers import save_ensemble
+from targets.report import SPECIALIST_COLUMNS, specialist_rows
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,19 +141,12 @@ def train_generalist(args: argparse.Namespace, work: Path, console: Console) -> 
 def print_table(result: dict, num_specialists: int) -> None:
     """The generalist against generalist + specialists, beside the paper's JFT figures, then time and students."""
     table = Table(title="Fashion-MNIST test split: generalist vs generalist + specialists (paper §5)")
-    for column in ("rows", "examples", "generalist", "+ specialists", "change (95% interval)", "paper (JFT)"):
-        table.add_column(column, justify="left" if column in ("rows", "paper (JFT)") else "right")
-    test = result["test"]
-    named = [("all", test["all"], "25.0% → 26.1% (+4.4% relative)"),
-             ("the specialists' classes", test["specialist_classes"], "")]
-    named += [(f"{k} specialist(s) active", entry, "gain grows with specialists covering" if k != "0" else "")
-              for k, entry in test["by_active"].items()]
-    for name, entry, paper in named:
-        if entry["examples"]:
-            low, high = entry["change_interval_95"]
-            table.add_row(name, f"{entry['examples']:,}", f"{entry['generalist_top1']:.2%}",
-                          f"{entry['specialists_top1']:.2%}",
-                          f"{100 * entry['change']:+.2f} pt ({100 * low:+.2f} to {100 * high:+.2f})", paper)
+    for column in (*SPECIALIST_COLUMNS, "paper (JFT)"):
+        table.add_column(column, justify="left" if column in ("test rows", "paper (JFT)") else "right")
+    paper = {"all": "25.0% → 26.1% (+4.4% relative)"}
+    for cells in specialist_rows(result["test"]):
+        active = cells[0].endswith("active") and not cells[0].startswith("0 ")
+        table.add_row(*cells, paper.get(cells[0], "gain grows with specialists covering" if active else ""))
     console = Console(width=150)  # the table is read in logs and RESULTS.md, not only in a terminal
     console.print(table)
     console.print("subsets: " + "; ".join(", ".join(s) for s in result["subsets"]))

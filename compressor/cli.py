@@ -234,18 +234,13 @@ def specialists(generalist: Path, out: Path, debug: bool, **options) -> None:
     config = SpecialistsConfig(teacher=generalist, out=out, **options,
                                command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]))
     summary = run_specialists(config, stderr)
+    from targets.report import SPECIALIST_COLUMNS, specialist_rows
+
     table = Table(title="test split: generalist against generalist + specialists")
-    for column in ("rows", "examples", "generalist", "+ specialists", "change (95% interval)"):
-        table.add_column(column, justify="left" if column == "rows" else "right")
-    test = summary["test"]
-    named = [("all", test["all"]), ("specialists' classes", test["specialist_classes"])]
-    named += [(f"{k} active", v) for k, v in test["by_active"].items()]
-    for name, entry in named:
-        if entry["examples"]:
-            low, high = entry["change_interval_95"]
-            table.add_row(name, f"{entry['examples']:,}", _percent(entry["generalist_top1"]),
-                          _percent(entry["specialists_top1"]),
-                          f"{100 * entry['change']:+.2f} ({100 * low:+.2f} to {100 * high:+.2f}) pt")
+    for column in SPECIALIST_COLUMNS:
+        table.add_column(column, justify="left" if column == "test rows" else "right")
+    for cells in specialist_rows(summary["test"]):
+        table.add_row(*cells)
     stdout.print(table)
     stdout.print(f"specialist ensemble in {summary['ensemble']}: pass it to compress --teacher; training took "
                  f"{summary['training_seconds']:.0f} s ({summary['specialist_seconds_sum']:.0f} s of specialist "

@@ -289,9 +289,14 @@ def _half_and_half(x: torch.Tensor, y: torch.Tensor, subset: tuple[int, ...], se
         return torch.cat(repeats)[:n]
 
     rows = torch.cat([tile(rows_in), tile(rows_out)])  # (2n,)
-    relabel = torch.full((int(y.max()) + 1,), len(subset), dtype=torch.long)
+    return x[rows], _relabel(y[rows], subset), float(inside.double().mean())
+
+
+def _relabel(y: torch.Tensor, subset: tuple[int, ...]) -> torch.Tensor:
+    """Labels (N,) ≥ 0 as a specialist reads them: subset[j] → j, every other class → len(subset), the dustbin."""
+    relabel = torch.full((max(int(y.max()), *subset) + 1,), len(subset), dtype=torch.long)
     relabel[list(subset)] = torch.arange(len(subset))
-    return x[rows], relabel[y[rows]], float(inside.double().mean())
+    return relabel[y]
 
 
 @torch.no_grad()
@@ -299,10 +304,8 @@ def _natural_nll(specialist: Specialist, x: torch.Tensor, y: torch.Tensor, subse
     """The specialist's negative log-likelihood on the natural class mix (labelled rows of ``x``): lower after the
     dustbin correction when the correction calibrates it."""
     labelled = y >= 0
-    relabel = torch.full((int(y.max()) + 1,), len(subset), dtype=torch.long)
-    relabel[list(subset)] = torch.arange(len(subset))
     logits = predict_logits(specialist, x[labelled])  # (n, S + 1)
-    return float(torch.nn.functional.cross_entropy(logits, relabel[y[labelled]]))
+    return float(torch.nn.functional.cross_entropy(logits, _relabel(y[labelled], subset)))
 
 
 def _generalist_module(generalist: Ensemble) -> torch.nn.Module:

@@ -47,25 +47,36 @@ def _accuracy_table(report: dict) -> list[str]:
     return lines
 
 
+SPECIALIST_COLUMNS = ("test rows", "examples", "generalist", "+ specialists", "change", "95% interval")
+
+
+def specialist_rows(test: dict) -> list[list[str]]:
+    """The cells, under SPECIALIST_COLUMNS, of the table comparing a generalist with its specialist ensemble, from
+    the ``test`` dict of a specialist run's summary or report: all rows, the specialists' classes, then by the number
+    of specialists active (rows of no examples left out). Shared by report.md, ``compress specialists`` and the
+    paper benchmark."""
+    named = [("all", test["all"]), ("the specialists' classes", test["specialist_classes"])]
+    named += [(f"{k} specialist(s) active", entry) for k, entry in test["by_active"].items()]
+    rows = []
+    for name, entry in named:
+        if entry["examples"]:
+            low, high = entry["change_interval_95"]
+            rows.append([name, f"{entry['examples']:,}", _pct(entry["generalist_top1"]),
+                         _pct(entry["specialists_top1"]), f"{100 * entry['change']:+.2f} pt",
+                         f"{100 * low:+.2f} to {100 * high:+.2f} pt"])
+    return rows
+
+
 def _specialists(report: dict) -> list[str]:
     """A specialist ensemble's section: the generalist against generalist + specialists (paper §5), and the two
     students distilled with the same budget."""
     section = report.get("specialists")
     if not section:
         return []
-    header = ["test rows", "examples", "generalist", "+ specialists", "change", "95% interval"]
     lines = ["## Specialists (Hinton et al. 2015, §5)", "",
              "Subsets: " + "; ".join(", ".join(subset) for subset in section["subsets"] or []) + ".", "",
-             _row(header), _row(["---"] * len(header))]
-    test = section["test"]
-    named = [("all", test["all"]), ("the specialists' classes", test["specialist_classes"])]
-    named += [(f"{k} specialist(s) active", entry) for k, entry in test["by_active"].items()]
-    for name, entry in named:
-        if entry["examples"]:
-            low, high = entry["change_interval_95"]
-            lines.append(_row([name, f"{entry['examples']:,}", _pct(entry["generalist_top1"]),
-                               _pct(entry["specialists_top1"]), f"{100 * entry['change']:+.2f} pt",
-                               f"{100 * low:+.2f} to {100 * high:+.2f} pt"]))
+             _row(list(SPECIALIST_COLUMNS)), _row(["---"] * len(SPECIALIST_COLUMNS))]
+    lines += [_row(cells) for cells in specialist_rows(section["test"])]
     ours, theirs = section["student_from_specialists_top1"], section["student_from_generalist_top1"]
     low, high = section["student_difference_interval_95"]
     lines += ["", f"The student distilled from the specialist ensemble reaches {_pct(ours)}; the same student "
