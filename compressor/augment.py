@@ -11,6 +11,10 @@ inputs, and the teachers' outputs on them are reproducible. Randomness comes fro
   in [0, 1] (Beta(1, 1)), the "function matching" inputs of Beyer et al. 2022: the student matches the teachers on
   points between examples, where labels say nothing, so it trains on the soft targets alone (α = 1).
 
+Each augmentation's ``parameters(rows, epoch)`` returns what it applies to those rows (offsets, partners, weights),
+computed by the same private helper its ``__call__`` uses, so :mod:`compressor.view_cache` can store them beside the
+teachers' outputs on the views and refuse a stored epoch whose augmentation has changed since.
+
 :func:`default_augmentation` declares the defaults in one place: images (C, H, W) of at least 16 × 16 pixels get
 shifts of up to 1/14 of their side (±2 px at 28 × 28, as the paper's MNIST teacher saw), smaller images and vectors
 get nothing: on scikit-learn's 8 × 8 digits one pixel is an eighth of the image, and the demo ensemble's accuracy
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,21 +54,33 @@ def uniform(rows: Tensor, epoch: int, seed: int, salt: int) -> Tensor:
 class Shift:
     """Move each (C, H, W) image by whole pixels in [-pixels, pixels]² with zero fill."""
 
-    pixels: int = 2
+    pixels: int = 2  # at most 127: parameters() records offsets as int8
     seed: int = 0
 
     def __call__(self, x: Tensor, rows: Tensor, epoch: int) -> Tensor:
         """``x`` (B, C, H, W) for training rows ``rows`` (B,) in ``epoch`` -> the shifted batch."""
+        dy, dx = self._offsets(rows, epoch)  # (B,) each
         n, _, h, w = x.shape
-        span = 2 * self.pixels + 1
-        dy = (uniform(rows, epoch, self.seed, 1) * span).long().to(x.device)  # (B,) in [0, 2p]
-        dx = (uniform(rows, epoch, self.seed, 2) * span).long().to(x.device)
+        top, left = (dy + self.pixels).to(x.device), (dx + self.pixels).to(x.device)  # (B,) in [0, 2p]
         padded = torch.nn.functional.pad(x, (self.pixels,) * 4)  # (B, C, H + 2p, W + 2p)
-        ys = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-        xs = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+        ys = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+        xs = (left[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         return padded[batch, channels, ys, xs]
+
+    def parameters(self, rows: Tensor, epoch: int) -> dict[str, np.ndarray]:
+        """What ``__call__`` applies to ``rows`` (B,) in ``epoch``: ``dy``, ``dx`` int8 (B,) in [-pixels, pixels],
+        the row offset and column offset of the source pixel (output[i, j] = input[i + dy, j + dx], 0 outside)."""
+        dy, dx = self._offsets(rows, epoch)
+        return {"dy": dy.cpu().numpy().astype(np.int8), "dx": dx.cpu().numpy().astype(np.int8)}
+
+    def _offsets(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+        """The (dy, dx) int64 (B,) offsets in [-pixels, pixels] of ``rows`` in ``epoch``, on ``rows``' device."""
+        span = 2 * self.pixels + 1
+        dy = (uniform(rows, epoch, self.seed, 1) * span).long() - self.pixels  # (B,)
+        dx = (uniform(rows, epoch, self.seed, 2) * span).long() - self.pixels  # (B,)
+        return dy, dx
 
     def describe(self) -> str:
         return f"shifts by up to {self.pixels} px in each direction, zero fill"
@@ -78,13 +95,30 @@ class Mixup:
     then: Shift | None = None  # an augmentation applied to the row and its partner first
 
     def __call__(self, x: Tensor, rows: Tensor, epoch: int) -> Tensor:
-        partners = row_hash(rows, epoch, self.seed, 3) % len(self.pool)  # (B,)
-        other = self.pool[partners.cpu()].to(x.device)
+        """``x`` (B, ...) for training rows ``rows`` (B,) in ``epoch`` -> the mixed batch (B, ...)."""
+        partners, lam = self._draw(rows, epoch)  # (B,) int64, (B,) float64
+        other = self.pool[partners.cpu()].to(x.device)  # (B, ...)
         if self.then is not None:
             x, other = self.then(x, rows, epoch), self.then(other, partners, epoch)
-        lam = uniform(rows, epoch, self.seed, 4).to(device=x.device, dtype=x.dtype)
+        lam = lam.to(device=x.device, dtype=x.dtype)
         lam = lam.reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ...)
         return lam * x + (1 - lam) * other
+
+    def parameters(self, rows: Tensor, epoch: int) -> dict[str, np.ndarray]:
+        """What ``__call__`` applies to ``rows`` (B,) in ``epoch``: ``partner`` int64 (B,) rows of ``pool`` and
+        ``lam`` float64 (B,) (output = λ·x + (1 − λ)·partner, λ cast to the batch's dtype), plus, with ``then``,
+        its parameters for each row and for its partner under ``shift_`` and ``partner_shift_`` prefixes."""
+        partners, lam = self._draw(rows, epoch)
+        out = {"partner": partners.cpu().numpy(), "lam": lam.cpu().numpy()}
+        if self.then is not None:
+            out.update({f"shift_{k}": v for k, v in self.then.parameters(rows, epoch).items()})
+            out.update({f"partner_shift_{k}": v for k, v in self.then.parameters(partners, epoch).items()})
+        return out
+
+    def _draw(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+        """Each row's partner, int64 (B,) indices into ``pool``, and its weight λ, float64 (B,) in [0, 1)."""
+        partners = row_hash(rows, epoch, self.seed, 3) % len(self.pool)  # (B,)
+        return partners, uniform(rows, epoch, self.seed, 4)
 
     def describe(self) -> str:
         inner = f", after {self.then.describe()}" if self.then else ""

@@ -1,0 +1,237 @@
+"""compressor/view_cache.py and the augmentations' parameters(): the teachers' logits on each epoch's views, stored
+once and reused, checked against the view on reuse, refused when damaged, and training on them reproducible.
+
+No mocks: the teachers are two small seeded nets, the views real Shift and Mixup, every entry written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor.augment import Mixup, Shift
+from compressor.distill import TrainConfig, train_student
+from compressor.errors import CompressorError
+from compressor.losses import DistillationLoss
+from compressor.view_cache import ViewLogits
+
+N, K, C = 40, 2, 10
+CONFIG = TrainConfig(epochs=2, batch_size=16, lr=1e-2, progress=False)
+
+
+def images(n: int = N) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # (N, 1, 8, 8)
+
+
+def labels(n: int = N) -> torch.Tensor:
+    return torch.randint(0, C, (n,), generator=torch.Generator().manual_seed(1))  # (N,)
+
+
+class Teachers:
+    """Two seeded nets stacked to (K, B, C) member logits, counting how often they run."""
+
+    def __init__(self, scale: float = 10.0):
+        torch.manual_seed(0)
+        self.members = [nn.Sequential(nn.Flatten(), nn.Linear(64, C)),
+                        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, C))]
+        self.scale, self.calls = scale, 0
+
+    @torch.no_grad()
+    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.scale * torch.stack([member(xb) for member in self.members])  # (K, B, C)
+
+
+def view_logits(root, view, teachers=None, key=None, **kwargs) -> ViewLogits:
+    return ViewLogits(teachers or Teachers(), images(), view, K, C, root, key or {"view": "test"}, batch_size=16,
+                      **kwargs)
+
+
+def assert_fp16_close(stored: torch.Tensor, exact: torch.Tensor) -> None:
+    """float16 keeps 11 significant bits; the teachers ran in other batch sizes, which moves float32 sums a little."""
+    torch.testing.assert_close(stored, exact, rtol=2.0 ** -10, atol=1e-4 * float(exact.abs().max()))
+
+
+VIEWS = {"shift": Shift(2, seed=3), "mixup-then-shift": Mixup(images(), seed=4, then=Shift(1, seed=5))}
+
+
+@pytest.mark.parametrize("name", sorted(VIEWS))
+def test_each_epoch_holds_the_teachers_on_that_epochs_view_of_every_row(tmp_path, name):
+    view, teachers = VIEWS[name], Teachers()
+    source = view_logits(tmp_path, view)
+    assert source.shape == (K, N, C)
+    epochs = {}
+    for epoch in (1, 2):
+        epochs[epoch] = source.for_epoch(epoch).to_tensor()  # (K, N, C)
+        assert source.for_epoch(epoch).array.dtype == np.float16
+        assert_fp16_close(epochs[epoch], teachers(view(images(), torch.arange(N), epoch)))
+    assert not torch.allclose(epochs[1], epochs[2])  # a new view each epoch, so new soft targets
+
+
+def test_a_second_run_reads_the_stored_epochs_without_running_the_teachers(tmp_path):
+    first_teachers, rows_done = Teachers(), []
+    first = view_logits(tmp_path, Shift(2, seed=3), first_teachers, on_rows=rows_done.append)
+    arrays = [np.array(first.for_epoch(epoch).array) for epoch in (1, 2)]
+    assert first_teachers.calls == 6 and sum(rows_done) == 2 * N  # 3 batches of ≤ 16 rows per epoch
+    assert first.describe()["epochs_computed"] == [1, 2] and first.describe()["epochs_reused"] == []
+
+    second_teachers = Teachers()
+    second = view_logits(tmp_path, Shift(2, seed=3), second_teachers)
+    for epoch, array in zip((1, 2), arrays):
+        again = second.for_epoch(epoch).array
+        assert again.dtype == array.dtype and again.tobytes() == array.tobytes()
+    assert second_teachers.calls == 0
+    summary = second.describe()
+    assert summary["epochs_reused"] == [1, 2] and summary["epochs_computed"] == []
+    assert summary["path"] == str(first.path) and summary["key"] == {"view": "test"}
+    json.dumps(summary)  # JSON-safe for the report
+
+    second.for_epoch(3)  # an epoch not stored yet is computed and added
+    assert second_teachers.calls == 3 and second.describe()["epochs_computed"] == [3]
+    assert sorted(p.name for p in first.path.iterdir()) == ["entry.json"] + [
+        f"epoch-0000{e}{suffix}" for e in (1, 2, 3) for suffix in (".json", ".npy", ".params.npz")]
+
+
+def shifted_by_hand(x: torch.Tensor, dy: np.ndarray, dx: np.ndarray, pixels: int) -> torch.Tensor:
+    """Each image i moved so that output[y, x] = input[y + dy[i], x + dx[i]], zero outside."""
+    padded = nn.functional.pad(x, (pixels,) * 4)  # (B, C, H + 2p, W + 2p)
+    h, w = x.shape[-2:]
+    return torch.stack([padded[i, :, pixels + int(dy[i]) : pixels + int(dy[i]) + h,
+                               pixels + int(dx[i]) : pixels + int(dx[i]) + w] for i in range(len(x))])
+
+
+def test_the_recorded_parameters_are_exactly_what_the_view_applies():
+    x, rows = images(), torch.arange(N)
+    shift = Shift(2, seed=3)
+    p = shift.parameters(rows, 2)
+    assert p["dy"].dtype == np.int8 and p["dx"].dtype == np.int8 and p["dy"].shape == (N,)
+    assert np.abs(p["dy"]).max() <= 2 and np.abs(p["dx"]).max() <= 2 and len(set(zip(p["dy"], p["dx"]))) > 10
+    assert torch.equal(shifted_by_hand(x, p["dy"], p["dx"], 2), shift(x, rows, 2))
+
+    mix = VIEWS["mixup-then-shift"]
+    p = mix.parameters(rows, 2)
+    assert set(p) == {"partner", "lam", "shift_dy", "shift_dx", "partner_shift_dy", "partner_shift_dx"}
+    assert p["partner"].dtype == np.int64 and p["lam"].dtype == np.float64
+    mine = shifted_by_hand(x, p["shift_dy"], p["shift_dx"], 1)
+    partner = shifted_by_hand(x[torch.from_numpy(p["partner"])], p["partner_shift_dy"], p["partner_shift_dx"], 1)
+    lam = torch.from_numpy(p["lam"]).float()[:, None, None, None]  # (B, 1, 1, 1)
+    assert torch.equal(lam * mine + (1 - lam) * partner, mix(x, rows, 2))
+    assert set(Mixup(x, seed=4).parameters(rows, 2)) == {"partner", "lam"}
+
+
+def test_another_seed_under_the_same_key_is_refused(tmp_path):
+    view_logits(tmp_path, Shift(2, seed=3)).for_epoch(1)
+    other_seed = view_logits(tmp_path, Shift(2, seed=4))
+    with pytest.raises(CompressorError, match=re.escape(str(other_seed.path)) + ".*seed changed"):
+        other_seed.for_epoch(1)
+
+
+def test_a_corrupted_epoch_is_refused_and_refresh_recomputes_it(tmp_path):
+    source = view_logits(tmp_path, Shift(2, seed=3))
+    good = np.array(source.for_epoch(1).array)  # a copy: the memory map would see the damage below
+    npy = source.path / "epoch-00001.npy"
+    data = bytearray(npy.read_bytes())
+    data[-8:] = bytes(8)  # the last logits zeroed: the file still parses, only its checksum tells
+    npy.write_bytes(bytes(data))
+    with pytest.raises(CompressorError, match=re.escape(str(source.path)) + ".*checksum"):
+        view_logits(tmp_path, Shift(2, seed=3)).for_epoch(1)
+
+    teachers = Teachers()
+    refreshed = view_logits(tmp_path, Shift(2, seed=3), teachers, refresh=True)
+    assert np.array_equal(refreshed.for_epoch(1).array, good) and teachers.calls == 3
+    assert refreshed.describe()["epochs_computed"] == [1]
+
+
+def test_an_entry_written_for_another_key_is_refused(tmp_path):
+    source = view_logits(tmp_path, Shift(2, seed=3))
+    record = json.loads((source.path / "entry.json").read_text())
+    assert record["view"] == Shift(2, seed=3).describe()
+    (source.path / "entry.json").write_text(json.dumps({**record, "key": {"view": "another"}}))
+    with pytest.raises(CompressorError, match=re.escape(str(source.path)) + ".*--refresh-teacher-cache"):
+        view_logits(tmp_path, Shift(2, seed=3))
+
+
+def test_logits_float16_cannot_hold_are_stored_in_float32(tmp_path):
+    teachers = Teachers(scale=1000.0)
+    source = view_logits(tmp_path, Shift(2, seed=3), teachers)
+    stored = source.for_epoch(1)
+    assert stored.array.dtype == np.float32 and float(np.abs(stored.array).max()) >= 128
+    exact = teachers(Shift(2, seed=3)(images(), torch.arange(N), 1))  # (K, N, C), in one batch, not 16-row ones
+    torch.testing.assert_close(stored.to_tensor(), exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+
+
+def trained(checkpoint_dir, teacher_source, view) -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, C))
+    train_student(student, images(), labels(), teacher_source, images(), labels(),
+                  DistillationLoss(temperature=2.0, alpha=0.5), CONFIG, checkpoint_dir, view=view)
+    return student.state_dict()
+
+
+def test_training_on_the_cache_is_reproducible_and_matches_the_teachers_on_the_students_view(tmp_path):
+    view, root = Shift(2, seed=3), tmp_path / "cache"
+    first = view_logits(root, view)
+    weights = trained(tmp_path / "a", first, view)
+    second_teachers = Teachers()
+    second = view_logits(root, view, second_teachers)
+    again = trained(tmp_path / "b", second, view)
+    assert second_teachers.calls == 0 and second.describe()["epochs_reused"] == [1, 2]
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    assert not [name for name in os.listdir(first.path) if name.endswith(".tmp")]
+    assert not [name for name in os.listdir(root) if name.endswith(".tmp")]
+
+    # online: the teachers run on each viewed batch; the cache must hold what they returned for those rows
+    seen, outputs, online_teachers = [], [], Teachers()
+
+    def recording_view(xb, rows, epoch):
+        seen.append((epoch, rows.clone()))
+        return view(xb, rows, epoch)
+
+    def online(xb):
+        outputs.append(online_teachers(xb))
+        return outputs[-1]
+
+    trained(tmp_path / "online", online, recording_view)
+    assert len(seen) == len(outputs) == 6 and {epoch for epoch, _ in seen} == {1, 2}
+    for (epoch, rows), output in zip(seen, outputs):
+        assert_fp16_close(second.for_epoch(epoch).take(rows), output)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_cache_folder_is_refused_without_leaving_partial_files(tmp_path):
+    root = tmp_path / "readonly"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        with pytest.raises(CompressorError, match=re.escape(str(root)) + ".*--no-cache"):
+            view_logits(root, Shift(2, seed=3))
+    finally:
+        root.chmod(0o700)
+
+    source = view_logits(tmp_path / "cache", Shift(2, seed=3))
+    source.for_epoch(1)
+    source.path.chmod(0o500)  # the entry exists, but epoch 2 cannot be written into it
+    try:
+        with pytest.raises(CompressorError, match=re.escape(str(source.path)) + ".*free disk space"):
+            source.for_epoch(2)
+    finally:
+        source.path.chmod(0o700)
+    assert sorted(p.name for p in source.path.iterdir()) == ["entry.json", "epoch-00001.json", "epoch-00001.npy",
+                                                            "epoch-00001.params.npz"]
+
+
+def test_a_failed_write_names_the_entry_and_leaves_no_temporary_file(tmp_path):
+    """Runs as root too: a folder where epoch 2's array should go makes the rename fail like a full disk would."""
+    source = view_logits(tmp_path, Shift(2, seed=3))
+    (source.path / "epoch-00002.npy").mkdir()
+    (source.path / "epoch-00002.npy" / "in-the-way").write_text("")
+    with pytest.raises(CompressorError, match=re.escape(str(source.path)) + ".*another --teacher-cache"):
+        source.for_epoch(2)
+    assert not [name for name in os.listdir(source.path) if name.endswith(".tmp")]
+    assert not (source.path / "epoch-00002.json").exists()  # no record: the epoch is not taken as whole
