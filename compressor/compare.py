@@ -169,13 +169,8 @@ def paired_bootstrap(differences: np.ndarray, seed: int = 0) -> tuple[float, flo
 
 
 def verdict(rows: list[Row], labels: np.ndarray, seed: int = 0) -> dict | None:
-    """Gain kept = (student − baseline) / (ensemble − baseline) in test top-1, with a paired bootstrap 95% interval.
-
-    The student, the hard-label baseline and the ensemble (all in PyTorch eager) are scored on the same labelled
-    test rows; each resample draws those rows with replacement and recomputes the three accuracies together. When
-    more than 2.5% of resamples find the ensemble no better than the baseline, the ensemble's gain is within the
-    noise of the test split and the share kept is "not measurable". None without a baseline row or labels.
-    """
+    """:func:`gain_kept` for the student, the hard-label baseline and the ensemble rows (all in PyTorch eager) on
+    the labelled test rows. None without a baseline row or labels."""
     by_kind = {row.kind: row for row in rows if row.backend == EAGER}
     if not {"student", "baseline", "ensemble"} <= set(by_kind):
         return None
@@ -184,7 +179,19 @@ def verdict(rows: list[Row], labels: np.ndarray, seed: int = 0) -> dict | None:
         return None
     y = labels[labelled]
     correct = np.stack([by_kind[kind].scores[labelled].argmax(1) == y
-                        for kind in ("student", "baseline", "ensemble")]).astype(np.float64)  # (3, n)
+                        for kind in ("student", "baseline", "ensemble")])  # (3, n)
+    return gain_kept(correct, seed)
+
+
+def gain_kept(correct: np.ndarray, seed: int = 0) -> dict:
+    """Gain kept = (student − baseline) / (ensemble − baseline) in top-1, with a paired bootstrap 95% interval.
+
+    ``correct`` (3, n) says, for the student, the baseline and the ensemble in that order, which of the same n
+    labelled rows each gets right; each resample draws those rows with replacement and recomputes the three
+    accuracies together. When more than 2.5% of resamples find the ensemble no better than the baseline, the
+    ensemble's gain is within the noise of the rows and the share kept is "not measurable".
+    """
+    correct = np.asarray(correct, dtype=np.float64)  # (3, n)
     student, baseline, ensemble = correct.mean(1)
     resampled = bootstrap_means(correct, seed)  # (3, R)
     gains = resampled[2] - resampled[1]  # (R,) ensemble − baseline
@@ -196,15 +203,16 @@ def verdict(rows: list[Row], labels: np.ndarray, seed: int = 0) -> dict | None:
         interval = [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
     return {"student_top1": float(student), "baseline_top1": float(baseline), "ensemble_top1": float(ensemble),
             "gain_kept": None if kept is None else float(kept), "interval_95": interval, "measurable": measurable,
-            "resamples": BOOTSTRAP_RESAMPLES, "examples": int(len(y)), "seed": seed}
+            "resamples": BOOTSTRAP_RESAMPLES, "examples": int(correct.shape[1]), "seed": seed}
 
 
 def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, precision: str = "fp32",
-             gain: dict | None = None) -> str:
+             gain: dict | None = None, causes: list[str] | None = None) -> str:
     """What a person reads first: the student's batch-1 speed-up over the ensemble on the same backend (and in
     PyTorch eager), the accuracy it keeps, the share of the ensemble's gain over the hard-label baseline it keeps,
     and, when it loses more than a point or loses to the baseline, the likely cause. ``gain`` is :func:`verdict`'s
-    result: with it the share kept carries its bootstrap interval, or is called not measurable."""
+    result: with it the share kept carries its bootstrap interval, or is called not measurable. ``causes`` are the
+    ensemble diagnostics' warnings: when distillation loses to the baseline, the first is named as the likely cause."""
     find = {(row["kind"], row["backend"]): row for row in rows if row["kind"] != "student"}
     eager = find[("ensemble", EAGER)]
     student = next(row for row in rows
@@ -234,7 +242,7 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
         return text + " The test split has no labels, so accuracy is not known; see agreement with the ensemble."
     text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
              f"({student_acc:.2%} vs {ensemble_acc:.2%})")
-    text += _baseline_clause(baseline, student_acc, ensemble_acc, gain) if baseline else "."
+    text += _baseline_clause(baseline, student_acc, ensemble_acc, gain, causes) if baseline else "."
     drop = 100 * (ensemble_acc - student_acc)
     if drop > 1.0:
         if training.best_epoch == epochs:
@@ -248,7 +256,8 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
     return text
 
 
-def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float, verdict_: dict | None = None) -> str:
+def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float, verdict_: dict | None = None,
+                     causes: list[str] | None = None) -> str:
     """How much of the ensemble's gain over the hard-label baseline the student keeps, in words."""
     baseline_acc = baseline["accuracy"]["top1"]
     gain = ensemble_acc - baseline_acc
@@ -268,7 +277,11 @@ def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float, ve
         clause = f" and {kept:.0%} of its gain over the hard-label baseline ({baseline_acc:.2%})."
     if student_acc < baseline_acc:
         clause += (f" Distillation did NOT pay: the same network trained on labels alone is "
-                   f"{100 * (baseline_acc - student_acc):.2f} points better. Likely causes: a schedule too short "
-                   f"for soft targets (try more --epochs), a temperature or alpha that does not suit this student, "
-                   f"or teachers that do not fit their transfer set (see the diagnostics).")
+                   f"{100 * (baseline_acc - student_acc):.2f} points better. ")
+        if causes:
+            clause += f"Likely cause, from the ensemble diagnostics: {causes[0]}."
+        else:
+            clause += ("Likely causes: a schedule too short for soft targets (try more --epochs or --recipe auto), "
+                       "a temperature or alpha that does not suit this student (--tune searches them), or an "
+                       "ensemble with little to teach beyond the labels.")
     return clause
