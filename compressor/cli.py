@@ -18,6 +18,7 @@ from rich.table import Table
 from compressor import __version__
 from compressor.config import PRECISIONS, RunConfig, SpecialistsConfig
 from compressor.errors import CompressorError
+from compressor.tuning import DEFAULT_TUNE_MINUTES
 
 TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
 stdout = Console()
@@ -90,10 +91,18 @@ def job_options(func):
         click.option("--no-cache", is_flag=True,
                      help="Run the teachers on every training batch instead of caching their logits."),
         click.option("--refresh-teacher-cache", is_flag=True, help="Recompute and replace this run's cache entry."),
-        click.option("--recipe", type=click.Choice(["hinton", "consistent", "function-matching"]),
+        click.option("--recipe", type=click.Choice(["hinton", "consistent", "function-matching", "auto"]),
                      default=RunConfig.recipe, show_default=True,
                      help="hinton: the paper; consistent: teachers see the student's augmented view; "
-                          "function-matching: mixed pairs of inputs, alpha 1 (Beyer et al. 2022)."),
+                          "function-matching: mixed pairs of inputs, alpha 1 (Beyer et al. 2022); auto: "
+                          f"--tune with {DEFAULT_TUNE_MINUTES:g} minutes unless --tune says otherwise."),
+        click.option("--tune", type=float, default=None, metavar="MINUTES",
+                     help="Search recipe, T, alpha, lr and epochs on validation by successive halving in about "
+                          "this many minutes, with the hard-label baseline tuned alike; the report prints the "
+                          "command that reruns the choice."),
+        click.option("--tune-trials", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="With --tune or --recipe auto: N configurations per family instead of as many as the "
+                          "budget fits, so the search itself is the same on any machine."),
         click.option("--unlabeled", is_flag=True,
                      help="Ignore the transfer set's labels: train on the soft targets alone (alpha 1)."),
         click.option("--omit-classes", default=None, metavar="CLASSES",
@@ -128,7 +137,7 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
         unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
         amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
-        recipe=options["recipe"],
+        recipe=options["recipe"], tune=options["tune"], tune_trials=options["tune_trials"],
         threads=options["threads"], progress=not options["no_progress"],
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 

@@ -44,7 +44,9 @@ class RunConfig:
     amp: str = "none"                     # none | bf16: autocast the student's forward pass while training
     device: str = "auto"                  # auto | cpu | cuda: where the student trains
     ort_provider: str = "auto"            # auto | cpu | cuda | tensorrt: ONNX Runtime's execution provider
-    recipe: str = "hinton"                # hinton | consistent | function-matching (compressor/recipes.py)
+    recipe: str = "hinton"                # hinton | consistent | function-matching (compressor/recipes.py) | auto
+    tune: float | None = None             # minutes of successive halving on validation (compressor/tuning.py)
+    tune_trials: int | None = None        # trials per family, instead of as many as the budget fits
     threads: int | None = None            # intra-op threads for ORT and PyTorch; None = library default
     progress: bool = True
     command: str = ""                     # the exact command line, recorded in the report

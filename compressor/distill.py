@@ -7,9 +7,11 @@ validates every epoch, keeps the best epoch's weights and checkpoints atomically
 The loss is any callable ``loss_fn(student_logits (B, C), teacher_logits (K, B, C) | None,
 labels (B,) int64, -1 = unlabeled) -> scalar``; this module never imports ``compressor.losses``.
 
-Teacher logits come from one of three sources: a tensor (K, N, C) in memory; an object with ``shape`` and
+Teacher logits come from one of four sources: a tensor (K, N, C) in memory; an object with ``shape`` and
 ``take(idx) -> (K, B, C)`` such as :class:`compressor.teacher_cache.CachedLogits` (the on-disk cache, read one batch
-at a time); or a callable ``teacher(xb) -> (K, B, C)`` that runs the teachers on each (possibly augmented) batch.
+at a time); a per-epoch source with ``shape`` and ``for_epoch(epoch) -> CachedLogits-like`` such as
+:class:`compressor.view_cache.ViewLogits` (the teachers' logits on each epoch's augmented views, cached on disk); or a
+callable ``teacher(xb) -> (K, B, C)`` that runs the teachers on each (possibly augmented) batch.
 
 Distributed data parallel: when ``torch.distributed`` is initialised (``torchrun``), the student is wrapped in
 ``DistributedDataParallel`` and every global batch of ``batch_size`` rows is split across the ranks, so a run on N
@@ -319,7 +321,7 @@ def train_student(
     student: nn.Module,
     x_train: Tensor,  # (N, ...) float32
     y_train: Tensor,  # (N,) int64, -1 = unlabeled
-    teacher_logits,  # (K, N, C) tensor, CachedLogits-like, callable(xb) -> (K, B, C), or None
+    teacher_logits,  # (K, N, C) tensor, CachedLogits-like, per-epoch (for_epoch), callable(xb) -> (K, B, C), or None
     x_val: Tensor,  # (M, ...)
     y_val: Tensor,  # (M,) int64
     loss_fn: LossFn,
@@ -328,6 +330,7 @@ def train_student(
     resume: bool = False,
     fingerprint: dict | None = None,
     view: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+    until: int | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on the transfer set and return what happened.
 
@@ -339,8 +342,14 @@ def train_student(
     ``view(xb, rows, epoch) -> xb`` transforms each training batch (never validation), as a deterministic function
     of its training rows ``rows`` (indices into ``x_train``) and the 1-based epoch (``compressor.augment``), so a
     run, its resumption and every DDP rank see the same inputs. A callable teacher source runs on the viewed batch,
-    so the teachers see exactly what the student sees; a tensor or cached source is not recomputed for it, so pair
-    those with a view only when training without teachers (a teacher or a baseline).
+    so the teachers see exactly what the student sees; a per-epoch source (``for_epoch``) is a cache of the teachers
+    on that same view, asked once per epoch for that epoch's logits, so it pairs with ``view`` too; a tensor or cached
+    source is not recomputed for it, so pair those with a view only when training without teachers (a teacher or a
+    baseline).
+
+    ``until`` stops after that epoch of the ``config.epochs``-epoch schedule (the learning rate follows the whole
+    schedule), leaving ``last.pt`` to be resumed later: a run paused at ``until`` and resumed ends with exactly the
+    weights of an uninterrupted one (successive halving trains its trials rung by rung this way).
 
     ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it exists (its config and
     ``fingerprint`` must match) and starts fresh when it does not; ``resume=False`` always starts
@@ -414,9 +423,12 @@ def train_student(
             train_acc="-",
             val_acc=_fmt(best_acc if best_epoch else None, ".3f"),
         )
-        for epoch in range(start_epoch + 1, config.epochs + 1):  # 1-based
+        stop = config.epochs if until is None else min(until, config.epochs)
+        for epoch in range(start_epoch + 1, stop + 1):  # 1-based
             t_epoch = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
+            # a per-epoch source gives the teachers on this epoch's views; the others serve every epoch
+            source = teacher_logits.for_epoch(epoch) if hasattr(teacher_logits, "for_epoch") else teacher_logits
             student.train()
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen)  # (N,)
@@ -428,7 +440,7 @@ def train_student(
                 yb = y_train[idx.to(y_train.device)].to(device, non_blocking=True)  # (b,)
                 if view is not None:
                     xb = view(xb, idx, epoch)
-                tb = _teacher_batch(teacher_logits, idx, xb, device)  # (K, b, C)
+                tb = _teacher_batch(source, idx, xb, device)  # (K, b, C)
                 with _autocast(config.amp, device):
                     logits = model(xb)  # (b, C)
                 # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the global

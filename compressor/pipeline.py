@@ -8,6 +8,7 @@ input runs before ``--out`` is created, so a rejected run leaves nothing behind;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from compressor import __version__
+from compressor.augment import default_augmentation
 from compressor.config import PRECISIONS, RunConfig
 from compressor.compare import EAGER, eager_device, ensemble_rows, headline, paired_bootstrap, student_rows, verdict
 from compressor.data import Dataset, load_dataset
@@ -39,6 +41,8 @@ from compressor.specialist_training import score_specialists
 from compressor.students import create_student
 from compressor.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
 from compressor.teachers import Ensemble, load_ensemble
+from compressor.tuning import DEFAULT_TUNE_MINUTES, search_space, successive_halving
+from compressor.view_cache import ViewLogits
 from targets.base import TARGETS, Artifact, check_target_available, get_target
 from targets.benchmark import sweep
 from targets.bundle import apply_normalisation, write_bundle
@@ -76,6 +80,7 @@ class TeacherOutputs:
     test: torch.Tensor
     cache: dict
     online: object
+    views: Path | None = None        # where the teachers' logits on augmented views are cached (None: --no-cache)
 
 
 @dataclass
@@ -122,6 +127,9 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     _check_writable(out_dir)
     world = join(config.device)
     check_amp(config.amp, torch.device(world.device))
+    if tuned(config) and world.size > 1:
+        raise CompressorError("--tune and --recipe auto search in one process: run the search without torchrun, "
+                              "then rerun the command its report prints under torchrun")
     if not world.is_main:                                           # one voice: rank 0 prints and draws progress
         console, config = Console(stderr=True, quiet=True), dataclasses.replace(config, progress=False)
     torch.manual_seed(config.seed)
@@ -139,24 +147,38 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     diagnostics = diagnose_teachers(ensemble, tensors, teacher, config)                  # 2. diagnose
     for line in diagnostics["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
-    transfer = transfer_set(config, ensemble, tensors, teacher, omitted, console)
-    diagnostics["view_check"] = check_views(ensemble, transfer.recipe, tensors, teacher)
+    tuning = None
+    if tuned(config):  # the check runs on the augmentation the search may choose
+        recipe = make_recipe("consistent", tuple(tensors.x_train.shape[1:]), tensors.x_train, config.seed)
+    else:
+        transfer = transfer_set(config, ensemble, tensors, teacher, omitted, console)
+        recipe = transfer.recipe
+    diagnostics["view_check"] = check_views(ensemble, recipe, tensors, teacher)
     if diagnostics["view_check"] and diagnostics["view_check"]["warning"]:
         diagnostics["warnings"].append(diagnostics["view_check"]["warning"])
         console.print(f"[yellow]warning:[/] {diagnostics['view_check']['warning']}")
 
-    torch.manual_seed(config.seed)                                  # the student and the baseline start alike
-    student = choose_student(config, ensemble, dataset)                                 # 3. student
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    training = distill(config, ensemble, dataset, tensors, transfer, student, normalisation, world, console)  # 4.
-    baseline = train_baseline(config, ensemble, dataset, tensors, transfer, world, console) if config.baseline else None
+    if tuned(config):                                                                   # 3-4. tuned students
+        search = tune(config, ensemble, dataset, tensors, teacher, omitted, normalisation, world, console)
+        config, transfer, student, training, baseline = (search.config, search.transfer, search.student,
+                                                         search.training, search.baseline)
+        tuning = search.report
+    else:
+        torch.manual_seed(config.seed)                              # the student and the baseline start alike
+        student = choose_student(config, ensemble, dataset)                             # 3. student
+        training = distill(config, ensemble, dataset, tensors, transfer, student, normalisation, world, console)
+        baseline = (train_baseline(config, ensemble, dataset, tensors, transfer, world, console)   # 4. distill
+                    if config.baseline else None)
     from_generalist = distill_generalist(config, ensemble, dataset, tensors, transfer, normalisation, world, console)
     if not world.is_main:
         leave(world)
         return None
     bias_fix = fix_bias(config, student, tensors, transfer, console)
     save_student(student, tensors.x_test[:2], out_dir / "student.pt", config)
+    if baseline is not None:  # kept beside the student so its predictions can be checked or compared later
+        save_student(baseline.model, tensors.x_test[:2], out_dir / "baseline.pt", config)
 
     target = get_target(config.target)                                                  # 5. export
     options = export_options(config)
@@ -171,7 +193,12 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
                                   artifact, parity, diagnostics, training, normalisation, console,
                                   ensemble_runner, ensemble_export, baseline, from_generalist)
     report["teacher_cache"] = teacher.cache
+    report["tuning"] = tuning
     report["transfer_set"] = transfer.info
+    if isinstance(transfer.teacher, ViewLogits):
+        report["transfer_set"]["view_cache"] = transfer.teacher.describe()
+    if tuning is not None:
+        report["headline"] += f" {tuning['explanation']}"
     report["student"]["bias_fix"] = bias_fix
     report["environment"]["distributed"] = world.describe()
     write_student_bundle(artifact, dataset, ensemble, normalisation, config, out_dir)
@@ -223,7 +250,7 @@ def teacher_outputs(ensemble: Ensemble, dataset: Dataset, tensors: Tensors, norm
             computed = run_teachers(ensemble, splits, config)
             entries = {name: CachedLogits(logits.numpy()) for name, logits in computed.items()}
     return TeacherOutputs(entries["train"], entries["val"].to_tensor(), entries["test"].to_tensor(),
-                          cache.describe(hit), online)
+                          cache.describe(hit), online, cache.root / "views")
 
 
 def diagnose_teachers(ensemble: Ensemble, tensors: Tensors, teacher: TeacherOutputs, config: RunConfig) -> dict:
@@ -254,7 +281,7 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
     """The rows the student learns from: the training split, its labels dropped with --unlabeled, the classes of
     --omit-classes left out (paper §3). Without labels the soft term alone trains (α = 1), and without labelled
     validation rows the best epoch is the one that agrees most with the ensemble."""
-    x, y, source = tensors.x_train, tensors.y_train, teacher.train
+    x, y, source, rows = tensors.x_train, tensors.y_train, teacher.train, None
     if config.unlabeled:
         y = torch.full_like(y, -1)
     info: dict = {"rows": len(x), "unlabeled": config.unlabeled}
@@ -267,9 +294,11 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
         console.print(f"[bold]transfer set[/] {len(rows)} rows: classes {list(omitted)} left out "
                       f"({info['rows_dropped']} rows)")
     recipe = make_recipe(config.recipe, tuple(x.shape[1:]), x, config.seed)
-    if recipe.teachers_per_batch:
-        source = teacher.online  # the teachers see each batch's view, which changes every epoch
+    if recipe.teachers_per_batch:  # the teachers see each batch's view, which changes every epoch
+        source = view_source(config, ensemble, teacher, x, rows, recipe)
     info.update(recipe.describe())
+    if isinstance(source, ViewLogits):
+        info["teachers"] = "run once per epoch on every row's view and cached (compressor.view_cache)"
     alpha = config.alpha if recipe.alpha is None else recipe.alpha
     if not bool((y >= 0).any()):
         alpha = 1.0
@@ -288,6 +317,20 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
     info["soft_targets"] = "the specialist ensemble's combination q (paper §5), softened as softmax(log q / T)"
     combined, generalist = specialist_sources(ensemble, source)
     return TransferSet(x, y, combined, y_val, alpha, recipe, omitted, info, generalist=generalist)
+
+
+def view_source(config: RunConfig, ensemble: Ensemble, teacher: TeacherOutputs, x: torch.Tensor,
+                rows: torch.Tensor | None, recipe: Recipe):
+    """The teachers' logits on the recipe's views: from the view cache (compressor.view_cache), each epoch's
+    computed once and reused by later runs and tuning trials; with --no-cache, or for a specialist ensemble (whose
+    combination is not cached per view), the teachers run on every batch instead."""
+    if teacher.views is None or ensemble.specialist_subsets is not None:
+        return teacher.online
+    transfer_rows = "all" if rows is None else hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+    key = {**teacher.cache["key"], "transfer_rows": transfer_rows, "recipe": recipe.name,
+           "view": recipe.view.describe(), "view_seed": config.seed}
+    return ViewLogits(teacher.online, x, recipe.view, len(ensemble.members), ensemble.num_classes, teacher.views,
+                      key, refresh=config.refresh_teacher_cache)
 
 
 COMBINE_ROWS = 8192  # transfer rows combined at a time when a specialist ensemble's soft targets are precomputed
@@ -427,11 +470,15 @@ def choose_student(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> t
 
 def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors, transfer: TransferSet,
             student: torch.nn.Module, normalisation: dict | None, world: World, console: Console,
-            folder: str = "checkpoints") -> TrainResult:
+            folder: str = "checkpoints", until: int | None = None, resume: bool | None = None) -> TrainResult:
     """Train the student on the ensemble's soft targets at temperature T, mixed with the hard labels, on this
-    rank's device, checkpointing into ``<out>/<folder>``; the student is back on the CPU afterwards."""
-    loss = DistillationLoss(temperature=config.temperature, alpha=transfer.alpha, combine=transfer.combine,
-                            weights=transfer.weights)
+    rank's device, checkpointing into ``<out>/<folder>``; the student is back on the CPU afterwards.
+
+    With α = 0 the teachers play no part: the labels alone train it, on the recipe's labelled views (what a tuned
+    baseline is). ``until`` pauses after that epoch (a tuning rung); ``resume`` overrides --resume."""
+    hard = transfer.alpha == 0
+    loss = HardLabelLoss() if hard else DistillationLoss(temperature=config.temperature, alpha=transfer.alpha,
+                                                         combine=transfer.combine, weights=transfer.weights)
     fingerprint = {
         "teacher_sha256": ensemble.fingerprint(), "data_sha256": dataset.fingerprint(),
         "student": config.student, "temperature": config.temperature, "alpha": transfer.alpha,
@@ -441,14 +488,16 @@ def distill(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Te
         "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
         "soft_targets": transfer.info.get("soft_targets"),
     }
+    resume = config.resume if resume is None else resume
     checkpoints = config.output_dir() / folder
-    if (checkpoints / "last.pt").exists() and not config.resume:
+    if (checkpoints / "last.pt").exists() and not resume:
         console.print(f"[yellow]note:[/] {checkpoints / 'last.pt'} exists; starting over (pass --resume to continue it)")
     student.to(world.device)
     try:
-        return train_student(student, transfer.x, transfer.y, transfer.teacher, tensors.x_val, transfer.y_val,
-                             loss, _train_config(config), checkpoints, resume=config.resume, fingerprint=fingerprint,
-                             view=transfer.recipe.view)
+        return train_student(student, transfer.x, transfer.y, None if hard else transfer.teacher, tensors.x_val,
+                             transfer.y_val, loss, _train_config(config), checkpoints, resume=resume,
+                             fingerprint=fingerprint,
+                             view=transfer.recipe.baseline_view if hard else transfer.recipe.view, until=until)
     finally:
         student.cpu()
 
@@ -469,6 +518,65 @@ def distill_generalist(config: RunConfig, ensemble: Ensemble, dataset: Dataset, 
     training = distill(config, ensemble, dataset, tensors, alone, model, normalisation, world, console,
                        folder="checkpoints-generalist")
     return TrainedBaseline(model, training)
+
+
+@dataclass
+class TunedRun:
+    """What --tune (or --recipe auto) hands on: the chosen configuration, its transfer set and student, the tuned
+    hard-label baseline, and the search for the report."""
+
+    config: RunConfig
+    transfer: TransferSet
+    student: torch.nn.Module
+    training: TrainResult
+    baseline: TrainedBaseline | None
+    report: dict
+
+
+def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tensors, teacher: TeacherOutputs,
+         omitted: tuple[int, ...], normalisation: dict | None, world: World, console: Console) -> TunedRun:
+    """Successive halving on validation (compressor.tuning) over recipe, T, α, lr and epochs, with the hard-label
+    family tuned alike as the baseline. Trials checkpoint into ``<out>/tuning/<trial>/``; with --resume a killed
+    search continues where it stopped. Each recipe's transfer set (and its view cache) is built once."""
+    transfers: dict[str, TransferSet] = {}
+
+    def trial_config(trial) -> RunConfig:
+        return dataclasses.replace(config, recipe=trial.recipe, temperature=trial.temperature, alpha=trial.alpha,
+                                   lr=trial.lr, epochs=trial.epochs)
+
+    def trial_transfer(trial) -> TransferSet:
+        if trial.recipe not in transfers:
+            transfers[trial.recipe] = transfer_set(trial_config(trial), ensemble, tensors, teacher, omitted,
+                                                   Console(stderr=True, quiet=True))
+        transfer = transfers[trial.recipe]
+        alpha = transfer.alpha if transfer.recipe.alpha is not None else trial.alpha
+        return dataclasses.replace(transfer, alpha=alpha, info={**transfer.info, "alpha": alpha})
+
+    begun: set = set()  # trials this search has trained: later rungs resume them; a first rung resumes only --resume
+
+    def train(trial, epochs: int):
+        torch.manual_seed(config.seed)  # every trial starts from the weights a plain run of it would
+        student = choose_student(config, ensemble, dataset)
+        training = distill(trial_config(trial), ensemble, dataset, tensors, trial_transfer(trial), student,
+                           normalisation, world, console, folder=f"tuning/{trial.name}", until=epochs,
+                           resume=config.resume or trial in begun)
+        begun.add(trial)
+        return training.best_val_accuracy, (student, training)
+
+    labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
+    space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
+                         default_augmentation(tuple(tensors.x_train.shape[1:])) is not None, labelled)
+    minutes = config.tune or DEFAULT_TUNE_MINUTES
+    console.print(f"[bold]tune[/] successive halving on validation, budget {minutes:g} min")
+    search = successive_halving(space, train, 60 * minutes, config.seed,
+                                log=lambda line: console.print(f"[bold]tune[/] {line}"), trials=config.tune_trials)
+    report = search.describe(config.command)
+    console.print(f"[bold]tune[/] {report['explanation']}")
+    chosen = search.chosen.trial
+    student, training = search.chosen.result
+    labels = search.winners.get("labels")
+    baseline = None if labels is None else TrainedBaseline(*labels.result)
+    return TunedRun(trial_config(chosen), trial_transfer(chosen), student, training, baseline, report)
 
 
 def _train_config(config: RunConfig) -> TrainConfig:
@@ -639,7 +747,8 @@ def benchmark_and_report(config, ensemble, dataset, tensors, teacher_test, stude
         "rows": measured,
         "pareto": None if pareto is None else pareto.name,
         "verdict": gain,
-        "headline": headline(measured, config.target, training, config.epochs, config.precision, gain),
+        "headline": headline(measured, config.target, training, config.epochs, config.precision, gain,
+                             diagnostics.get("warnings")),
         "warnings": warnings_,
     }
 
@@ -740,6 +849,11 @@ def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def tuned(config: RunConfig) -> bool:
+    """Whether the run searches its settings on validation: --tune MINUTES or --recipe auto."""
+    return config.tune is not None or config.recipe == "auto"
+
+
 def _check_config(config: RunConfig) -> None:
     if config.precision not in PRECISIONS:
         raise CompressorError(f"--precision {config.precision}: choose one of {', '.join(PRECISIONS)}")
@@ -762,6 +876,8 @@ def _check_config(config: RunConfig) -> None:
         from targets.onnxruntime import check_provider
 
         check_provider(config.ort_provider)  # no onnxruntime-gpu: stop before training
+    if config.tune is not None and not config.tune > 0:
+        raise CompressorError(f"--tune {config.tune:g}: give the search's budget in minutes, more than 0")
     if config.no_cache and config.refresh_teacher_cache:
         raise CompressorError("--no-cache and --refresh-teacher-cache contradict each other; pass one of them")
 

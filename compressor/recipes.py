@@ -13,10 +13,12 @@
 Before training, the teachers are scored on views of the validation split: teachers that lose accuracy on the
 recipe's views would teach their errors, and the run says so (``view_check`` in the report).
 
-Augmenting recipes run the teachers on every training batch (the teacher-logit cache still serves validation,
-test and the diagnostics): caching the teachers' outputs on augmented views is not built yet. The hard-label
-baseline gets the same image augmentation as the student (not the mixing, which has no labels), so the comparison
-shows what the teachers add and not what augmentation adds.
+Augmenting recipes need the teachers on every epoch's views: :mod:`compressor.view_cache` runs them once per epoch
+over every row's view and keeps the logits (and the views' parameters, never the images) for later epochs, runs and
+tuning trials; with --no-cache they run on every training batch instead. The hard-label baseline gets the same
+image augmentation as the student (not the mixing, which has no labels), so the comparison shows what the teachers
+add and not what augmentation adds. ``--recipe auto`` is not a recipe but a search over them
+(:mod:`compressor.tuning`).
 """
 
 from __future__ import annotations

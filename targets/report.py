@@ -28,7 +28,7 @@ def render_markdown(report: dict) -> str:
     if report.get("pareto"):
         lines += [f"![test accuracy against batch-1 latency]({report['pareto']})", ""]
     lines += _accuracy_table(report) + _specialists(report) + _latency_table(report) + _per_class_table(report)
-    lines += _parity(report) + _teachers(report) + _training(report) + _provenance(report)
+    lines += _parity(report) + _teachers(report) + _tuning(report) + _training(report) + _provenance(report)
     return "\n".join(lines)
 
 
@@ -185,6 +185,30 @@ def _teachers(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _tuning(report: dict) -> list[str]:
+    """--tune / --recipe auto: why the student's settings were chosen, the commands that rerun them, every trial."""
+    tuning = report.get("tuning")
+    if not tuning:
+        return []
+    lines = ["## Tuning", "", tuning["explanation"], "",
+             f"- Method: {tuning['method']}; {tuning['trials_per_family']} configuration(s) per family; "
+             f"budget {tuning['budget_minutes']:g} min, spent {tuning['seconds'] / 60:.1f} min "
+             f"(estimated {tuning['estimated_seconds'] / 60:.1f} min).",
+             f"- The student reruns with: `{tuning['rerun']}`"]
+    if tuning.get("baseline_rerun"):
+        lines.append(f"- The tuned baseline reruns with: `{tuning['baseline_rerun']}`")
+    header = ["trial", "family", "recipe", "T", "α", "lr", "epochs", "rung", "epochs trained", "best val acc", "s"]
+    lines += ["", _row(header), _row(["---"] * len(header))]
+    trials = sorted(tuning["trials"], key=lambda t: (t["family"], -t["rung"], -t["val_accuracy"]))
+    chosen = {tuning["chosen"]["name"], (tuning.get("baseline") or {}).get("name")}
+    for t in trials:
+        name = f"**{t['name']}**" if t["name"] in chosen else t["name"]
+        lines.append(_row([name, t["family"], t["recipe"], "" if t["alpha"] == 0 else f"{t['temperature']:g}",
+                           f"{t['alpha']:g}", f"{t['lr']:.3g}", t["epochs"], t["rung"], t["epochs_trained"],
+                           _pct(t["val_accuracy"]), f"{t['seconds']:.1f}"]))
+    return lines + ["", "Bold: the chosen student and the tuned baseline (the best labels-only trial).", ""]
+
+
 def _training(report: dict) -> list[str]:
     lines = ["## Training", ""]
     runs = [("Student", report["student"])]
@@ -204,6 +228,10 @@ def _training(report: dict) -> list[str]:
         if transfer.get("recipe"):
             lines.append(f"- Recipe `{transfer['recipe']}`: augmentation {transfer['augmentation']}; teacher logits "
                          f"{transfer['teachers']}.")
+        views = transfer.get("view_cache")
+        if views:
+            lines.append(f"- View cache `{views['path']}`: {len(views['epochs_computed'])} epoch(s) of teacher "
+                         f"logits computed, {len(views['epochs_reused'])} reused.")
     fix = report["student"].get("bias_fix")
     if fix:
         lines.append(f"- Bias fix: the output biases of classes {fix['classes']} raised by {fix['shift']:g}; "

@@ -113,7 +113,12 @@ def test_function_matching_on_small_images_mixes_without_shifting_and_trains_on_
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     transfer = report["transfer_set"]
-    assert transfer["recipe"] == "function-matching" and transfer["teachers"] == "run on every training batch"
+    assert transfer["recipe"] == "function-matching" and "cached" in transfer["teachers"]
+    # the teachers' logits on each epoch's mixed views came from the view cache (computed now, or by an earlier test
+    # of this session with the same teachers, data and views)
+    views = transfer["view_cache"]
+    assert sorted(views["epochs_computed"] + views["epochs_reused"]) == [1, 2, 3, 4, 5, 6]
+    assert "View cache" in (out / "report.md").read_text()
     assert transfer["alpha"] == 1.0 and "mixup" in transfer["augmentation"] and "shift" not in transfer["augmentation"]
     assert report["diagnostics"]["view_check"] is None  # 8×8 digits are not shifted, so there is nothing to check
     student = next(row for row in report["rows"] if row["kind"] == "student")

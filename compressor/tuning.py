@@ -1,0 +1,268 @@
+"""Tuning on validation (``--tune MINUTES``, ``--recipe auto``): successive halving over the recipe, T, α, the
+learning rate and the schedule's length, with the hard-label baseline tuned the same way on the same budget.
+
+Why tune at all: textbook distillation at one fixed setting often loses to the same network trained on labels,
+and a baseline trained shorter or with a worse learning rate than the student makes distillation look better than
+it is. So two *families* of configurations are searched side by side, each with the same number of trials and
+the same rungs:
+
+- ``distilled``: every recipe that applies to the inputs × T × α × lr × epochs;
+- ``labels``: α = 0 (the hard labels alone), with or without the recipes' augmentation × lr × epochs.
+
+The labels family's winner is the tuned baseline; the student is whichever family's winner has the higher
+validation accuracy, so "train on labels" can win, and the report then says distillation did not pay.
+
+Successive halving (Jamieson & Talwalkar 2016) with η = 3 and three rungs at 1/9, 1/3 and all of each trial's own
+cosine schedule: every sampled trial trains to its first rung, the best third (by best validation accuracy so far)
+continues to the second, the best third of those to the end. A trial is resumed from its checkpoint at each rung,
+and :func:`compressor.distill.train_student` resumes bit-identically, so a finished trial holds exactly the weights
+of an uninterrupted run of its configuration: the command line the report prints reproduces it.
+
+The budget sets how many trials each family gets: the first trial of each family (the user's own setting) is
+trained to its first rung and timed, and the number of trials is the largest that the measured seconds per epoch
+say fits in the budget (at least one: the user's setting alone, trained in full). It is an estimate; the report
+gives the budget and the time spent.
+
+The search space is declared once, in :func:`search_space`. This module knows nothing of models or data: the
+pipeline passes a ``train(trial, epochs)`` function that trains (or resumes) one trial up to that epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from typing import Callable
+
+DEFAULT_TUNE_MINUTES = 10.0          # --recipe auto without --tune
+ETA = 3                              # keep the best 1/ETA at every rung
+RUNG_FRACTIONS = (1 / 9, 1 / 3, 1.0)  # of each trial's own schedule
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+ALPHAS = (0.5, 0.9)                  # function-matching always uses α = 1 (its mixed inputs have no label)
+LR_FACTORS = (1 / 3, 1.0, 3.0)       # times --lr
+EPOCH_FACTORS = (0.5, 1.0, 2.0)      # times --epochs: short schedules favour labels, long ones distillation
+FAMILIES = ("distilled", "labels")
+
+# what a trial changes on the command line; dropped from the original command when the rerun command is built
+_TRIAL_OPTIONS = {"--recipe": True, "--temperature": True, "-T": True, "--alpha": True, "--lr": True,
+                  "--epochs": True, "--tune": True, "--tune-trials": True, "--baseline": False, "--resume": False}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration. ``alpha == 0`` trains on the labels alone with the recipe's labelled augmentation."""
+
+    family: str          # "distilled" | "labels"
+    recipe: str          # hinton | consistent | function-matching
+    temperature: float
+    alpha: float
+    lr: float
+    epochs: int
+
+    @property
+    def name(self) -> str:
+        """A folder-safe name: ``distilled-consistent-T2-a0.5-lr0.001-e60``; numbers written exactly, so two
+        trials never share a folder."""
+        if self.family == "labels":
+            return f"labels-{self.recipe}-lr{_exact(self.lr)}-e{self.epochs}"
+        return (f"distilled-{self.recipe}-T{_exact(self.temperature)}-a{_exact(self.alpha)}-lr{_exact(self.lr)}"
+                f"-e{self.epochs}")
+
+    def rung_epochs(self, rung: int) -> int:
+        """Epochs trained by the end of ``rung`` (0-based): a fraction of this trial's own schedule, at least 1."""
+        if rung >= len(RUNG_FRACTIONS) - 1:
+            return self.epochs
+        return max(1, min(self.epochs, round(RUNG_FRACTIONS[rung] * self.epochs)))
+
+    def flags(self) -> list[str]:
+        """The ``compress`` options that select this configuration, numbers written exactly."""
+        return ["--recipe", self.recipe, "--temperature", _exact(self.temperature), "--alpha", _exact(self.alpha),
+                "--lr", _exact(self.lr), "--epochs", str(self.epochs)]
+
+
+def _exact(value: float) -> str:
+    """``value`` as short as ``:g`` writes it when that reads back as the same float, else in full (``repr``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def search_space(recipe: str, temperature: float, alpha: float, lr: float, epochs: int, augmenting: bool,
+                 labelled: bool) -> dict[str, list[Trial]]:
+    """Every configuration of each family; the first of each is the user's own setting (``recipe`` "auto" means
+    hinton). ``augmenting``: the inputs have a default augmentation (images of 16 px or more); ``labelled``: the
+    transfer set has labels (without them there is no labels family and α is 1)."""
+    own_recipe = "hinton" if recipe == "auto" else recipe
+    lrs = sorted({float(f"{lr * f:.3g}") for f in LR_FACTORS})
+    lengths = sorted({max(1, round(epochs * f)) for f in EPOCH_FACTORS})
+    recipes = ("hinton", "consistent", "function-matching") if augmenting else ("hinton", "function-matching")
+    alphas = ALPHAS if labelled else (1.0,)
+    distilled = [Trial("distilled", r, t, 1.0 if r == "function-matching" else a, rate, e)
+                 for r, t, a, rate, e in product(recipes, TEMPERATURES, alphas, lrs, lengths)]
+    own = Trial("distilled", own_recipe, temperature, 1.0 if own_recipe == "function-matching" or not labelled
+                else alpha, lr, epochs)
+    space = {"distilled": _first(own, distilled)}
+    if labelled:
+        views = ("hinton", "consistent") if augmenting else ("hinton",)
+        plain = [Trial("labels", r, temperature, 0.0, rate, e) for r, rate, e in product(views, lrs, lengths)]
+        own_view = "consistent" if augmenting and own_recipe != "hinton" else "hinton"
+        space["labels"] = _first(Trial("labels", own_view, temperature, 0.0, lr, epochs), plain)
+    return space
+
+
+def _first(own: Trial, grid: list[Trial]) -> list[Trial]:
+    """``grid`` without duplicates, ``own`` first."""
+    return [own] + [t for t in dict.fromkeys(grid) if t != own]
+
+
+@dataclass
+class Outcome:
+    """Where one trial got to: its last rung (0-based), epochs trained, best validation accuracy, seconds spent."""
+
+    trial: Trial
+    rung: int = -1
+    epochs_trained: int = 0
+    val_accuracy: float = float("nan")
+    seconds: float = 0.0
+    result: object = field(default=None, repr=False)  # what ``train`` returned last (the pipeline's model)
+
+    def describe(self) -> dict:
+        """JSON-safe row of the search table."""
+        return {"name": self.trial.name, **asdict(self.trial), "rung": self.rung + 1,
+                "epochs_trained": self.epochs_trained, "val_accuracy": self.val_accuracy,
+                "seconds": round(self.seconds, 2)}
+
+
+# train(trial, epochs) -> (best validation accuracy so far, the object to keep, e.g. the trained model)
+Train = Callable[[Trial, int], tuple[float, object]]
+
+
+@dataclass
+class Tuning:
+    """The search's outcome: every trial, each family's winner and the chosen one, with the budget and time."""
+
+    outcomes: list[Outcome]
+    winners: dict[str, Outcome]
+    chosen: Outcome
+    trials_per_family: int
+    budget_seconds: float
+    estimated_seconds: float
+    seconds: float
+
+    def describe(self, command: str = "") -> dict:
+        """JSON-safe summary for the report, with the commands that rerun the chosen student and baseline."""
+        baseline = self.winners.get("labels")
+        return {
+            "method": f"successive halving, η = {ETA}, rungs at {', '.join(f'{f:.3g}' for f in RUNG_FRACTIONS)} "
+                      f"of each schedule, best validation accuracy",
+            "budget_minutes": round(self.budget_seconds / 60, 2), "seconds": round(self.seconds, 1),
+            "estimated_seconds": round(self.estimated_seconds, 1), "trials_per_family": self.trials_per_family,
+            "trials": [o.describe() for o in self.outcomes],
+            "chosen": self.chosen.describe(), "baseline": None if baseline is None else baseline.describe(),
+            "explanation": explain(self),
+            "rerun": rerun_command(command, self.chosen.trial) if command else None,
+            "baseline_rerun": rerun_command(command, baseline.trial) if command and baseline else None,
+        }
+
+
+def halving_seconds(n: int, seconds_per_epoch: dict[str, float], mean_epochs: dict[str, float]) -> float:
+    """Estimated seconds of successive halving with ``n`` trials per family, from each family's seconds per epoch
+    and mean schedule length (epochs)."""
+    kept = [n, math.ceil(n / ETA), math.ceil(n / ETA ** 2)]  # trials running in each rung
+    fractions = (RUNG_FRACTIONS[0],) + tuple(b - a for a, b in zip(RUNG_FRACTIONS, RUNG_FRACTIONS[1:]))
+    share = sum(k * f for k, f in zip(kept, fractions))  # schedules' worth of epochs per family
+    return sum(seconds_per_epoch[f] * mean_epochs[f] * share for f in seconds_per_epoch)
+
+
+def trials_that_fit(budget_s: float, seconds_per_epoch: dict[str, float], mean_epochs: dict[str, float],
+                    limit: int) -> int:
+    """The largest number of trials per family, 1 to ``limit``, whose :func:`halving_seconds` fit ``budget_s``."""
+    n = 1
+    while n < limit and halving_seconds(n + 1, seconds_per_epoch, mean_epochs) <= budget_s:
+        n += 1
+    return n
+
+
+def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: float, seed: int = 0,
+                       log: Callable[[str], None] = print, trials: int | None = None) -> Tuning:
+    """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds; see the module docstring.
+    ``trials`` fixes the number of configurations per family instead (capped by the smallest family)."""
+    started = time.perf_counter()
+    families = [f for f in FAMILIES if space.get(f)]
+    outcomes: dict[Trial, Outcome] = {}
+
+    def advance(trial: Trial, rung: int) -> None:
+        outcome = outcomes.setdefault(trial, Outcome(trial))
+        epochs = trial.rung_epochs(rung)
+        t0 = time.perf_counter()
+        outcome.val_accuracy, outcome.result = train(trial, epochs)
+        outcome.rung, outcome.epochs_trained = rung, epochs
+        outcome.seconds += time.perf_counter() - t0
+        log(f"{trial.name}: rung {rung + 1}/{len(RUNG_FRACTIONS)}, {epochs}/{trial.epochs} epochs, "
+            f"best validation accuracy {outcome.val_accuracy:.4f}")
+
+    for family in families:  # time the user's own setting to size the search
+        advance(space[family][0], 0)
+    per_epoch = {f: outcomes[space[f][0]].seconds / max(1, space[f][0].rung_epochs(0)) for f in families}
+    mean_epochs = {f: sum(t.epochs for t in space[f]) / len(space[f]) for f in families}
+    limit = min(len(space[f]) for f in families)
+    if trials is None:
+        n = trials_that_fit(budget_s - (time.perf_counter() - started), per_epoch, mean_epochs, limit)
+        why = f"fit the budget of {budget_s / 60:.1f} min"
+    else:
+        n, why = min(trials, limit), "as asked"
+    estimate = halving_seconds(n, per_epoch, mean_epochs)
+    log(f"tuning: {n} trial(s) per family {why} (estimated {estimate / 60:.1f} min in all)")
+    rng = random.Random(seed)
+    alive = {f: [space[f][0]] + rng.sample(space[f][1:], n - 1) for f in families}
+    for rung in range(len(RUNG_FRACTIONS)):
+        for family in families:
+            for trial in alive[family]:
+                if trial not in outcomes or outcomes[trial].rung < rung:
+                    advance(trial, rung)
+            if rung < len(RUNG_FRACTIONS) - 1:  # keep the best third; ties keep the earlier (the user's first)
+                ranked = sorted(alive[family], key=lambda t: -outcomes[t].val_accuracy)
+                alive[family] = ranked[:math.ceil(len(ranked) / ETA)]
+    winners = {f: max(alive[f], key=lambda t: outcomes[t].val_accuracy) for f in families}
+    winners = {f: outcomes[t] for f, t in winners.items()}
+    chosen = winners["distilled"]
+    if "labels" in winners and winners["labels"].val_accuracy >= chosen.val_accuracy:
+        chosen = winners["labels"]
+    return Tuning(list(outcomes.values()), winners, chosen, n, budget_s, estimate,
+                  time.perf_counter() - started)
+
+
+def explain(tuning: Tuning) -> str:
+    """Why the chosen configuration was chosen, in one or two sentences."""
+    best = tuning.winners["distilled"]
+    labels = tuning.winners.get("labels")
+    text = (f"Tuning tried {tuning.trials_per_family} configuration(s) per family in {tuning.seconds / 60:.1f} min "
+            f"(budget {tuning.budget_seconds / 60:.1f} min). ")
+    if labels is None:
+        return text + (f"The transfer set has no labels, so only distillation was searched; the best on validation "
+                       f"was {best.trial.name} ({best.val_accuracy:.2%}).")
+    if tuning.chosen is labels:
+        return text + (f"Training on the labels alone ({labels.trial.name}, {labels.val_accuracy:.2%} on "
+                       f"validation) did at least as well as the best distillation setting ({best.trial.name}, "
+                       f"{best.val_accuracy:.2%}), so the student is the tuned hard-label network: distillation did "
+                       f"not pay for this student at this budget.")
+    return text + (f"Distillation ({best.trial.name}) reached {best.val_accuracy:.2%} on validation against "
+                   f"{labels.val_accuracy:.2%} for the best labels-only setting ({labels.trial.name}), "
+                   f"+{100 * (best.val_accuracy - labels.val_accuracy):.2f} points, so it was chosen.")
+
+
+def rerun_command(command: str, trial: Trial) -> str:
+    """``command`` (the original ``compress`` line) with the tuning options replaced by ``trial``'s settings."""
+    words, kept, skip = shlex.split(command), [], False
+    for word in words:
+        if skip:
+            skip = False
+            continue
+        option = word.split("=", 1)[0]
+        if option in _TRIAL_OPTIONS:
+            skip = _TRIAL_OPTIONS[option] and "=" not in word
+            continue
+        kept.append(word)
+    return shlex.join(kept + trial.flags())
