@@ -17,7 +17,7 @@ import platform
 import shlex
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,13 +68,19 @@ class FashionData:
     xt: Tensor
     yt: Tensor
     split: dict
+    class_names: list[str] = field(default_factory=list)  # "t-shirt/top", ..., "ankle boot"
 
 
-def load_fashion(max_train: int | None) -> FashionData:
-    """The split every rerun uses (seed 0, 5,000 validation images); ``max_train`` caps each split for quick runs."""
-    data = load_dataset(FASHION, seed=0, val_fraction=VAL_FRACTION, max_train=max_train)
+def load_fashion(max_train: int | None, main_job_seed: int | None = None) -> FashionData:
+    """The split every rerun uses (seed 0, 5,000 validation images); ``max_train`` caps each split for quick runs.
+    ``main_job_seed``: the split ``compress --data FASHION --seed S`` makes instead (its default validation share),
+    for teachers whose students the main job trains, so no teacher-training image lands in their validation."""
+    if main_job_seed is not None:
+        data = load_dataset(FASHION, seed=main_job_seed, max_train=max_train)
+    else:
+        data = load_dataset(FASHION, seed=0, val_fraction=VAL_FRACTION, max_train=max_train)
     tensors = [torch.from_numpy(a) for part in (data.train, data.val, data.test) for a in (part.x, part.y)]
-    return FashionData(*tensors, data.split_info)
+    return FashionData(*tensors, data.split_info, list(data.class_names or []))
 
 
 def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
