@@ -156,7 +156,11 @@ def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline(
     kept = headline([eager, baseline(0.90), student], "onnxruntime", TrainResult(3, 0.9), 10)
     assert "and 50% of its gain over the hard-label baseline (90.00%)" in kept and "NOT" not in kept
     lost = headline([eager, baseline(0.915), student], "onnxruntime", TrainResult(3, 0.9), 10)
-    assert "Distillation did NOT pay" in lost and "0.50 points better" in lost
+    assert "Distillation did NOT pay" in lost and "0.50 points better" in lost and "--tune" in lost
+    undertrained = "the teachers fit the transfer set (91.00%) no better than unseen val data (90.80%)"
+    named = headline([eager, baseline(0.915), student], "onnxruntime", TrainResult(3, 0.9), 10,
+                     causes=[undertrained, "a later warning"])
+    assert f"Likely cause, from the ensemble diagnostics: {undertrained}." in named and "later" not in named
     nothing = headline([eager, baseline(0.93), student], "onnxruntime", TrainResult(3, 0.9), 10)
     assert "no gain over it to pass on" in nothing
 
