@@ -14,6 +14,8 @@ On Fashion-MNIST, with compressor's own main job (``compressor.pipeline.run``, t
    reference baseline is the tuned one (the auto run's), else the hinton run's: "gain kept" is
    (student − baseline) / (ensemble − baseline) in test top-1, with a paired bootstrap 95% interval
    (``compressor.compare.gain_kept``); each run's report also gives it against its own same-budget baseline.
+   "agreement (transfer)" is each model's top-1 agreement with the ensemble on the whole transfer set: a student
+   that cannot imitate the teachers even where it was taught cannot keep their gain, whatever the recipe.
 
 The teachers train on exactly the training split the main job makes (``--seed``, its default validation share), so
 no teacher has seen a student's validation or test image. A finished teacher or run in ``--work-dir`` is reused, so
@@ -167,6 +169,7 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
               (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))}
     inference_seconds = time.perf_counter() - started
     ensemble_right = ensemble.log_probs(logits["test"]).argmax(1).numpy() == y  # (n,)
+    ensemble_train = ensemble.log_probs(logits["train"]).argmax(1).numpy()  # (N,) its answers on the transfer set
     members = {m.name: float((logits["test"][k].argmax(1).numpy() == y).mean())
                for k, m in enumerate(ensemble.members)}
     result = {"family": family, "teacher": str(teacher), "members": members, "run_split": dataset.split_info,
@@ -176,18 +179,21 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
     console.print(f"[bold]{family} teachers[/] ensemble {result['ensemble_top1']:.2%} on {len(y):,} test images; "
                   + ", ".join(f"{name} {top1:.2%}" for name, top1 in members.items()))
     for student in args.students:
-        runs = {}  # recipe -> (report, {"student": (n,) bool, "baseline": (n,) bool})
+        runs = {}  # recipe -> (report, {"student": (n,) bool, "baseline": (n,) bool}, {name: transfer agreement})
         for recipe in args.recipes:
             config = run_config(args, teacher, work, student, recipe)
             report = finished_report(config, ensemble.fingerprint())
             console.print(f"[bold]{family} · {student} · {recipe}[/]" + (" (finished run reused)" if report else ""))
             report = report or run(config, console)
-            runs[recipe] = report, {name: predict_logits(torch.jit.load(str(config.output_dir() / f"{name}.pt")),
-                                                         tensors.x_test).argmax(1).numpy() == y
-                                    for name in ("student", "baseline")}
+            models = {name: torch.jit.load(str(config.output_dir() / f"{name}.pt")) for name in ("student", "baseline")}
+            runs[recipe] = (report, {name: predict_logits(m, tensors.x_test).argmax(1).numpy() == y
+                                     for name, m in models.items()},
+                            {name: float((predict_logits(m, tensors.x_train).argmax(1).numpy() == ensemble_train).mean())
+                             for name, m in models.items()})  # how well each imitates the ensemble where taught
         reference = next(r for r in ("auto", "hinton", *args.recipes) if r in runs)  # the tuned baseline if any
         rows = [score(report, right, kind, recipe, student, runs[reference][1]["baseline"], ensemble_right, args.seed)
-                for recipe, (report, right) in runs.items()
+                | {"transfer_agreement": fit[kind]}
+                for recipe, (report, right, fit) in runs.items()
                 for kind in ("student", "baseline") if kind == "student" or recipe in BASELINE_ROWS]
         result["rows"] += rows
         result["summary"].append(summarise(student, rows, baseline_name(reference)))
@@ -255,13 +261,14 @@ def print_tables(result: dict) -> None:
         table = Table(title=f"Fashion-MNIST, {family['family']} teachers: gain kept over the hard-label baseline "
                             f"({family['test_examples']:,} test images)")
         for column in ("student", "row", "test top-1", f"gain kept vs {reference} [95%]", "vs own baseline",
-                       "agreement", "KL", "best epoch", "train s", "run s"):
+                       "agreement", "KL", "agreement (transfer)", "best epoch", "train s", "run s"):
             table.add_column(column, justify="left" if column in ("student", "row") else "right")
         for row in family["rows"]:
             kept = "reference" if row["row"] == reference else share(row["gain_kept_vs_reference"])
             table.add_row(row["student"], row["row"], f"{row['test_top1']:.2%}", kept,
                           share(row["gain_kept_vs_own_baseline"]), f"{row['agreement']:.2%}",
-                          f"{row['kl_to_ensemble']:.3f}", f"{row['best_epoch']}/{row['epochs']}",
+                          f"{row['kl_to_ensemble']:.3f}", f"{row['transfer_agreement']:.2%}",
+                          f"{row['best_epoch']}/{row['epochs']}",
                           f"{row['training_seconds']:.0f}", f"{row['run_seconds']:.0f}")
         console.print(table)
         for row in family["rows"]:

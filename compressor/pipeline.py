@@ -44,7 +44,7 @@ from compressor.teachers import Ensemble, load_ensemble
 from compressor.tuning import DEFAULT_TUNE_MINUTES, search_space, successive_halving
 from compressor.view_cache import ViewLogits
 from targets.base import TARGETS, Artifact, check_target_available, get_target
-from targets.benchmark import sweep
+from targets.benchmark import classification_metrics, sweep
 from targets.bundle import apply_normalisation, write_bundle
 from targets.cuda_timing import cuda_device_name
 from targets.pareto import plot_pareto
@@ -200,6 +200,9 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     if tuning is not None:
         report["headline"] += f" {tuning['explanation']}"
     report["student"]["bias_fix"] = bias_fix
+    report["student"]["transfer_fit"] = transfer_fit(student, ensemble, tensors, teacher, config.seed)
+    if baseline is not None:
+        report["baseline"]["transfer_fit"] = transfer_fit(baseline.model, ensemble, tensors, teacher, config.seed)
     report["environment"]["distributed"] = world.describe()
     write_student_bundle(artifact, dataset, ensemble, normalisation, config, out_dir)
     report["seconds_total"] = round(time.perf_counter() - started, 2)
@@ -348,6 +351,19 @@ def specialist_sources(ensemble: Ensemble, source) -> tuple[object, object]:
 
 
 MAX_VIEW_DROP = 0.02  # teachers losing more validation accuracy than this on the recipe's views are not robust to them
+
+
+def transfer_fit(model: torch.nn.Module, ensemble: Ensemble, tensors: Tensors, teacher: TeacherOutputs,
+                 seed: int) -> dict:
+    """How closely ``model`` imitates the ensemble on rows it trained on (a seeded sample of the transfer set, the
+    plain images): top-1 agreement and mean KL(ensemble ‖ model) in nats at T = 1. A student that agrees little
+    even there cannot represent the teachers' function, so no recipe or schedule will make it keep their gain."""
+    rows = transfer_sample(torch.zeros_like(tensors.y_train), seed)  # (S,) every row counts, labelled or not
+    member = teacher.train.take(rows) if isinstance(teacher.train, CachedLogits) else teacher.online(
+        tensors.x_train[rows])  # (K, S, C)
+    reference = ensemble.log_probs(member).numpy()  # (S, C)
+    metrics = classification_metrics(predict_logits(model, tensors.x_train[rows]).numpy(), None, reference)
+    return {"rows": len(rows), "agreement": metrics["agreement"], "kl_to_ensemble": metrics["kl_to_reference"]}
 
 
 def check_views(ensemble: Ensemble, recipe: Recipe, tensors: Tensors, teacher: TeacherOutputs) -> dict | None:

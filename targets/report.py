@@ -218,6 +218,11 @@ def _training(report: dict) -> list[str]:
         training = run["training"]
         lines.append(f"- {name} `{run['spec']}`: best validation accuracy {_pct(training['best_val_accuracy'])} "
                      f"at epoch {training['best_epoch']} of {len(training['history'])}, {training['seconds']:.1f} s.")
+        fit = run.get("transfer_fit")
+        if fit:
+            lines.append(f"  On {fit['rows']:,} rows of its own transfer set it agrees with the ensemble on "
+                         f"{_pct(fit['agreement'])} (KL {_num(fit['kl_to_ensemble'], '.3f')} nats): how well it can "
+                         f"imitate the teachers where it was taught.")
     transfer = report.get("transfer_set") or {}
     if transfer:
         omitted = (f"; classes {transfer['omitted_classes']} left out ({transfer['rows_dropped']} rows)"

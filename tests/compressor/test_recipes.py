@@ -125,6 +125,10 @@ def test_function_matching_on_small_images_mixes_without_shifting_and_trains_on_
     assert student["accuracy"]["top1"] > 0.5  # learned from mixed inputs and soft targets alone (chance: 10%;
     # function matching needs long schedules, Beyer et al. 2022: 6 epochs give about 72%)
     assert "Recipe `function-matching`" in (out / "report.md").read_text()
+    for run in (report["student"], report["baseline"]):  # each one's imitation of the ensemble where it was taught
+        fit = run["transfer_fit"]
+        assert fit["rows"] == transfer["rows"] and 0.5 < fit["agreement"] <= 1 and fit["kl_to_ensemble"] > 0
+    assert "of its own transfer set it agrees with the ensemble" in (out / "report.md").read_text()
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["fingerprint"]["transfer_set"]["recipe"] == "function-matching"
 
