@@ -59,6 +59,7 @@ from compressor.augment import Shift
 from compressor.compare import EAGER, gain_kept
 from compressor.config import RunConfig
 from compressor.distill import TrainConfig, predict_logits, train_student
+from compressor.distributed import training_device
 from compressor.errors import CompressorError
 from compressor.fileio import write_json_atomic
 from compressor.losses import HardLabelLoss
@@ -97,7 +98,7 @@ def cnn_teachers(args: argparse.Namespace, data: FashionData, work: Path, consol
     for k in range(args.members):
         seed = args.seed + k
         torch.manual_seed(seed)
-        net = create_student(args.teacher_spec, (1, 28, 28), 10)
+        net = create_student(args.teacher_spec, (1, 28, 28), 10).to(training_device(args.device))
         config = TrainConfig(epochs=args.teacher_epochs, batch_size=128, lr=args.teacher_lr, weight_decay=5e-4,
                              seed=seed, progress=not args.no_progress)
         result = train_student(net, data.x, data.y, None, data.xv, data.yv, HardLabelLoss(), config,
@@ -107,7 +108,7 @@ def cnn_teachers(args: argparse.Namespace, data: FashionData, work: Path, consol
         reused = " (reused)" if result.resumed_from_epoch == args.teacher_epochs else ""
         console.print(f"[bold]teacher {k + 1}/{args.members}[/] {args.teacher_spec}, {args.teacher_epochs} epochs, "
                       f"best validation accuracy {result.best_val_accuracy:.2%}{reused}")
-        members.append(net.eval())  # at its best validation epoch
+        members.append(net.cpu().eval())  # at its best validation epoch
     return save_once(members, work / "cnn-ensemble.pt", data), seconds
 
 
@@ -144,7 +145,8 @@ def run_config(args: argparse.Namespace, teacher: Path, work: Path, student: str
                      epochs=args.epochs, batch_size=args.batch_size, temperature=args.temperature, alpha=args.alpha,
                      lr=args.lr, baseline=True, target="onnxruntime", batch_sizes=(1,), warmup_s=0.05, duration_s=0.2,
                      rounds=2, teacher_cache=work / "teacher-cache", seed=args.seed, max_train=args.max_train,
-                     progress=not args.no_progress, threads=args.threads, resume=True, command=args.command, **tuning)
+                     progress=not args.no_progress, threads=args.threads, resume=True, command=args.command, device=args.device,
+                     **tuning)
 
 
 def finished_report(config: RunConfig, teacher_sha256: str) -> dict | None:
@@ -322,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=None, help="full 30, quick 2")
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--mlp-teachers", action="store_true", help="also the paper's 2×1200 MLP ensemble")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the CNN teachers and every student train (auto: CUDA when present)")
     parser.add_argument("--students", default="cnn:16x32x32,mlp:256x256", help="comma-separated student specs")
     parser.add_argument("--recipes", default="hinton,consistent,function-matching,auto", help="comma-separated")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per student (full 40, quick 2)")
