@@ -20,8 +20,10 @@ of an uninterrupted run of its configuration: the command line the report prints
 
 The budget sets how many trials each family gets: the first trial of each family (the user's own setting) is
 trained to its first rung and timed, and the number of trials is the largest that the measured seconds per epoch
-say fits in the budget (at least one: the user's setting alone, trained in full). It is an estimate; the report
-gives the budget and the time spent.
+say fits in the budget (at least one: the user's setting alone, trained in full). After each rung the pace every
+trial has shown re-sizes the next: when the best third would not fit what is left of the budget, fewer go on (at
+least one per family). Both are estimates (an augmenting recipe's first epochs on uncached views cost more than the
+pace so far says); the report gives the budget and the time spent.
 
 The search space is declared once, in :func:`search_space`. This module knows nothing of models or data: the
 pipeline passes a ``train(trial, epochs)`` function that trains (or resumes) one trial up to that epoch.
@@ -186,20 +188,22 @@ def trials_that_fit(budget_s: float, seconds_per_epoch: dict[str, float], mean_e
 
 
 def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: float, seed: int = 0,
-                       log: Callable[[str], None] = print, trials: int | None = None) -> Tuning:
-    """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds; see the module docstring.
-    ``trials`` fixes the number of configurations per family instead (capped by the smallest family)."""
-    started = time.perf_counter()
+                       log: Callable[[str], None] = print, trials: int | None = None,
+                       clock: Callable[[], float] = time.perf_counter) -> Tuning:
+    """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds of ``clock``; see the module
+    docstring. ``trials`` fixes the number of configurations per family instead (capped by the smallest family),
+    and then the budget sizes nothing."""
+    started = clock()
     families = [f for f in FAMILIES if space.get(f)]
     outcomes: dict[Trial, Outcome] = {}
 
     def advance(trial: Trial, rung: int) -> None:
         outcome = outcomes.setdefault(trial, Outcome(trial))
         epochs = trial.rung_epochs(rung)
-        t0 = time.perf_counter()
+        t0 = clock()
         outcome.val_accuracy, outcome.result = train(trial, epochs)
         outcome.rung, outcome.epochs_trained = rung, epochs
-        outcome.seconds += time.perf_counter() - t0
+        outcome.seconds += clock() - t0
         log(f"{trial.name}: rung {rung + 1}/{len(RUNG_FRACTIONS)}, {epochs}/{trial.epochs} epochs, "
             f"best validation accuracy {outcome.val_accuracy:.4f}")
 
@@ -209,7 +213,7 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     mean_epochs = {f: sum(t.epochs for t in space[f]) / len(space[f]) for f in families}
     limit = min(len(space[f]) for f in families)
     if trials is None:
-        n = trials_that_fit(budget_s - (time.perf_counter() - started), per_epoch, mean_epochs, limit)
+        n = trials_that_fit(budget_s - (clock() - started), per_epoch, mean_epochs, limit)
         why = f"fit the budget of {budget_s / 60:.1f} min"
     else:
         n, why = min(trials, limit), "as asked"
@@ -222,16 +226,41 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
             for trial in alive[family]:
                 if trial not in outcomes or outcomes[trial].rung < rung:
                     advance(trial, rung)
-            if rung < len(RUNG_FRACTIONS) - 1:  # keep the best third; ties keep the earlier (the user's first)
-                ranked = sorted(alive[family], key=lambda t: -outcomes[t].val_accuracy)
-                alive[family] = ranked[:math.ceil(len(ranked) / ETA)]
+        if rung == len(RUNG_FRACTIONS) - 1:
+            break
+        allowance = (budget_s - (clock() - started)) / len(families)
+        for family in families:  # keep the best third; ties keep the earlier (the user's own setting first)
+            ranked = sorted(alive[family], key=lambda t: -outcomes[t].val_accuracy)
+            keep = math.ceil(len(ranked) / ETA)
+            # sized by the budget: promote fewer when the trials' own pace so far says the rest will not fit
+            while trials is None and keep > 1 and rest_seconds(ranked[:keep], rung + 1, outcomes) > allowance:
+                keep -= 1
+            if keep < math.ceil(len(ranked) / ETA):
+                log(f"tuning: {family}: {keep} trial(s) go on to rung {rung + 2} instead of "
+                    f"{math.ceil(len(ranked) / ETA)}, to stay within the budget")
+            alive[family] = ranked[:keep]
     winners = {f: max(alive[f], key=lambda t: outcomes[t].val_accuracy) for f in families}
     winners = {f: outcomes[t] for f, t in winners.items()}
     chosen = winners["distilled"]
     if "labels" in winners and winners["labels"].val_accuracy >= chosen.val_accuracy:
         chosen = winners["labels"]
     return Tuning(list(outcomes.values()), winners, chosen, n, budget_s, estimate,
-                  time.perf_counter() - started)
+                  clock() - started)
+
+
+def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome]) -> float:
+    """Seconds to take ``ranked`` (best first) through ``rung`` and the best third of them through each later
+    rung, at each trial's own pace so far. An underestimate when later epochs cost more (an augmenting recipe whose
+    views are not cached yet)."""
+    total, group = 0.0, ranked
+    done = {t: outcomes[t].epochs_trained for t in ranked}
+    for r in range(rung, len(RUNG_FRACTIONS)):
+        for t in group:
+            pace = outcomes[t].seconds / max(1, outcomes[t].epochs_trained)  # seconds per epoch
+            total += pace * max(0, t.rung_epochs(r) - done[t])
+            done[t] = max(done[t], t.rung_epochs(r))
+        group = group[:math.ceil(len(group) / ETA)]
+    return total
 
 
 def explain(tuning: Tuning) -> str:

@@ -25,8 +25,8 @@ from compressor.cli import main
 from compressor.data import load_dataset
 from compressor.distill import LAST_NAME, TrainConfig, train_student
 from compressor.losses import DistillationLoss
-from compressor.tuning import (ALPHAS, FAMILIES, RUNG_FRACTIONS, TEMPERATURES, Trial, halving_seconds,
-                               rerun_command, search_space, successive_halving, trials_that_fit)
+from compressor.tuning import (ALPHAS, FAMILIES, RUNG_FRACTIONS, TEMPERATURES, Outcome, Trial, halving_seconds,
+                               rerun_command, rest_seconds, search_space, successive_halving, trials_that_fit)
 
 # small and fast: each tuned CLI run is a few seconds on two shared cores
 QUICK = ["--data", "digits", "--student", "mlp:32x32", "--epochs", "3", "--warmup", "0.01", "--duration", "0.02",
@@ -231,6 +231,54 @@ def test_the_budget_sizes_the_search_between_one_trial_and_the_smallest_family()
     assert {o.trial for o in tiny.outcomes} == {grid[f][0] for f in FAMILIES}
     assert all(o.epochs_trained == o.trial.epochs for o in tiny.outcomes)
     assert "1 configuration(s) per family" in tiny.describe()["explanation"]
+
+
+class SimulatedClock:
+    """A clock that moves only when a trial trains: one second per epoch, ``slow`` seconds per epoch for the trials
+    of the consistent recipe (like an augmenting recipe computing its views), which the probes do not time."""
+
+    def __init__(self, slow: float = 1.0):
+        self.now, self.slow = 0.0, slow
+        self.trained: dict[Trial, int] = {}
+
+    def __call__(self) -> float:
+        return self.now
+
+    def train(self, trial: Trial, epochs: int) -> tuple[float, object]:
+        pace = self.slow if trial.recipe == "consistent" else 1.0
+        self.now += pace * (epochs - self.trained.get(trial, 0))
+        self.trained[trial] = epochs
+        return accuracy(trial, epochs), None
+
+
+def test_trials_slower_than_the_probes_make_later_rungs_promote_fewer():
+    grid = space()
+    lines: list[str] = []
+    # the probes (the user's hinton trials) run at 1 s per epoch and size the search for the budget; the consistent
+    # trials then run 20× slower, so after each rung the trials' own pace re-sizes the next: fewer go on
+    clock = SimulatedClock(slow=20.0)
+    budget = 300.0
+    tight = successive_halving(grid, clock.train, budget, log=lines.append, clock=clock)
+    assert any("to stay within the budget" in line for line in lines), lines
+    finishers = [o for o in tight.outcomes if o.epochs_trained == o.trial.epochs and o.rung == LAST_RUNG]
+    assert {o.trial.family for o in finishers} == set(FAMILIES)  # every family still ends with a full trial
+    clock = SimulatedClock(slow=20.0)
+    unpruned = successive_halving(grid, clock.train, budget, log=lambda x: None, clock=clock,
+                                  trials=tight.trials_per_family)  # the same trials, promoted by thirds
+    assert tight.seconds < unpruned.seconds
+    # with --tune-trials the search is the same whatever the clock says
+    fixed = [successive_halving(grid, SimulatedClock(slow).train, 1.0, log=lambda x: None, trials=9,
+                                clock=SimulatedClock(slow)) for slow in (1.0, 50.0)]
+    assert [o.describe() | {"seconds": 0} for o in fixed[0].outcomes] == \
+        [o.describe() | {"seconds": 0} for o in fixed[1].outcomes]
+
+
+def test_rest_seconds_adds_each_trials_own_pace_over_the_rungs_it_would_still_train():
+    fast, slow = Trial("labels", "hinton", 4.0, 0.0, 1e-3, 9), Trial("labels", "hinton", 4.0, 0.0, 3e-3, 9)
+    outcomes = {fast: Outcome(fast, 0, 1, 0.9, 1.0), slow: Outcome(slow, 0, 1, 0.8, 10.0)}  # 1 and 10 s per epoch
+    # rung 2 (3 epochs): both train 2 more epochs; rung 3 (9 epochs): the best third, ``fast``, trains 6 more
+    assert rest_seconds([fast, slow], 1, outcomes) == pytest.approx(2 * 1.0 + 2 * 10.0 + 6 * 1.0)
+    assert rest_seconds([fast], 2, outcomes) == pytest.approx(8 * 1.0)
 
 
 def test_without_labels_only_distillation_is_searched():
