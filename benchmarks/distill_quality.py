@@ -274,7 +274,7 @@ def print_tables(result: dict) -> None:
                           f"{row['training_seconds']:.0f}", f"{row['run_seconds']:.0f}")
         console.print(table)
         for row in family["rows"]:
-            if row["tuning"]:
+            if row["tuning"] and row["kind"] == "student":
                 console.print(f"{row['student']} {row['row']}: tuned for {row['tuning']['seconds']:.0f} s, chose "
                               f"{row['tuning']['chosen']['name']}")
         for line in family["summary"]:

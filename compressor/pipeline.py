@@ -160,6 +160,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
 
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    requested = config
     if tuned(config):                                                                   # 3-4. tuned students
         search = tune(config, ensemble, dataset, tensors, teacher, omitted, normalisation, world, console)
         config, transfer, student, training, baseline = (search.config, search.transfer, search.student,
@@ -194,6 +195,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
                                   ensemble_runner, ensemble_export, baseline, from_generalist)
     report["teacher_cache"] = teacher.cache
     report["tuning"] = tuning
+    report["config"] = requested.to_dict()  # the options as given; a tuned run's choice is in report["tuning"]
     report["transfer_set"] = transfer.info
     if isinstance(transfer.teacher, ViewLogits):
         report["transfer_set"]["view_cache"] = transfer.teacher.describe()

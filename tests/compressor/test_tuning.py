@@ -414,6 +414,7 @@ def test_a_tuned_run_reports_the_search_and_its_choice(tuned_run):
     args, out, report = tuned_run
     tuning = report["tuning"]
     assert tuning["trials_per_family"] == 2
+    assert report["config"]["recipe"] == "auto" and report["config"]["tune_trials"] == 2  # the options as given
     assert Counter(t["family"] for t in tuning["trials"]) == {"distilled": 2, "labels": 2}
     assert tuning["trials"][0]["name"] == "distilled-hinton-T4-a0.9-lr0.003-e3"  # the user's own setting first
     assert tuning["baseline"]["family"] == "labels" and tuning["baseline"]["alpha"] == 0
