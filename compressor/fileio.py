@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,3 +88,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_folder_atomically(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` so that a reader sees it whole or not at all, never half deleted: it is moved
+    aside in one rename into a hidden temporary folder beside it, then deleted there."""
+    folder = Path(path)
+    retired = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.old.", suffix=".tmp", dir=folder.parent))
+    os.replace(folder, retired / "entry")
+    shutil.rmtree(retired)

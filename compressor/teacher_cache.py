@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from compressor.errors import CompressorError
-from compressor.fileio import directory_mode, sha256_file
+from compressor.fileio import directory_mode, remove_folder_atomically, sha256_file
 
 CACHE_FORMAT = "compressor.teacher-cache/1"
 ENTRY_FILE = "entry.json"
@@ -162,10 +162,7 @@ class TeacherCache:
             (scratch / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
             os.chmod(scratch, directory_mode())  # mkdtemp makes 0700; other users of a shared cache must read it
             if replace and self.path.exists():
-                # moved aside in one rename, so a reader sees the old entry whole or none, never half of one
-                retired = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}.old.", suffix=".tmp", dir=self.root))
-                os.replace(self.path, retired / "entry")
-                shutil.rmtree(retired)
+                remove_folder_atomically(self.path)  # a reader sees the old entry whole or none
             try:
                 os.replace(scratch, self.path)
                 ours = True

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from compressor.errors import CompressorError
-from compressor.fileio import directory_mode, sha256_file
+from compressor.fileio import directory_mode, remove_folder_atomically, sha256_file
 from compressor.teacher_cache import ENTRY_FILE, FLOAT16_SAFE_MAX, CachedLogits, key_digest
 
 VIEW_CACHE_FORMAT = "compressor.view-cache/1"
@@ -96,10 +96,7 @@ class ViewLogits:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if refresh and self.path.exists():
-                # moved aside in one rename, so a reader sees the old entry whole or none, never half of one
-                retired = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.old.", suffix=".tmp", dir=self.root))
-                os.replace(self.path, retired / "entry")
-                shutil.rmtree(retired)
+                remove_folder_atomically(self.path)  # a reader sees the old entry whole or none
             if not self.path.exists():
                 scratch = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=self.root))
                 try:
