@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from compressor.errors import MissingCapabilityError
+
 INPUT_SHAPE = (1, 8, 8)  # (C_in, H, W) like the digits set
 NUM_CLASSES = 10
 
@@ -120,3 +122,21 @@ def digits_mlp(digits_data) -> nn.Module:
             nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
             optimiser.step()
     return model.eval()
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine without CUDA, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def assert_one_clear_line():
+    """``check(error, *needles)``: a GPU target's refusal is one line, exit code 2, naming each needle."""
+    def check(error: Exception, *needles: str) -> None:
+        message = str(error)
+        assert isinstance(error, MissingCapabilityError) and error.exit_code == 2
+        assert "\n" not in message and "Traceback" not in message
+        for needle in needles:
+            assert needle in message, message
+    return check

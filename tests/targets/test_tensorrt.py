@@ -163,26 +163,14 @@ def test_input_checks_say_what_was_expected(bad, message):
 
 
 @pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture
 def gpu_without_tensorrt(monkeypatch):
     """A CUDA machine without the package: ``import tensorrt`` fails and find_spec finds nothing."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
 
 
-def assert_one_clear_line(error: CompressorError, *needles: str) -> None:
-    message = str(error)
-    assert isinstance(error, MissingCapabilityError) and error.exit_code == 2
-    assert "\n" not in message and "Traceback" not in message
-    for needle in needles:
-        assert needle in message, message
-
-
-def test_export_without_a_gpu_stops_in_one_line_before_writing(no_gpu, make_mlp, make_inputs, tmp_path):
+def test_export_without_a_gpu_stops_in_one_line_before_writing(assert_one_clear_line, no_gpu,
+                                                               make_mlp, make_inputs, tmp_path):
     with pytest.raises(MissingCapabilityError) as caught:
         export(make_mlp(), torch.from_numpy(make_inputs(2)), tmp_path / "out", "fp32")
     assert_one_clear_line(caught.value, "--target tensorrt needs an NVIDIA GPU", "lacks a CUDA GPU",
@@ -190,14 +178,15 @@ def test_export_without_a_gpu_stops_in_one_line_before_writing(no_gpu, make_mlp,
     assert not (tmp_path / "out").exists()
 
 
-def test_load_without_a_gpu_stops_in_one_line(no_gpu, tmp_path):
+def test_load_without_a_gpu_stops_in_one_line(assert_one_clear_line, no_gpu, tmp_path):
     artifact = Artifact("tensorrt", "fp32", {"model": tmp_path / "model.plan"}, [], [])
     with pytest.raises(MissingCapabilityError) as caught:
         load(artifact)
     assert_one_clear_line(caught.value, "lacks a CUDA GPU", "--target onnxruntime")
 
 
-def test_a_gpu_without_the_package_names_the_package(gpu_without_tensorrt, make_mlp, make_inputs, tmp_path):
+def test_a_gpu_without_the_package_names_the_package(assert_one_clear_line, gpu_without_tensorrt,
+                                                     make_mlp, make_inputs, tmp_path):
     with pytest.raises(MissingCapabilityError) as caught:
         export(make_mlp(), torch.from_numpy(make_inputs(2)), tmp_path / "out", "fp16")
     assert_one_clear_line(caught.value, "lacks the tensorrt package;", "pip install -e '.[gpu]'")

@@ -46,20 +46,7 @@ def test_float16_wrapper_keeps_float32_io_and_computes_in_float16(make_mlp, make
     assert check_parity(reference.numpy(), y.numpy(), "fp16").passed
 
 
-@pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-def assert_one_clear_line(error: CompressorError, *needles: str) -> None:
-    message = str(error)
-    assert isinstance(error, MissingCapabilityError) and error.exit_code == 2
-    assert "\n" not in message and "Traceback" not in message
-    for needle in needles:
-        assert needle in message, message
-
-
-def test_export_and_load_without_a_gpu_stop_in_one_line(no_gpu, make_mlp, make_inputs, tmp_path):
+def test_export_and_load_without_a_gpu_stop_in_one_line(assert_one_clear_line, no_gpu, make_mlp, make_inputs, tmp_path):
     with pytest.raises(MissingCapabilityError) as caught:
         export(make_mlp(), torch.from_numpy(make_inputs(2)), tmp_path / "out", "fp16")
     assert_one_clear_line(caught.value, "--target torch-tensorrt needs an NVIDIA GPU", "torch_tensorrt package",
@@ -70,7 +57,8 @@ def test_export_and_load_without_a_gpu_stop_in_one_line(no_gpu, make_mlp, make_i
     assert_one_clear_line(caught.value, "lacks a CUDA GPU")
 
 
-def test_a_gpu_without_the_package_names_the_package(monkeypatch, make_mlp, make_inputs, tmp_path):
+def test_a_gpu_without_the_package_names_the_package(assert_one_clear_line, monkeypatch,
+                                                     make_mlp, make_inputs, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails, find_spec finds nothing
     with pytest.raises(MissingCapabilityError) as caught:
