@@ -49,7 +49,7 @@ from targets.onnxruntime import OrtRunner, export, load
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 RESULTS = Path(__file__).parent / "results"
-CALIBRATION_ROWS = 512  # what the pipeline calibrates on (compressor.pipeline.CALIBRATION_ROWS)
+CALIBRATION_ROWS = 512  # what the pipeline calibrates on (compressor.deployment.CALIBRATION_ROWS)
 POOL = 512              # distinct test rows cycled through by the timing harness
 BAR_SPEEDUP, BAR_DROP = 1.5, 1.0
 

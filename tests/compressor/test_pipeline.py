@@ -252,7 +252,7 @@ def test_a_precision_the_target_lacks_stops_before_any_work(tmp_path, digits_ens
 
 
 def test_a_reduced_precision_slower_than_fp32_is_called_out():
-    from compressor.pipeline import precision_warnings
+    from compressor.deployment import precision_warnings
 
     def student(precision, b1, b64):
         return {"kind": "student", "backend": "onnxruntime", "precision": precision,
