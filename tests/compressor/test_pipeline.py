@@ -249,19 +249,3 @@ def test_a_precision_the_target_lacks_stops_before_any_work(tmp_path, digits_ens
     assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--target", "onnx", "--precision", "int8",
                  *QUICK]) == 1
     assert "use --target onnxruntime for int8" in capsys.readouterr().err and not out.exists()
-
-
-def test_a_reduced_precision_slower_than_fp32_is_called_out():
-    from compressor.deployment import precision_warnings
-
-    def student(precision, b1, b64):
-        return {"kind": "student", "backend": "onnxruntime", "precision": precision,
-                "latency": {"1": {"median_ms": b1}, "64": {"median_ms": b64}}}
-
-    rows = [student("fp32", 0.013, 0.083), student("int8", 0.020, 0.074)]
-    (warning,) = precision_warnings(rows, "onnxruntime", "int8")
-    assert "int8 export is SLOWER than the fp32 graph on onnxruntime at batch 1 (0.020 vs 0.013 ms)" in warning
-    assert "batch 64" not in warning  # faster there
-    assert precision_warnings([student("fp32", 0.013, 0.083), student("int8", 0.010, 0.07)], "onnxruntime",
-                              "int8") == []
-    assert precision_warnings(rows[:1], "onnxruntime", "fp32") == []
