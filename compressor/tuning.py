@@ -21,9 +21,10 @@ of an uninterrupted run of its configuration: the command line the report prints
 The budget sets how many trials each family gets: the first trial of each family (the user's own setting) is
 trained to its first rung and timed, and the number of trials is the largest that the measured seconds per epoch
 say fits in the budget (at least one: the user's setting alone, trained in full). After each rung the pace every
-trial has shown re-sizes the next: when the best third would not fit what is left of the budget, fewer go on (at
-least one per family). Both are estimates (an augmenting recipe's first epochs on uncached views cost more than the
-pace so far says); the report gives the budget and the time spent.
+trial has shown re-sizes the next (and the first rung stops starting trials once its share is spent): when the best third would not fit what is left of the budget, fewer go on (at
+least one per family); when even the best trial would run past it (a slow recipe, such as one computing its
+teachers' views), the best trial that fits goes on instead. Both are estimates (an augmenting recipe's first epochs
+on uncached views cost more than the pace so far says); the report gives the budget and the time spent.
 
 The search space is declared once, in :func:`search_space`. This module knows nothing of models or data: the
 pipeline passes a ``train(trial, epochs)`` function that trains (or resumes) one trial up to that epoch.
@@ -169,13 +170,17 @@ class Tuning:
         }
 
 
+def _rung_share(n: int) -> float:
+    """Whole schedules' worth of epochs that successive halving with ``n`` trials trains in one family."""
+    kept = [math.ceil(n / ETA ** r) for r in range(len(RUNG_FRACTIONS))]  # trials running in each rung
+    fractions = (RUNG_FRACTIONS[0],) + tuple(b - a for a, b in zip(RUNG_FRACTIONS, RUNG_FRACTIONS[1:]))
+    return sum(k * f for k, f in zip(kept, fractions))
+
+
 def halving_seconds(n: int, seconds_per_epoch: dict[str, float], mean_epochs: dict[str, float]) -> float:
     """Estimated seconds of successive halving with ``n`` trials per family, from each family's seconds per epoch
     and mean schedule length (epochs)."""
-    kept = [n, math.ceil(n / ETA), math.ceil(n / ETA ** 2)]  # trials running in each rung
-    fractions = (RUNG_FRACTIONS[0],) + tuple(b - a for a, b in zip(RUNG_FRACTIONS, RUNG_FRACTIONS[1:]))
-    share = sum(k * f for k, f in zip(kept, fractions))  # schedules' worth of epochs per family
-    return sum(seconds_per_epoch[f] * mean_epochs[f] * share for f in seconds_per_epoch)
+    return sum(seconds_per_epoch[f] * mean_epochs[f] * _rung_share(n) for f in seconds_per_epoch)
 
 
 def trials_that_fit(budget_s: float, seconds_per_epoch: dict[str, float], mean_epochs: dict[str, float],
@@ -221,24 +226,29 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     log(f"tuning: {n} trial(s) per family {why} (estimated {estimate / 60:.1f} min in all)")
     rng = random.Random(seed)
     alive = {f: [space[f][0]] + rng.sample(space[f][1:], n - 1) for f in families}
+    # the first rung's share of the budget, per family: the trials left when it is spent are not started (a recipe
+    # slower than the probes, such as one computing its teachers' views, would otherwise overrun it several times)
+    first_rung_s = budget_s / len(families) * n * RUNG_FRACTIONS[0] / _rung_share(n)
     for rung in range(len(RUNG_FRACTIONS)):
         for family in families:
             for trial in alive[family]:
                 if trial not in outcomes or outcomes[trial].rung < rung:
+                    spent = sum(outcomes[t].seconds for t in alive[family] if t in outcomes)
+                    if rung == 0 and trials is None and spent > first_rung_s:
+                        break
                     advance(trial, rung)
+            started_here = [t for t in alive[family] if t in outcomes]
+            if len(started_here) < len(alive[family]):
+                log(f"tuning: {family}: {len(started_here)} of {len(alive[family])} trial(s) trained in the first "
+                    f"rung's share of the budget; the rest were not started")
+                alive[family] = started_here
         if rung == len(RUNG_FRACTIONS) - 1:
             break
         allowance = (budget_s - (clock() - started)) / len(families)
         for family in families:  # keep the best third; ties keep the earlier (the user's own setting first)
             ranked = sorted(alive[family], key=lambda t: -outcomes[t].val_accuracy)
-            keep = math.ceil(len(ranked) / ETA)
-            # sized by the budget: promote fewer when the trials' own pace so far says the rest will not fit
-            while trials is None and keep > 1 and rest_seconds(ranked[:keep], rung + 1, outcomes) > allowance:
-                keep -= 1
-            if keep < math.ceil(len(ranked) / ETA):
-                log(f"tuning: {family}: {keep} trial(s) go on to rung {rung + 2} instead of "
-                    f"{math.ceil(len(ranked) / ETA)}, to stay within the budget")
-            alive[family] = ranked[:keep]
+            alive[family] = ranked[:math.ceil(len(ranked) / ETA)] if trials is not None else \
+                promote_within(ranked, rung + 1, outcomes, allowance, lambda line: log(f"tuning: {family}: {line}"))
     winners = {f: max(alive[f], key=lambda t: outcomes[t].val_accuracy) for f in families}
     winners = {f: outcomes[t] for f, t in winners.items()}
     chosen = winners["distilled"]
@@ -246,6 +256,30 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
         chosen = winners["labels"]
     return Tuning(list(outcomes.values()), winners, chosen, n, budget_s, estimate,
                   clock() - started)
+
+
+def promote_within(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome], allowance_s: float,
+                   log: Callable[[str], None]) -> list[Trial]:
+    """The trials of ``ranked`` (best first) that go on to ``rung``: the best third, fewer when the trials' own pace
+    so far says the rest of the search would not fit ``allowance_s``. When even the best trial alone would not, the
+    best one that fits goes on instead (a slower recipe must not take the search far past its budget), and when
+    none fits, the one that finishes soonest."""
+    keep = math.ceil(len(ranked) / ETA)
+    while keep > 1 and rest_seconds(ranked[:keep], rung, outcomes) > allowance_s:
+        keep -= 1
+    if keep < math.ceil(len(ranked) / ETA):
+        log(f"{keep} trial(s) go on to rung {rung + 1} instead of {math.ceil(len(ranked) / ETA)}, to stay within "
+            f"the budget")
+    if rest_seconds(ranked[:1], rung, outcomes) <= allowance_s:
+        return ranked[:keep]
+    cost = {t: rest_seconds([t], rung, outcomes) for t in ranked}
+    fits = [t for t in ranked if cost[t] <= allowance_s]
+    chosen = fits[0] if fits else min(ranked, key=cost.get)
+    log(f"{ranked[0].name} (best so far, {outcomes[ranked[0]].val_accuracy:.4f}) would need {cost[ranked[0]] / 60:.1f} "
+        f"more min, past the {max(allowance_s, 0) / 60:.1f} left; {chosen.name} "
+        f"({outcomes[chosen].val_accuracy:.4f}, {cost[chosen] / 60:.1f} min) goes on instead"
+        + ("" if fits else ", the soonest to finish, though it too runs past the budget"))
+    return [chosen]
 
 
 def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome]) -> float:

@@ -26,7 +26,8 @@ from compressor.data import load_dataset
 from compressor.distill import LAST_NAME, TrainConfig, train_student
 from compressor.losses import DistillationLoss
 from compressor.tuning import (ALPHAS, FAMILIES, RUNG_FRACTIONS, TEMPERATURES, Outcome, Trial, halving_seconds,
-                               rerun_command, rest_seconds, search_space, successive_halving, trials_that_fit)
+                               promote_within, rerun_command, rest_seconds, search_space, successive_halving,
+                               trials_that_fit)
 
 # small and fast: each tuned CLI run is a few seconds on two shared cores
 QUICK = ["--data", "digits", "--student", "mlp:32x32", "--epochs", "3", "--warmup", "0.01", "--duration", "0.02",
@@ -234,19 +235,20 @@ def test_the_budget_sizes_the_search_between_one_trial_and_the_smallest_family()
 
 
 class SimulatedClock:
-    """A clock that moves only when a trial trains: one second per epoch, ``slow`` seconds per epoch for the trials
-    of the consistent recipe (like an augmenting recipe computing its views), which the probes do not time."""
+    """A clock that moves only when a trial trains: one second per epoch, ``slow`` seconds per epoch from epoch
+    ``slow_from`` on for the trials of the consistent recipe (like an augmenting recipe computing views that are not
+    cached yet), which the probes do not time."""
 
-    def __init__(self, slow: float = 1.0):
-        self.now, self.slow = 0.0, slow
+    def __init__(self, slow: float = 1.0, slow_from: int = 0):
+        self.now, self.slow, self.slow_from = 0.0, slow, slow_from
         self.trained: dict[Trial, int] = {}
 
     def __call__(self) -> float:
         return self.now
 
     def train(self, trial: Trial, epochs: int) -> tuple[float, object]:
-        pace = self.slow if trial.recipe == "consistent" else 1.0
-        self.now += pace * (epochs - self.trained.get(trial, 0))
+        for epoch in range(self.trained.get(trial, 0), epochs):
+            self.now += self.slow if trial.recipe == "consistent" and epoch >= self.slow_from else 1.0
         self.trained[trial] = epochs
         return accuracy(trial, epochs), None
 
@@ -255,14 +257,15 @@ def test_trials_slower_than_the_probes_make_later_rungs_promote_fewer():
     grid = space()
     lines: list[str] = []
     # the probes (the user's hinton trials) run at 1 s per epoch and size the search for the budget; the consistent
-    # trials then run 20× slower, so after each rung the trials' own pace re-sizes the next: fewer go on
-    clock = SimulatedClock(slow=20.0)
+    # trials then run 5× slower from their third epoch on, so after the first rung the trials' own pace re-sizes the
+    # next: fewer go on
+    clock = SimulatedClock(slow=5.0, slow_from=2)
     budget = 300.0
     tight = successive_halving(grid, clock.train, budget, log=lines.append, clock=clock)
     assert any("to stay within the budget" in line for line in lines), lines
     finishers = [o for o in tight.outcomes if o.epochs_trained == o.trial.epochs and o.rung == LAST_RUNG]
     assert {o.trial.family for o in finishers} == set(FAMILIES)  # every family still ends with a full trial
-    clock = SimulatedClock(slow=20.0)
+    clock = SimulatedClock(slow=5.0, slow_from=2)
     unpruned = successive_halving(grid, clock.train, budget, log=lambda x: None, clock=clock,
                                   trials=tight.trials_per_family)  # the same trials, promoted by thirds
     assert tight.seconds < unpruned.seconds
@@ -523,3 +526,36 @@ def test_tune_with_an_explicit_recipe_starts_from_it(digits_ensemble, tmp_path):
     others = [t for t in tuning["trials"] if t is not first[t["family"]]]
     assert all(t["recipe"] in ("hinton", "function-matching") for t in others)  # no other consistent trial
     assert (out / "student.pt").is_file() and (out / "baseline.pt").is_file()
+
+
+def test_a_best_trial_that_would_run_past_the_budget_gives_way_to_the_best_that_fits():
+    cheap, good, pricey = (Trial("distilled", "hinton", 4.0, 0.9, lr, 9) for lr in (1e-3, 3e-3, 1e-2))
+    outcomes = {cheap: Outcome(cheap, 0, 1, 0.80, 1.0), good: Outcome(good, 0, 1, 0.85, 2.0),
+                pricey: Outcome(pricey, 0, 1, 0.90, 30.0)}  # 1, 2 and 30 s per epoch so far; 8 epochs to go
+    lines: list[str] = []
+    ranked = [pricey, good, cheap]
+    assert promote_within(ranked, 1, outcomes, 1e9, lines.append) == [pricey]  # room for it: the best goes on
+    assert lines == []
+    assert promote_within(ranked, 1, outcomes, 20.0, lines.append) == [good]  # 240 s for pricey, 16 s for good
+    assert "would need 4.0 more min, past the 0.3 left" in lines[-1] and good.name in lines[-1]
+    assert promote_within(ranked, 1, outcomes, 5.0, lines.append) == [cheap]  # none fits: the soonest to finish
+    assert "though it too runs past the budget" in lines[-1]
+
+
+def test_a_slow_recipe_does_not_take_the_search_far_past_its_budget():
+    grid = space()
+    lines: list[str] = []
+    # the consistent trials' views cost 60× a cached hinton epoch: without a cap the first rung alone would take
+    # several budgets, and the best of them promoted alone would be trained to the end, whatever the budget
+    clock = SimulatedClock(slow=60.0)
+    budget = 600.0
+    tuning = successive_halving(grid, clock.train, budget, log=lines.append, clock=clock)
+    assert tuning.seconds < 1.5 * budget, lines
+    assert any("the rest were not started" in line for line in lines), lines
+    # slow only after the first rung (its views were cached by shorter trials): the second rung overruns, which no
+    # pace measured so far could foresee, but no consistent trial is then trained to its end: a cheaper one goes on
+    lines.clear()
+    clock = SimulatedClock(slow=60.0, slow_from=7)
+    tuning = successive_halving(grid, clock.train, budget, log=lines.append, clock=clock)
+    assert any("goes on instead" in line for line in lines), lines
+    assert not [o for o in tuning.outcomes if o.trial.recipe == "consistent" and o.rung == LAST_RUNG]
