@@ -134,7 +134,8 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
                            normalisation, world, console, folder=f"tuning/{trial.name}", until=epochs,
                            resume=config.resume or trial in begun)
         begun.add(trial)
-        return training.best_val_accuracy, (student, training)
+        seconds = sum(epoch["seconds"] for epoch in training.history)  # all its epochs, those resumed included
+        return training.best_val_accuracy, seconds, (student, training)
 
     labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,

@@ -122,7 +122,8 @@ def _first(own: Trial, grid: list[Trial]) -> list[Trial]:
 
 @dataclass
 class Outcome:
-    """Where one trial got to: its last rung (0-based), epochs trained, best validation accuracy, seconds spent."""
+    """Where one trial got to: its last rung (0-based), epochs trained, best validation accuracy, and the seconds
+    its epochs took to train (from its training history, so a trial resumed finished still counts what it cost)."""
 
     trial: Trial
     rung: int = -1
@@ -139,7 +140,7 @@ class Outcome:
 
 
 # train(trial, epochs) -> (best validation accuracy so far, the object to keep, e.g. the trained model)
-Train = Callable[[Trial, int], tuple[float, object]]
+Train = Callable[[Trial, int], tuple[float, float, object]]  # (trial, epochs) -> (val accuracy, seconds, result)
 
 
 @dataclass
@@ -195,9 +196,14 @@ def trials_that_fit(budget_s: float, seconds_per_epoch: dict[str, float], mean_e
 def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: float, seed: int = 0,
                        log: Callable[[str], None] = print, trials: int | None = None,
                        clock: Callable[[], float] = time.perf_counter) -> Tuning:
-    """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds of ``clock``; see the module
+    """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds of training; see the module
     docstring. ``trials`` fixes the number of configurations per family instead (capped by the smallest family),
-    and then the budget sizes nothing."""
+    and then the budget sizes nothing.
+
+    ``train(trial, epochs)`` trains or resumes a trial up to ``epochs`` and returns its best validation accuracy, the
+    seconds all its epochs so far took to train, and a result kept for the caller. The budget is spent in those
+    seconds, not in ``clock`` time, so a killed search resumed from its checkpoints makes the same decisions;
+    ``clock`` only times the search for the report."""
     started = clock()
     families = [f for f in FAMILIES if space.get(f)]
     outcomes: dict[Trial, Outcome] = {}
@@ -205,12 +211,13 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     def advance(trial: Trial, rung: int) -> None:
         outcome = outcomes.setdefault(trial, Outcome(trial))
         epochs = trial.rung_epochs(rung)
-        t0 = clock()
-        outcome.val_accuracy, outcome.result = train(trial, epochs)
+        outcome.val_accuracy, outcome.seconds, outcome.result = train(trial, epochs)
         outcome.rung, outcome.epochs_trained = rung, epochs
-        outcome.seconds += clock() - t0
         log(f"{trial.name}: rung {rung + 1}/{len(RUNG_FRACTIONS)}, {epochs}/{trial.epochs} epochs, "
             f"best validation accuracy {outcome.val_accuracy:.4f}")
+
+    def spent() -> float:
+        return sum(outcome.seconds for outcome in outcomes.values())
 
     for family in families:  # time the user's own setting to size the search
         advance(space[family][0], 0)
@@ -218,7 +225,7 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     mean_epochs = {f: sum(t.epochs for t in space[f]) / len(space[f]) for f in families}
     limit = min(len(space[f]) for f in families)
     if trials is None:
-        n = trials_that_fit(budget_s - (clock() - started), per_epoch, mean_epochs, limit)
+        n = trials_that_fit(budget_s - spent(), per_epoch, mean_epochs, limit)
         why = f"fit the budget of {budget_s / 60:.1f} min"
     else:
         n, why = min(trials, limit), "as asked"
@@ -233,8 +240,8 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
         for family in families:
             for trial in alive[family]:
                 if trial not in outcomes or outcomes[trial].rung < rung:
-                    spent = sum(outcomes[t].seconds for t in alive[family] if t in outcomes)
-                    if rung == 0 and trials is None and spent > first_rung_s:
+                    used = sum(outcomes[t].seconds for t in alive[family] if t in outcomes)
+                    if rung == 0 and trials is None and used > first_rung_s:
                         break
                     advance(trial, rung)
             started_here = [t for t in alive[family] if t in outcomes]
@@ -244,7 +251,7 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
                 alive[family] = started_here
         if rung == len(RUNG_FRACTIONS) - 1:
             break
-        allowance = (budget_s - (clock() - started)) / len(families)
+        allowance = (budget_s - spent()) / len(families)
         for family in families:  # keep the best third; ties keep the earlier (the user's own setting first)
             ranked = sorted(alive[family], key=lambda t: -outcomes[t].val_accuracy)
             alive[family] = ranked[:math.ceil(len(ranked) / ETA)] if trials is not None else \

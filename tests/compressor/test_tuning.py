@@ -125,11 +125,11 @@ class Recorder:
         self.bonus, self.constant = bonus or {}, constant
         self.calls: list[tuple[Trial, int, float]] = []
 
-    def __call__(self, trial: Trial, epochs: int) -> tuple[float, object]:
+    def __call__(self, trial: Trial, epochs: int) -> tuple[float, float, object]:
         value = accuracy(trial, epochs) if self.constant is None else self.constant
         value += self.bonus.get(trial.family, 0.0)
         self.calls.append((trial, epochs, value))
-        return value, ("model of", trial, epochs)
+        return value, float(epochs), ("model of", trial, epochs)  # one second per epoch
 
     def per_trial(self) -> dict[Trial, list[tuple[int, float]]]:
         """Every trial's calls in order: (epochs, accuracy), one per rung it reached."""
@@ -237,20 +237,24 @@ def test_the_budget_sizes_the_search_between_one_trial_and_the_smallest_family()
 class SimulatedClock:
     """A clock that moves only when a trial trains: one second per epoch, ``slow`` seconds per epoch from epoch
     ``slow_from`` on for the trials of the consistent recipe (like an augmenting recipe computing views that are not
-    cached yet), which the probes do not time."""
+    cached yet), which the probes do not time. ``train`` returns each trial's seconds so far, as the pipeline's
+    does from the trial's training history."""
 
     def __init__(self, slow: float = 1.0, slow_from: int = 0):
         self.now, self.slow, self.slow_from = 0.0, slow, slow_from
         self.trained: dict[Trial, int] = {}
+        self.cost: dict[Trial, float] = {}
 
     def __call__(self) -> float:
         return self.now
 
-    def train(self, trial: Trial, epochs: int) -> tuple[float, object]:
+    def train(self, trial: Trial, epochs: int) -> tuple[float, float, object]:
         for epoch in range(self.trained.get(trial, 0), epochs):
-            self.now += self.slow if trial.recipe == "consistent" and epoch >= self.slow_from else 1.0
+            pace = self.slow if trial.recipe == "consistent" and epoch >= self.slow_from else 1.0
+            self.now += pace
+            self.cost[trial] = self.cost.get(trial, 0.0) + pace
         self.trained[trial] = epochs
-        return accuracy(trial, epochs), None
+        return accuracy(trial, epochs), self.cost.get(trial, 0.0), None
 
 
 def test_trials_slower_than_the_probes_make_later_rungs_promote_fewer():
@@ -559,3 +563,14 @@ def test_a_slow_recipe_does_not_take_the_search_far_past_its_budget():
     tuning = successive_halving(grid, clock.train, budget, log=lines.append, clock=clock)
     assert any("goes on instead" in line for line in lines), lines
     assert not [o for o in tuning.outcomes if o.trial.recipe == "consistent" and o.rung == LAST_RUNG]
+
+
+def test_the_budget_is_spent_in_the_trials_training_seconds_so_a_resumed_search_decides_alike():
+    grid = space()
+    first = SimulatedClock(slow=5.0, slow_from=2)
+    original = successive_halving(grid, first.train, 300.0, log=lambda line: None, clock=first)
+    # resumed from checkpoints, every trial reports the seconds its history recorded but takes no time now
+    resumed = successive_halving(grid, SimulatedClock(slow=5.0, slow_from=2).train, 300.0, log=lambda line: None,
+                                 clock=lambda: 0.0)
+    assert [o.describe() for o in resumed.outcomes] == [o.describe() for o in original.outcomes]
+    assert resumed.chosen.trial == original.chosen.trial and resumed.seconds == 0.0
