@@ -134,8 +134,7 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
                            normalisation, world, console, folder=f"tuning/{trial.name}", until=epochs,
                            resume=config.resume or trial in begun)
         begun.add(trial)
-        seconds = sum(epoch["seconds"] for epoch in training.history)  # all its epochs, those resumed included
-        return training.best_val_accuracy, seconds, (student, training)
+        return (*reached_at(training.history, epochs), (student, training))
 
     labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
@@ -151,6 +150,14 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
     labels = search.winners.get("labels")
     baseline = None if labels is None else TrainedBaseline(*labels.result)
     return TunedRun(trial_config(chosen), trial_transfer(chosen), student, training, baseline, report)
+
+
+def reached_at(history: list[dict], epochs: int) -> tuple[float, float]:
+    """A tuning trial at ``epochs``: the best validation accuracy and the training seconds of its epochs up to there,
+    resumed ones included. That is what an uninterrupted search saw at that rung, even when a killed search had
+    trained the trial further (its history then holds later epochs)."""
+    reached = [epoch for epoch in history if epoch["epoch"] <= epochs]
+    return max(epoch["val_accuracy"] for epoch in reached), sum(epoch["seconds"] for epoch in reached)
 
 
 def train_config(config: RunConfig) -> TrainConfig:

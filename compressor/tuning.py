@@ -21,10 +21,12 @@ of an uninterrupted run of its configuration: the command line the report prints
 The budget sets how many trials each family gets: the first trial of each family (the user's own setting) is
 trained to its first rung and timed, and the number of trials is the largest that the measured seconds per epoch
 say fits in the budget (at least one: the user's setting alone, trained in full). After each rung the pace every
-trial has shown re-sizes the next (and the first rung stops starting trials once its share is spent): when the best third would not fit what is left of the budget, fewer go on (at
-least one per family); when even the best trial would run past it (a slow recipe, such as one computing its
-teachers' views), the best trial that fits goes on instead. Both are estimates (an augmenting recipe's first epochs
-on uncached views cost more than the pace so far says); the report gives the budget and the time spent.
+trial has shown re-sizes the next: when the best third would not fit what is left of the budget, fewer go on (at
+least one per family), and when even the best trial would run past it (a slow recipe, such as one computing its
+teachers' views), the best trial that fits goes on instead. The first rung stops starting trials once its share of
+the budget is spent. Both are estimates (an augmenting recipe's first epochs on uncached views cost more than the
+pace so far says); the report gives the budget and the time spent. The budget counts the seconds the trials'
+epochs took, from their training histories, so a search resumed from its checkpoints decides as it did.
 
 The search space is declared once, in :func:`search_space`. This module knows nothing of models or data: the
 pipeline passes a ``train(trial, epochs)`` function that trains (or resumes) one trial up to that epoch.
@@ -139,8 +141,9 @@ class Outcome:
                 "seconds": round(self.seconds, 2)}
 
 
-# train(trial, epochs) -> (best validation accuracy so far, the object to keep, e.g. the trained model)
-Train = Callable[[Trial, int], tuple[float, float, object]]  # (trial, epochs) -> (val accuracy, seconds, result)
+# train(trial, epochs) -> (best validation accuracy up to that epoch, seconds its epochs up to there took to train,
+# the object to keep, e.g. the trained model)
+Train = Callable[[Trial, int], tuple[float, float, object]]
 
 
 @dataclass
@@ -200,10 +203,10 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     docstring. ``trials`` fixes the number of configurations per family instead (capped by the smallest family),
     and then the budget sizes nothing.
 
-    ``train(trial, epochs)`` trains or resumes a trial up to ``epochs`` and returns its best validation accuracy, the
-    seconds all its epochs so far took to train, and a result kept for the caller. The budget is spent in those
-    seconds, not in ``clock`` time, so a killed search resumed from its checkpoints makes the same decisions;
-    ``clock`` only times the search for the report."""
+    ``train(trial, epochs)`` trains or resumes a trial up to ``epochs`` and returns its best validation accuracy and
+    the seconds its epochs took to train, both up to that epoch, and a result kept for the caller. The budget is
+    spent in those seconds, not in ``clock`` time, so a killed search resumed from its checkpoints makes the same
+    decisions; ``clock`` only times the search for the report."""
     started = clock()
     families = [f for f in FAMILIES if space.get(f)]
     outcomes: dict[Trial, Outcome] = {}

@@ -480,6 +480,22 @@ def test_an_interrupted_search_resumes_its_finished_trials(tuned_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_search_sized_by_its_budget_resumes_with_the_same_choices(digits_ensemble, tmp_path):
+    args = [str(a) for a in ("--teacher", digits_ensemble, "--recipe", "auto", "--tune", "0.1", "--out",
+                             tmp_path / "first", *QUICK)]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "first" / "report.json").read_text())["tuning"]
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "first" / "tuning", again / "tuning")  # every trial finished: nothing costs time now
+    assert main([*with_out(args, again), "--resume"]) == 0
+    resumed = json.loads((again / "report.json").read_text())["tuning"]
+    # the budget is spent in the seconds the trials' histories recorded, so the same trials, rungs, accuracies and
+    # costs come out, though the resumed search took almost no time
+    assert resumed["trials"] == first["trials"] and resumed["chosen"] == first["chosen"]
+    assert resumed["trials_per_family"] == first["trials_per_family"] > 1, first
+
+
+@pytest.mark.slow
 def test_a_new_search_without_resume_is_not_blocked_by_an_earlier_searchs_trials(tuned_run, tmp_path, capsys):
     args, out, _ = tuned_run
     again = tmp_path / "run"
