@@ -46,7 +46,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/distill_quality.py` finds it
 from benchmarks.paper_common import (
     FASHION,
-    RESULTS,
     FashionData,
     Runs,
     add_run_arguments,
@@ -54,6 +53,7 @@ from benchmarks.paper_common import (
     load_fashion,
     record,
     train_teacher_ensemble,
+    write_result,
 )
 from compressor.augment import Shift
 from compressor.compare import EAGER, gain_kept
@@ -61,7 +61,6 @@ from compressor.config import RunConfig
 from compressor.distill import TrainConfig, predict_logits, train_student
 from compressor.distributed import training_device
 from compressor.errors import CompressorError
-from compressor.fileio import write_json_atomic
 from compressor.losses import HardLabelLoss
 from compressor.pipeline import load_data, run, to_tensors
 from compressor.students import create_student
@@ -309,11 +308,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     result = {**head, "macs": counts, "families": results,
               "wall_seconds": round(time.perf_counter() - started, 1)}
-    out = Path(args.out or RESULTS / ("distill_quality-quick.json" if args.quick else "distill_quality.json"))
-    write_json_atomic(out, result)
-    print_tables(result)
-    console.print(f"wrote {out}")
-    return 0
+    return write_result(result, args, "distill_quality", print_tables, console)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,16 +39,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/int8_onnxruntime.py` finds benchmarks/
+from benchmarks.paper_common import FASHION, write_result
 from compressor.data import load_dataset
 from compressor.distill import TrainConfig, train_student
-from compressor.fileio import write_json_atomic
 from compressor.losses import HardLabelLoss
 from compressor.students import create_student
 from targets.benchmark import measure_latency, sweep
 from targets.onnxruntime import OrtRunner, export, load
 
-FASHION = "/usr/share/datasets/fashion-mnist"
-RESULTS = Path(__file__).parent / "results"
 CALIBRATION_ROWS = 512  # what the pipeline calibrates on (compressor.deployment.CALIBRATION_ROWS)
 POOL = 512              # distinct test rows cycled through by the timing harness
 BAR_SPEEDUP, BAR_DROP = 1.5, 1.0
@@ -124,11 +123,7 @@ def main(args: argparse.Namespace) -> int:
         else None, "bar": {"batch": args.bar_batch, "speedup": BAR_SPEEDUP, "max_drop_points": BAR_DROP},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out or RESULTS / ("int8_onnxruntime-quick.json" if args.quick else "int8_onnxruntime.json"))
-    write_json_atomic(out, result)
-    print_table(result)
-    console.print(f"wrote {out}")
-    return 0
+    return write_result(result, args, "int8_onnxruntime", print_table, console)
 
 
 def dynamic_int8(export_dir: Path, threads: int | None) -> OrtRunner:

@@ -17,6 +17,7 @@ import platform
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from compressor.augment import Shift
 from compressor.data import load_dataset
 from compressor.distill import TrainConfig, TrainResult, predict_logits, train_student
+from compressor.fileio import write_json_atomic
 from compressor.kernels import ensemble_log_probs
 from compressor.losses import HardLabelLoss
 from compressor.students import create_student
@@ -125,6 +127,17 @@ def record(args: argparse.Namespace, data: FashionData) -> dict:
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "settings": vars(args), "split": data.split,
     }
+
+
+def write_result(result: dict, args: argparse.Namespace, name: str, show: Callable[[dict], None],
+                 console: Console) -> int:
+    """Write ``result`` atomically to ``--out`` or ``benchmarks/results/<name>[-quick].json``, print its table with
+    ``show``, say where it went, and return the script's exit code 0."""
+    out = Path(args.out or RESULTS / f"{name}{'-quick' if args.quick else ''}.json")
+    write_json_atomic(out, result)
+    show(result)
+    console.print(f"wrote {out}")
+    return 0
 
 
 class Runs:

@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` finds benchmarks/
 from benchmarks.paper_common import (
-    RESULTS,
     STUDENT_EPOCHS,
     Runs,
     add_run_arguments,
@@ -55,11 +54,11 @@ from benchmarks.paper_common import (
     record,
     resolve_defaults,
     train_teacher_ensemble,
+    write_result,
 )
 from compressor.data import FASHION_MNIST_CLASSES
 from compressor.distill import predict_logits
 from compressor.errors import CompressorError
-from compressor.fileio import write_json_atomic
 from compressor.losses import DistillationLoss
 from compressor.omitted_classes import (
     apply_bias_shift,
@@ -153,11 +152,7 @@ def main(args: argparse.Namespace) -> int:
 
     result = {**record(args, data), "rows": runs.rows, "bias_fixes": fixes, "paper_mnist": PAPER,
               "reference_reused": ref_row["reused"], "wall_seconds": round(time.perf_counter() - started, 1)}
-    out = Path(args.out or RESULTS / ("paper_omitted_class-quick.json" if args.quick else "paper_omitted_class.json"))
-    write_json_atomic(out, result)
-    print_table(result)
-    console.print(f"wrote {out}")
-    return 0
+    return write_result(result, args, "paper_omitted_class", print_table, console)
 
 
 def paper_cells(fix: dict) -> tuple[str, str]:

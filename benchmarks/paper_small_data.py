@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` finds benchmarks/
 from benchmarks.paper_common import (
-    RESULTS,
     STUDENT_EPOCHS,
     Runs,
     add_run_arguments,
@@ -53,9 +52,9 @@ from benchmarks.paper_common import (
     record,
     resolve_defaults,
     train_teacher_ensemble,
+    write_result,
 )
 from compressor.distill import predict_logits
-from compressor.fileio import write_json_atomic
 from compressor.losses import DistillationLoss, HardLabelLoss
 
 # The paper's Table 5 (speech, frame accuracy): train and test, in percent.
@@ -125,11 +124,7 @@ def main(args: argparse.Namespace) -> int:
                                                "seed": args.subset_seed, "class_counts": counts},
               "test_rows": len(data.yt), "rows": runs.rows, "summary": summarise(runs.rows), "paper_speech": PAPER,
               "wall_seconds": round(time.perf_counter() - started, 1)}
-    out = Path(args.out or RESULTS / ("paper_small_data-quick.json" if args.quick else "paper_small_data.json"))
-    write_json_atomic(out, result)
-    print_table(result)
-    console.print(f"wrote {out}")
-    return 0
+    return write_result(result, args, "paper_small_data", print_table, console)
 
 
 def summarise(rows: list[dict]) -> dict:

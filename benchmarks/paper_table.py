@@ -43,7 +43,6 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/paper_table.py` finds benchmarks/
 from benchmarks.paper_common import (
-    RESULTS,
     STUDENT_EPOCHS,
     Runs,
     add_run_arguments,
@@ -53,8 +52,8 @@ from benchmarks.paper_common import (
     record,
     resolve_defaults,
     train_teacher_ensemble,
+    write_result,
 )
-from compressor.fileio import write_json_atomic
 from compressor.losses import DistillationLoss, HardLabelLoss
 
 PAPER_MNIST_ERRORS = {"teacher ensemble": 67, "hard 2×800": 146, "distilled 2×800": 74}
@@ -82,11 +81,7 @@ def main(args: argparse.Namespace) -> int:
 
     result = {**record(args, data), "rows": runs.rows, "summary": summarise(runs.rows),
               "paper_mnist_errors": PAPER_MNIST_ERRORS, "wall_seconds": round(time.perf_counter() - started, 1)}
-    out = Path(args.out or RESULTS / ("paper_table-quick.json" if args.quick else "paper_table.json"))
-    write_json_atomic(out, result)
-    print_table(result, len(data.yt))
-    console.print(f"wrote {out}")
-    return 0
+    return write_result(result, args, "paper_table", lambda shown: print_table(shown, len(data.yt)), console)
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -60,7 +60,7 @@ from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/teacher_cache.py` finds compressor
-from benchmarks.paper_common import FASHION, RESULTS
+from benchmarks.paper_common import FASHION, write_result
 from compressor import save_ensemble
 from compressor.config import RunConfig
 from compressor.data import FASHION_MNIST_CLASSES, load_dataset
@@ -181,11 +181,7 @@ def main(args: argparse.Namespace) -> int:
         "cache_entry_bytes": sum(file.stat().st_size for file in entry.iterdir()),
         "rows": rows, "summary": summarise(rows), "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out or RESULTS / ("teacher_cache-quick.json" if args.quick else "teacher_cache.json"))
-    write_json_atomic(out, result)
-    print_table(result)
-    console.print(f"wrote {out}")
-    return 0
+    return write_result(result, args, "teacher_cache", print_table, console)
 
 
 def print_table(result: dict) -> None:
