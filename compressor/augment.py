@@ -59,7 +59,26 @@ class Shift:
 
     def __call__(self, x: Tensor, rows: Tensor, epoch: int) -> Tensor:
         """``x`` (B, C, H, W) for training rows ``rows`` (B,) in ``epoch`` -> the shifted batch."""
-        dy, dx = self._offsets(rows, epoch)  # (B,) each
+        return self._move(x, *self._offsets(rows, epoch))
+
+    @property
+    def variants(self) -> int:
+        """How many distinct views of one image there are: one per offset (dy, dx), (2·pixels + 1)²."""
+        return (2 * self.pixels + 1) ** 2
+
+    def variant(self, rows: Tensor, epoch: int) -> Tensor:
+        """Which view ``rows`` (B,) get in ``epoch``, int64 (B,) in [0, variants): (dy + p)·(2p + 1) + (dx + p)."""
+        dy, dx = self._offsets(rows, epoch)
+        return (dy + self.pixels) * (2 * self.pixels + 1) + (dx + self.pixels)
+
+    def apply_variant(self, x: Tensor, variant: Tensor) -> Tensor:
+        """``x`` (B, C, H, W) with row i moved by the offsets of ``variant[i]`` (B,): ``__call__`` for rows whose
+        variant is known, as :class:`compressor.view_cache.VariantLogits` needs."""
+        span = 2 * self.pixels + 1
+        return self._move(x, variant // span - self.pixels, variant % span - self.pixels)
+
+    def _move(self, x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+        """``x`` (B, C, H, W) with row i moved by (dy[i], dx[i]) pixels, int64 (B,) each, zero fill."""
         n, _, h, w = x.shape
         top, left = (dy + self.pixels).to(x.device), (dx + self.pixels).to(x.device)  # (B,) in [0, 2p]
         padded = torch.nn.functional.pad(x, (self.pixels,) * 4)  # (B, C, H + 2p, W + 2p)

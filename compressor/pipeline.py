@@ -31,7 +31,7 @@ from compressor.student_training import choose_student, distill, distill_general
 from compressor.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
 from compressor.teachers import Ensemble, load_ensemble
 from compressor.transfer import TeacherOutputs, Tensors, check_views, fix_bias, transfer_set
-from compressor.view_cache import ViewLogits
+from compressor.view_cache import VariantLogits, ViewLogits
 from targets.base import check_target_available, get_target
 from targets.benchmark import classification_metrics
 from targets.bundle import apply_normalisation
@@ -121,7 +121,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     report["tuning"] = tuning
     report["config"] = requested.to_dict()  # the options as given; a tuned run's choice is in report["tuning"]
     report["transfer_set"] = transfer.info
-    if isinstance(transfer.teacher, ViewLogits):
+    if isinstance(transfer.teacher, (ViewLogits, VariantLogits)):
         report["transfer_set"]["view_cache"] = transfer.teacher.describe()
     if tuning is not None:
         report["headline"] += f" {tuning['explanation']}"

@@ -22,7 +22,7 @@ from compressor.omitted_classes import apply_bias_shift, fit_bias_shift, keep_ro
 from compressor.recipes import Recipe, make_recipe
 from compressor.teacher_cache import CachedLogits
 from compressor.teachers import Ensemble
-from compressor.view_cache import ViewLogits
+from compressor.view_cache import VariantLogits, ViewLogits, open_view_cache
 
 
 @dataclass
@@ -90,7 +90,10 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
     if recipe.teachers_per_batch:  # the teachers see each batch's view, which changes every epoch
         source = view_source(config, ensemble, teacher, x, rows, recipe)
     info.update(recipe.describe())
-    if isinstance(source, ViewLogits):
+    if isinstance(source, VariantLogits):
+        info["teachers"] = ("run once per (row, view) pair and cached: at most one pass per epoch and "
+                            f"{recipe.view.variants} in all (compressor.view_cache)")
+    elif isinstance(source, ViewLogits):
         info["teachers"] = "run once per epoch on every row's view and cached (compressor.view_cache)"
     alpha = config.alpha if recipe.alpha is None else recipe.alpha
     if not bool((y >= 0).any()):
@@ -122,8 +125,8 @@ def view_source(config: RunConfig, ensemble: Ensemble, teacher: TeacherOutputs, 
     transfer_rows = "all" if rows is None else hashlib.sha256(rows.numpy().tobytes()).hexdigest()
     key = {**teacher.cache["key"], "transfer_rows": transfer_rows, "recipe": recipe.name,
            "view": recipe.view.describe(), "view_seed": config.seed}
-    return ViewLogits(teacher.online, x, recipe.view, len(ensemble.members), ensemble.num_classes, teacher.views,
-                      key, refresh=config.refresh_teacher_cache)
+    return open_view_cache(teacher.online, x, recipe.view, len(ensemble.members), ensemble.num_classes, teacher.views,
+                           key, refresh=config.refresh_teacher_cache)
 
 
 COMBINE_ROWS = 8192  # transfer rows combined at a time when a specialist ensemble's soft targets are precomputed

@@ -6,8 +6,15 @@ seed) (:mod:`compressor.augment`), so the teachers' logits on epoch ``e``'s view
 same teachers, data and view: they are computed once per epoch and read back by later epochs' reruns, resumed runs
 and tuning trials (another temperature, α or student), instead of running K teachers on every batch.
 
-An entry is a folder ``<root>/<sha256 of the key>/`` (the key is built by the caller and names the teachers, data,
-preprocessing, transfer rows and view):
+Two stores, chosen by the view (:func:`open_view_cache`):
+
+- :class:`VariantLogits`, for a view with a finite set of variants (a shift has (2p + 1)² offsets): the logits are
+  stored per (row, variant) pair, so the teachers run at most ``variants`` passes over the transfer set in all,
+  however long the schedule (its docstring has the layout);
+- :class:`ViewLogits`, for any other view (mixup draws a continuous λ): one array per epoch, laid out below.
+
+A :class:`ViewLogits` entry is a folder ``<root>/<sha256 of the key>/`` (the key is built by the caller and names
+the teachers, data, preprocessing, transfer rows and view):
 
 - ``entry.json`` — the key and the view's ``describe()`` text;
 - ``epoch-00001.npy`` — member logits (K, N, C) on epoch 1's view of every transfer row, float16 (float32 when a
@@ -28,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -43,22 +51,11 @@ from compressor.teacher_cache import ENTRY_FILE, FLOAT16_SAFE_MAX, CachedLogits,
 VIEW_CACHE_FORMAT = "compressor.view-cache/1"
 
 
-class ViewLogits:
-    """Per-epoch teacher logits on ``view(x)``: ``for_epoch(e)`` gives a :class:`CachedLogits` (K, N, C) for epoch
-    ``e``'s view of every row, from the entry when stored there, else computed with ``teachers`` and stored.
-
-    ``refresh=True`` (--refresh-teacher-cache) discards every stored epoch first. ``on_rows(n)`` is told each time
-    ``n`` more rows have been run through the teachers.
-
-    Example::
-
-        source = ViewLogits(ensemble, x_train, Shift(2), 5, 10, cache_root, key)
-        train_student(student, x_train, y_train, source, x_val, y_val, loss, config, out, view=Shift(2))
-    """
+class _ViewEntry:
+    """What both caches share: the entry folder, its key check, atomic writes and the errors that name the folder."""
 
     def __init__(self, teachers: Callable[[Tensor], Tensor], x: Tensor, view, num_members: int, num_classes: int,
-                 root: Path, key: dict, batch_size: int = 1024, on_rows: Callable[[int], None] | None = None,
-                 refresh: bool = False):
+                 root: Path, key: dict, batch_size: int, on_rows: Callable[[int], None] | None, refresh: bool):
         self.teachers = teachers  # (B, ...) -> (K, B, C) member logits on the CPU
         self.x = x                # (N, ...) the transfer set's inputs on the CPU
         self.view, self.key, self.batch_size, self.on_rows = view, key, batch_size, on_rows
@@ -67,23 +64,7 @@ class ViewLogits:
         self.path = self.root / key_digest(key)
         self.epochs_reused: list[int] = []
         self.epochs_computed: list[int] = []
-        self._current: CachedLogits | None = None  # the one epoch held open
         self._open_entry(refresh)
-
-    def for_epoch(self, epoch: int) -> CachedLogits:
-        """Member logits (K, N, C) on every row's view in ``epoch`` (1-based), as stored on disk."""
-        self._current = None  # release the previous epoch's memory map first
-        name = f"epoch-{epoch:05d}"
-        files = [self.path / f"{name}{suffix}" for suffix in (".npy", ".params.npz", ".json")]
-        if all(file.is_file() for file in files):
-            array = self._reuse(epoch, *files)
-            self.epochs_reused.append(epoch)
-        else:
-            self._compute(epoch, *files)
-            array = np.load(files[0], mmap_mode="r", allow_pickle=False)
-            self.epochs_computed.append(epoch)
-        self._current = CachedLogits(array)
-        return self._current
 
     def describe(self) -> dict:
         """JSON-safe summary for the report."""
@@ -116,6 +97,61 @@ class ViewLogits:
             raise self._stale(f"{ENTRY_FILE} is missing or unreadable ({exc})") from exc
         if not isinstance(record, dict) or record.get("key") != self.key:
             raise self._stale("its record was written for other teachers, data, preprocessing or view")
+
+    def _write(self, target: Path, writer: Callable) -> None:
+        """``writer(binary file)`` into a temporary file beside ``target``, renamed onto it; deleted on failure."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                writer(handle)
+            os.chmod(tmp, directory_mode() & 0o666)  # mkstemp makes 0600; what open() would give under the umask
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _unwritable(self, exc: OSError) -> CompressorError:
+        return CompressorError(f"could not write the view cache {self.path}: {exc.strerror or exc}; free disk space, "
+                               f"choose another --teacher-cache or pass --no-cache")
+
+    def _stale(self, why: str) -> CompressorError:
+        return CompressorError(f"view cache {self.path} cannot be used: {why}; delete that folder or rerun with "
+                               f"--refresh-teacher-cache (or --no-cache to run the teachers on every batch)")
+
+
+class ViewLogits(_ViewEntry):
+    """Per-epoch teacher logits on ``view(x)``: ``for_epoch(e)`` gives a :class:`CachedLogits` (K, N, C) for epoch
+    ``e``'s view of every row, from the entry when stored there, else computed with ``teachers`` and stored.
+
+    ``refresh=True`` (--refresh-teacher-cache) discards every stored epoch first. ``on_rows(n)`` is told each time
+    ``n`` more rows have been run through the teachers.
+
+    Example::
+
+        source = ViewLogits(ensemble, x_train, Shift(2), 5, 10, cache_root, key)
+        train_student(student, x_train, y_train, source, x_val, y_val, loss, config, out, view=Shift(2))
+    """
+
+    def __init__(self, teachers: Callable[[Tensor], Tensor], x: Tensor, view, num_members: int, num_classes: int,
+                 root: Path, key: dict, batch_size: int = 1024, on_rows: Callable[[int], None] | None = None,
+                 refresh: bool = False):
+        super().__init__(teachers, x, view, num_members, num_classes, root, key, batch_size, on_rows, refresh)
+        self._current: CachedLogits | None = None  # the one epoch held open
+
+    def for_epoch(self, epoch: int) -> CachedLogits:
+        """Member logits (K, N, C) on every row's view in ``epoch`` (1-based), as stored on disk."""
+        self._current = None  # release the previous epoch's memory map first
+        name = f"epoch-{epoch:05d}"
+        files = [self.path / f"{name}{suffix}" for suffix in (".npy", ".params.npz", ".json")]
+        if all(file.is_file() for file in files):
+            array = self._reuse(epoch, *files)
+            self.epochs_reused.append(epoch)
+        else:
+            self._compute(epoch, *files)
+            array = np.load(files[0], mmap_mode="r", allow_pickle=False)
+            self.epochs_computed.append(epoch)
+        self._current = CachedLogits(array)
+        return self._current
 
     def _reuse(self, epoch: int, npy: Path, params: Path, record_file: Path) -> np.ndarray:
         """Epoch ``epoch``'s stored array (K, N, C), after checking it against its record and the view."""
@@ -161,22 +197,127 @@ class ViewLogits:
         except OSError as exc:
             raise self._unwritable(exc) from exc
 
-    def _write(self, target: Path, writer: Callable) -> None:
-        """``writer(binary file)`` into a temporary file beside ``target``, renamed onto it; deleted on failure."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.path)
+
+class VariantLogits(_ViewEntry):
+    """Teacher logits on views drawn from a finite set, stored once per (row, variant) rather than per epoch.
+
+    A :class:`~compressor.augment.Shift` of up to p pixels has (2p + 1)² views of each image (25 at ±2 px), and
+    which one a row gets in an epoch is a function of (row, epoch, seed). The teachers' logits on a view depend only
+    on the row and the variant, so each epoch runs the teachers on the (row, variant) pairs no earlier epoch, run or
+    seed has stored, and reads the rest. The teachers' cost of a schedule is then at most ``variants`` passes over the
+    transfer set however many epochs it trains (one per epoch before; 100 epochs at ±2 px cost 25 passes at most),
+    and never more than one pass per epoch.
+
+    ``for_epoch(e)`` returns the same thing as :class:`ViewLogits` does: a :class:`CachedLogits` (K, N, C) of the
+    teachers on every row's view in epoch ``e``, assembled in memory from the stored parts. The entry holds parts
+    written whole and never changed:
+
+    - ``part-<id>.npy`` — member logits (K, M, C) on M (row, variant) pairs, float16 (float32 when a logit reaches
+      :data:`~compressor.teacher_cache.FLOAT16_SAFE_MAX`);
+    - ``part-<id>.pairs.npy`` — those pairs, int64 (M,), ``variant · N + row``;
+    - ``part-<id>.json`` — the sha256 of both files, written last: a part without it was cut short and is ignored.
+
+    Parts are checked against their records once, when the source opens. The variant's meaning (the offsets) is in
+    the entry's key through the view's ``describe()``; the seed is not, since it only decides which variant a row
+    gets, so runs with other seeds share the entry.
+    """
+
+    def __init__(self, teachers: Callable[[Tensor], Tensor], x: Tensor, view, num_members: int, num_classes: int,
+                 root: Path, key: dict, batch_size: int = 1024, on_rows: Callable[[int], None] | None = None,
+                 refresh: bool = False):
+        super().__init__(teachers, x, view, num_members, num_classes, root, key, batch_size, on_rows, refresh)
+        n = self.shape[1]
+        self.parts: list[np.ndarray] = []  # each (K, M, C), memory-mapped
+        self.part_of = np.full((view.variants, n), -1, dtype=np.int32)  # (V, N) the part holding each pair, -1: none
+        self.position = np.zeros((view.variants, n), dtype=np.int64)  # (V, N) the pair's column in that part
+        self.pairs_computed = 0
+        for record in sorted(self.path.glob("part-*.json")):
+            self._load_part(record)
+
+    def for_epoch(self, epoch: int) -> CachedLogits:
+        """Member logits (K, N, C) on every row's view in ``epoch`` (1-based), the missing pairs computed first."""
+        k, n, c = self.shape
+        rows = np.arange(n)
+        variant = self.view.variant(torch.from_numpy(rows), epoch).numpy()  # (N,)
+        missing = np.flatnonzero(self.part_of[variant, rows] < 0)  # rows whose pair no part holds yet
+        if len(missing):
+            self._compute(missing, variant[missing])
+            self.epochs_computed.append(epoch)
+        else:
+            self.epochs_reused.append(epoch)
+        part, column = self.part_of[variant, rows], self.position[variant, rows]  # (N,) each
+        out = np.empty((k, n, c), dtype=np.float32)
+        for index in np.unique(part):
+            chosen = np.flatnonzero(part == index)
+            out[:, chosen] = self.parts[index][:, column[chosen]]
+        return CachedLogits(out)
+
+    def describe(self) -> dict:
+        """JSON-safe summary for the report: the per-epoch counts, and how many of the (row, variant) pairs are
+        stored against how many exist."""
+        return {**super().describe(), "pairs_stored": int((self.part_of >= 0).sum()),
+                "pairs_total": int(self.part_of.size), "pairs_computed": self.pairs_computed}
+
+    def _load_part(self, record_file: Path) -> None:
+        """Check one part against its record and index its pairs."""
+        stem = record_file.name[: -len(".json")]
+        npy, pairs_file = self.path / f"{stem}.npy", self.path / f"{stem}.pairs.npy"
         try:
-            with os.fdopen(fd, "wb") as handle:
-                writer(handle)
-            os.chmod(tmp, directory_mode() & 0o666)  # mkstemp makes 0600; what open() would give under the umask
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            info = json.loads(record_file.read_text())
+            if sha256_file(npy) != info["sha256"] or sha256_file(pairs_file) != info["pairs_sha256"]:
+                raise self._stale(f"{stem} does not match the checksums recorded when it was written")
+            array = np.load(npy, mmap_mode="r", allow_pickle=False)
+            pairs = np.load(pairs_file, allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise self._stale(f"{stem}'s files are unreadable ({exc})") from exc
+        k, n, c = self.shape
+        if array.shape != (k, len(pairs), c) or pairs.dtype != np.int64 or (len(pairs) and (
+                pairs.min() < 0 or pairs.max() >= self.part_of.size)):
+            raise self._stale(f"{stem} holds logits of shape {list(array.shape)} for {len(pairs)} pairs; expected "
+                              f"({k}, {len(pairs)}, {c}) and pairs below {self.part_of.size}")
+        variant, row = np.divmod(pairs, n)
+        self.part_of[variant, row] = len(self.parts)
+        self.position[variant, row] = np.arange(len(pairs))
+        self.parts.append(array)
 
-    def _unwritable(self, exc: OSError) -> CompressorError:
-        return CompressorError(f"could not write the view cache {self.path}: {exc.strerror or exc}; free disk space, "
-                               f"choose another --teacher-cache or pass --no-cache")
+    def _compute(self, rows: np.ndarray, variant: np.ndarray) -> None:
+        """Run the teachers on ``rows`` (M,) moved by their ``variant`` (M,) and store them as a new part."""
+        k, _, c = self.shape
+        values = np.empty((k, len(rows), c), dtype=np.float32)  # (K, M, C)
+        with torch.no_grad():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                picked = torch.from_numpy(rows[chunk])
+                out = self.teachers(self.view.apply_variant(self.x[picked], torch.from_numpy(variant[chunk])))
+                if tuple(out.shape) != (k, len(picked), c):
+                    raise CompressorError(f"the teachers returned logits of shape {tuple(out.shape)} for {len(picked)} "
+                                          f"rows; the view cache {self.path} expects ({k}, {len(picked)}, {c})")
+                values[:, chunk] = out.detach().float().cpu().numpy()
+                if self.on_rows is not None:
+                    self.on_rows(len(picked))
+        small = values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX  # NaN compares False: float32
+        array = values.astype(np.float16) if small else values
+        pairs = variant.astype(np.int64) * self.shape[1] + rows
+        stem = f"part-{uuid.uuid4().hex[:16]}"  # runs sharing the entry never pick the same name
+        npy, pairs_file = self.path / f"{stem}.npy", self.path / f"{stem}.pairs.npy"
+        try:
+            self._write(npy, lambda f: np.save(f, array, allow_pickle=False))
+            self._write(pairs_file, lambda f: np.save(f, pairs, allow_pickle=False))
+            record = {"sha256": sha256_file(npy), "pairs_sha256": sha256_file(pairs_file), "pairs": len(pairs),
+                      "dtype": str(array.dtype)}
+            self._write(self.path / f"{stem}.json", lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+        self.pairs_computed += len(pairs)
+        self._load_part(self.path / f"{stem}.json")
 
-    def _stale(self, why: str) -> CompressorError:
-        return CompressorError(f"view cache {self.path} cannot be used: {why}; delete that folder or rerun with "
-                               f"--refresh-teacher-cache (or --no-cache to run the teachers on every batch)")
+
+def open_view_cache(teachers: Callable[[Tensor], Tensor], x: Tensor, view, num_members: int, num_classes: int,
+                    root: Path, key: dict, refresh: bool = False) -> ViewLogits | VariantLogits:
+    """The cache for ``view``'s teacher logits: per (row, variant) when the view has finitely many variants (the
+    key then leaves out ``view_seed``, which only picks the variants), else per epoch."""
+    if hasattr(view, "variants"):
+        shared = {name: value for name, value in key.items() if name != "view_seed"}
+        return VariantLogits(teachers, x, view, num_members, num_classes, root, {**shared, "store": "variants"},
+                             refresh=refresh)
+    return ViewLogits(teachers, x, view, num_members, num_classes, root, key, refresh=refresh)

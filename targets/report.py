@@ -235,8 +235,12 @@ def _training(report: dict) -> list[str]:
                          f"{transfer['teachers']}.")
         views = transfer.get("view_cache")
         if views:
+            pairs = ""
+            if "pairs_total" in views:
+                pairs = (f" ({views['pairs_computed']:,} (row, view) pairs computed; {views['pairs_stored']:,} of the "
+                         f"{views['pairs_total']:,} that exist now stored)")
             lines.append(f"- View cache `{views['path']}`: {len(views['epochs_computed'])} epoch(s) of teacher "
-                         f"logits computed, {len(views['epochs_reused'])} reused.")
+                         f"logits computed, {len(views['epochs_reused'])} reused{pairs}.")
     fix = report["student"].get("bias_fix")
     if fix:
         lines.append(f"- Bias fix: the output biases of classes {fix['classes']} raised by {fix['shift']:g}; "

@@ -142,6 +142,13 @@ def test_consistent_shifts_fashion_images_for_student_and_teachers_and_checks_th
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["transfer_set"]["augmentation"].startswith("shifts by up to 2 px")
+    # the teachers' logits on shifted views are stored per (row, offset): 25 offsets at ±2 px, at most one pass
+    # over the transfer rows per epoch
+    views = report["transfer_set"]["view_cache"]
+    rows = report["transfer_set"]["rows"]
+    assert views["pairs_total"] == 25 * rows and views["pairs_stored"] <= 2 * rows and "25 in all" in \
+        report["transfer_set"]["teachers"]
+    assert "(row, view) pairs computed" in (out / "report.md").read_text()
     check = report["diagnostics"]["view_check"]
     assert 0 < check["view_accuracy"] <= 1 and 0 < check["plain_accuracy"] <= 1
     assert (check["warning"] is not None) == (check["plain_accuracy"] - check["view_accuracy"] > 0.02)

@@ -19,7 +19,8 @@ from compressor.augment import Mixup, Shift
 from compressor.distill import TrainConfig, train_student
 from compressor.errors import CompressorError
 from compressor.losses import DistillationLoss
-from compressor.view_cache import ViewLogits
+from compressor.teacher_cache import CachedLogits
+from compressor.view_cache import VariantLogits, ViewLogits, open_view_cache
 
 N, K, C = 40, 2, 10
 CONFIG = TrainConfig(epochs=2, batch_size=16, lr=1e-2, progress=False)
@@ -235,3 +236,97 @@ def test_a_failed_write_names_the_entry_and_leaves_no_temporary_file(tmp_path):
         source.for_epoch(2)
     assert not [name for name in os.listdir(source.path) if name.endswith(".tmp")]
     assert not (source.path / "epoch-00002.json").exists()  # no record: the epoch is not taken as whole
+
+
+def variant_logits(root, view, teachers=None, key=None, **kwargs) -> VariantLogits:
+    return VariantLogits(teachers or Teachers(), images(), view, K, C, root, key or {"view": "test"}, batch_size=16,
+                         **kwargs)
+
+
+class CountingTeachers(Teachers):
+    """Teachers that also count the rows they are run on."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
+        self.rows += len(xb)
+        return super().__call__(xb)
+
+
+def test_a_shifts_variant_is_the_view_it_names():
+    x, rows, shift = images(), torch.arange(N), Shift(2, seed=3)
+    for epoch in (1, 2, 3):
+        variant = shift.variant(rows, epoch)  # (N,)
+        assert variant.dtype == torch.int64 and 0 <= int(variant.min()) and int(variant.max()) < shift.variants == 25
+        assert torch.equal(shift.apply_variant(x, variant), shift(x, rows, epoch))
+    every = torch.arange(25)
+    moved = Shift(2).apply_variant(x[:1].expand(25, -1, -1, -1), every)  # (25, 1, 8, 8): one image, each offset
+    assert len({tuple(image.flatten().tolist()) for image in moved}) == 25
+
+
+def test_pairs_are_stored_once_and_the_teachers_never_pass_over_the_data_more_than_variants_times(tmp_path):
+    view, teachers = Shift(1, seed=3), CountingTeachers()  # 9 variants
+    source = variant_logits(tmp_path, view, teachers)
+    assert source.shape == (K, N, C)
+    for epoch in range(1, 31):
+        stored = source.for_epoch(epoch)
+        assert isinstance(stored, CachedLogits) and stored.shape == (K, N, C)
+        assert_fp16_close(stored.to_tensor(), teachers(view(images(), torch.arange(N), epoch)))
+        assert source.pairs_computed <= min(epoch, 9) * N  # never more than one pass per epoch, 9 in all
+    assert source.pairs_computed == teachers.rows - 30 * N  # minus the reference passes in the loop above
+    summary = source.describe()
+    assert summary["pairs_total"] == 9 * N and summary["pairs_stored"] == source.pairs_computed
+    assert summary["epochs_computed"][0] == 1 and len(summary["epochs_computed"]) + len(summary["epochs_reused"]) == 30
+    assert summary["epochs_reused"], "after 30 epochs some epoch must find every pair stored"
+    json.dumps(summary)
+
+
+def test_another_run_and_another_seed_reuse_the_stored_pairs(tmp_path):
+    first = variant_logits(tmp_path, Shift(1, seed=3))
+    arrays = [first.for_epoch(epoch).to_tensor() for epoch in (1, 2)]
+
+    again_teachers = CountingTeachers()
+    again = variant_logits(tmp_path, Shift(1, seed=3), again_teachers)
+    for epoch, array in zip((1, 2), arrays):
+        assert torch.equal(again.for_epoch(epoch).to_tensor(), array)
+    assert again_teachers.rows == 0 and again.describe()["epochs_reused"] == [1, 2]
+
+    other_teachers = CountingTeachers()
+    other = variant_logits(tmp_path, Shift(1, seed=4), other_teachers)  # other variants per row, same logits
+    stored = other.for_epoch(1).to_tensor()
+    assert other_teachers.rows == other.pairs_computed < N  # only the pairs seed 3's two epochs did not draw
+    assert_fp16_close(stored, Teachers()(Shift(1, seed=4)(images(), torch.arange(N), 1)))
+
+
+def test_a_part_cut_short_is_ignored_and_a_damaged_one_refused(tmp_path):
+    source = variant_logits(tmp_path, Shift(1, seed=3))
+    good = source.for_epoch(1).to_tensor()
+    (record,) = source.path.glob("part-*.json")
+    record.unlink()  # as if the run died before writing the record: the part does not count
+    teachers = CountingTeachers()
+    assert torch.equal(variant_logits(tmp_path, Shift(1, seed=3), teachers).for_epoch(1).to_tensor(), good)
+    assert teachers.rows == N
+
+    (npy,) = [p for p in source.path.glob("part-*.npy") if not p.name.endswith(".pairs.npy")
+              and (source.path / p.name.replace(".npy", ".json")).exists()]
+    data = bytearray(npy.read_bytes())
+    data[-8:] = bytes(8)  # the file still parses; only its checksum tells
+    npy.write_bytes(bytes(data))
+    with pytest.raises(CompressorError, match=re.escape(str(source.path)) + ".*checksum"):
+        variant_logits(tmp_path, Shift(1, seed=3))
+    refreshed = variant_logits(tmp_path, Shift(1, seed=3), refresh=True)
+    assert torch.equal(refreshed.for_epoch(1).to_tensor(), good) and refreshed.pairs_computed == N
+
+
+def test_the_store_follows_the_view(tmp_path):
+    key = {"view": "test", "view_seed": 3}
+    shifted = view_logits_for(tmp_path, Shift(1, seed=3), key)
+    mixed = view_logits_for(tmp_path, VIEWS["mixup-then-shift"], key)
+    assert isinstance(shifted, VariantLogits) and "view_seed" not in shifted.key
+    assert isinstance(mixed, ViewLogits) and mixed.key == key
+
+
+def view_logits_for(root, view, key):
+    return open_view_cache(Teachers(), images(), view, K, C, root, key)
