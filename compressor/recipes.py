@@ -13,9 +13,9 @@
 Before training, the teachers are scored on views of the validation split: teachers that lose accuracy on the
 recipe's views would teach their errors, and the run says so (``view_check`` in the report).
 
-Augmenting recipes need the teachers on every epoch's views: :mod:`compressor.view_cache` runs them once per epoch
-over every row's view and keeps the logits (and the views' parameters, never the images) for later epochs, runs and
-tuning trials; with --no-cache they run on every training batch instead. The hard-label baseline gets the same
+Augmenting recipes need the teachers on every epoch's views: :mod:`compressor.view_cache` runs them on each view
+once and keeps the logits (per (row, offset) for shifts, per epoch for mixup; never the images) for later epochs,
+runs and tuning trials; with --no-cache they run on every training batch instead. The hard-label baseline gets the same
 image augmentation as the student (not the mixing, which has no labels), so the comparison shows what the teachers
 add and not what augmentation adds. ``--recipe auto`` is not a recipe but a search over them
 (:mod:`compressor.tuning`).

@@ -24,8 +24,8 @@ say fits in the budget (at least one: the user's setting alone, trained in full)
 trial has shown re-sizes the next: when the best third would not fit what is left of the budget, fewer go on (at
 least one per family), and when even the best trial would run past it (a slow recipe, such as one computing its
 teachers' views), the best trial that fits goes on instead. The first rung stops starting trials once its share of
-the budget is spent. Both are estimates (an augmenting recipe's first epochs on uncached views cost more than the
-pace so far says); the report gives the budget and the time spent. The budget counts the seconds the trials'
+the budget is spent. Both are estimates (a mixup recipe's epochs on uncached views cost more than the pace so far
+says); the report gives the budget and the time spent. The budget counts the seconds the trials'
 epochs took, from their training histories, so a search resumed from its checkpoints decides as it did.
 
 The search space is declared once, in :func:`search_space`. This module knows nothing of models or data: the
@@ -294,8 +294,8 @@ def promote_within(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome
 
 def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome]) -> float:
     """Seconds to take ``ranked`` (best first) through ``rung`` and the best third of them through each later
-    rung, at each trial's own pace so far. An underestimate when later epochs cost more (an augmenting recipe whose
-    views are not cached yet)."""
+    rung, at each trial's own pace so far. An underestimate when later epochs cost more (a mixup recipe whose
+    views are not cached yet; a shifting recipe's later epochs find more of their views cached and cost less)."""
     total, group = 0.0, ranked
     done = {t: outcomes[t].epochs_trained for t in ranked}
     for r in range(rung, len(RUNG_FRACTIONS)):
