@@ -14,6 +14,8 @@ On Fashion-MNIST, with compressor's own main job (``compressor.pipeline.run``, t
    reference baseline is the tuned one (the auto run's), else the hinton run's: "gain kept" is
    (student − baseline) / (ensemble − baseline) in test top-1, with a paired bootstrap 95% interval
    (``compressor.compare.gain_kept``); each run's report also gives it against its own same-budget baseline.
+   ``--reference-baseline`` scores against an earlier run's ``baseline.pt`` instead, so rows at another schedule
+   (``--epochs 100``) are measured against the baseline tuned at the default one.
    "agreement (transfer)" is each model's top-1 agreement with the ensemble on the whole transfer set: a student
    that cannot imitate the teachers even where it was taught cannot keep their gain, whatever the recipe.
 
@@ -192,12 +194,17 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
                             {name: float((predict_logits(m, tensors.x_train).argmax(1).numpy() == ensemble_train).mean())
                              for name, m in models.items()})  # how well each imitates the ensemble where taught
         reference = next(r for r in ("auto", "hinton", *args.recipes) if r in runs)  # the tuned baseline if any
-        rows = [score(report, right, kind, recipe, student, runs[reference][1]["baseline"], ensemble_right, args.seed)
+        reference_right, reference_name = runs[reference][1]["baseline"], baseline_name(reference)
+        if args.reference_baseline:  # an earlier run's (tuned) baseline, for rows at another schedule
+            given = torch.jit.load(args.reference_baseline)
+            reference_right = predict_logits(given, tensors.x_test).argmax(1).numpy() == y
+            reference_name = f"baseline ({Path(args.reference_baseline).parent.name})"
+        rows = [score(report, right, kind, recipe, student, reference_right, ensemble_right, args.seed)
                 | {"transfer_agreement": fit[kind]}
                 for recipe, (report, right, fit) in runs.items()
                 for kind in ("student", "baseline") if kind == "student" or recipe in BASELINE_ROWS]
         result["rows"] += rows
-        result["summary"].append(summarise(student, rows, baseline_name(reference)))
+        result["summary"].append(summarise(student, rows, reference_name))
     return result
 
 
@@ -327,6 +334,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-minutes", type=float, default=None, help="the auto recipe's budget (full 20, quick 1)")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the soft-target term")
+    parser.add_argument("--reference-baseline", default=None,
+                        help="score every row against this baseline.pt (an earlier run's on the same teachers and "
+                             "split, e.g. <work-dir>/cnn_16x32x32-auto/baseline.pt) instead of this run's own")
     add_run_arguments(parser)  # --lr (the students'), --batch-size, --max-train (quick 5,000), --seed, --threads,
     parser.set_defaults(lr=3e-3)  # --no-progress, --out, --work-dir (finished teachers and runs there are reused)
     args = parser.parse_args(argv)
@@ -334,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.students, args.recipes = args.students.split(","), args.recipes.split(",")
+    if args.reference_baseline and not Path(args.reference_baseline).is_file():
+        parser.error(f"--reference-baseline {args.reference_baseline}: no such file; pass the baseline.pt an "
+                     f"earlier run wrote in its folder of --work-dir")
     return args
 
 
