@@ -98,6 +98,25 @@ class _ViewEntry:
         if not isinstance(record, dict) or record.get("key") != self.key:
             raise self._stale("its record was written for other teachers, data, preprocessing or view")
 
+    def _run_teachers(self, count: int, viewed: Callable[[slice], Tensor]) -> np.ndarray:
+        """The teachers' logits (K, count, C) on ``viewed(chunk)``, the viewed inputs of each ``batch_size`` slice
+        of the ``count`` rows: float16, or float32 when a logit reaches :data:`FLOAT16_SAFE_MAX`."""
+        k, _, c = self.shape
+        values = np.empty((k, count, c), dtype=np.float32)  # (K, count, C)
+        with torch.no_grad():
+            for start in range(0, count, self.batch_size):
+                chunk = slice(start, min(start + self.batch_size, count))
+                b = chunk.stop - chunk.start
+                out = self.teachers(viewed(chunk))  # (K, b, C)
+                if tuple(out.shape) != (k, b, c):
+                    raise CompressorError(f"the teachers returned logits of shape {tuple(out.shape)} for {b} rows; "
+                                          f"the view cache {self.path} expects ({k}, {b}, {c})")
+                values[:, chunk] = out.detach().float().cpu().numpy()
+                if self.on_rows is not None:
+                    self.on_rows(b)
+        small = values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX  # NaN compares False: float32
+        return values.astype(np.float16) if small else values
+
     def _write(self, target: Path, writer: Callable) -> None:
         """``writer(binary file)`` into a temporary file beside ``target``, renamed onto it; deleted on failure."""
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.path)
@@ -175,20 +194,8 @@ class ViewLogits(_ViewEntry):
 
     def _compute(self, epoch: int, npy: Path, params: Path, record_file: Path) -> None:
         """Run the teachers on epoch ``epoch``'s view of every row and store the logits, parameters and record."""
-        k, n, c = self.shape
-        values = np.empty((k, n, c), dtype=np.float32)  # (K, N, C)
-        with torch.no_grad():
-            for start in range(0, n, self.batch_size):
-                rows = torch.arange(start, min(start + self.batch_size, n))  # (b,)
-                out = self.teachers(self.view(self.x[start : start + len(rows)], rows, epoch))  # (K, b, C)
-                if tuple(out.shape) != (k, len(rows), c):
-                    raise CompressorError(f"the teachers returned logits of shape {tuple(out.shape)} for {len(rows)} "
-                                          f"rows; the view cache {self.path} expects ({k}, {len(rows)}, {c})")
-                values[:, start : start + len(rows)] = out.detach().float().cpu().numpy()
-                if self.on_rows is not None:
-                    self.on_rows(len(rows))
-        small = values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX  # NaN compares False: float32
-        array = values.astype(np.float16) if small else values
+        n = self.shape[1]
+        array = self._run_teachers(n, lambda chunk: self.view(self.x[chunk], torch.arange(n)[chunk], epoch))
         try:
             self._write(params, lambda f: np.savez(f, **self.view.parameters(torch.arange(n), epoch)))
             self._write(npy, lambda f: np.save(f, array, allow_pickle=False))
@@ -282,21 +289,8 @@ class VariantLogits(_ViewEntry):
 
     def _compute(self, rows: np.ndarray, variant: np.ndarray) -> None:
         """Run the teachers on ``rows`` (M,) moved by their ``variant`` (M,) and store them as a new part."""
-        k, _, c = self.shape
-        values = np.empty((k, len(rows), c), dtype=np.float32)  # (K, M, C)
-        with torch.no_grad():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = slice(start, start + self.batch_size)
-                picked = torch.from_numpy(rows[chunk])
-                out = self.teachers(self.view.apply_variant(self.x[picked], torch.from_numpy(variant[chunk])))
-                if tuple(out.shape) != (k, len(picked), c):
-                    raise CompressorError(f"the teachers returned logits of shape {tuple(out.shape)} for {len(picked)} "
-                                          f"rows; the view cache {self.path} expects ({k}, {len(picked)}, {c})")
-                values[:, chunk] = out.detach().float().cpu().numpy()
-                if self.on_rows is not None:
-                    self.on_rows(len(picked))
-        small = values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX  # NaN compares False: float32
-        array = values.astype(np.float16) if small else values
+        array = self._run_teachers(len(rows), lambda chunk: self.view.apply_variant(
+            self.x[torch.from_numpy(rows[chunk])], torch.from_numpy(variant[chunk])))
         pairs = variant.astype(np.int64) * self.shape[1] + rows
         stem = f"part-{uuid.uuid4().hex[:16]}"  # runs sharing the entry never pick the same name
         npy, pairs_file = self.path / f"{stem}.npy", self.path / f"{stem}.pairs.npy"
