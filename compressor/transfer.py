@@ -118,8 +118,8 @@ def transfer_set(config: RunConfig, ensemble: Ensemble, tensors: Tensors, teache
 def view_source(config: RunConfig, ensemble: Ensemble, teacher: TeacherOutputs, x: torch.Tensor,
                 rows: torch.Tensor | None, recipe: Recipe):
     """The teachers' logits on the recipe's views: from the view cache (compressor.view_cache), each view's
-    computed once and reused by later epochs, runs and tuning trials; with --no-cache, or for a specialist ensemble (whose
-    combination is not cached per view), the teachers run on every batch instead."""
+    computed once and reused by later epochs, runs and tuning trials; with --no-cache, or for a specialist ensemble
+    (whose combination is not cached per view), the teachers run on every batch instead."""
     if teacher.views is None or ensemble.specialist_subsets is not None:
         return teacher.online
     transfer_rows = "all" if rows is None else hashlib.sha256(rows.numpy().tobytes()).hexdigest()

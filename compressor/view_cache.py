@@ -212,8 +212,8 @@ class VariantLogits(_ViewEntry):
     which one a row gets in an epoch is a function of (row, epoch, seed). The teachers' logits on a view depend only
     on the row and the variant, so each epoch runs the teachers on the (row, variant) pairs no earlier epoch, run or
     seed has stored, and reads the rest. The teachers' cost of a schedule is then at most ``variants`` passes over the
-    transfer set however many epochs it trains (one per epoch before; 100 epochs at ±2 px cost 25 passes at most),
-    and never more than one pass per epoch.
+    transfer set however many epochs it trains (100 epochs at ±2 px cost 25 passes at most, where a per-epoch store
+    would cost 100), and never more than one pass per epoch.
 
     ``for_epoch(e)`` returns the same thing as :class:`ViewLogits` does: a :class:`CachedLogits` (K, N, C) of the
     teachers on every row's view in epoch ``e``, assembled in memory from the stored parts. The entry holds parts
