@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 
 import numpy as np
 import pytest
@@ -330,3 +331,21 @@ def test_the_store_follows_the_view(tmp_path):
 
 def view_logits_for(root, view, key):
     return open_view_cache(Teachers(), images(), view, K, C, root, key)
+
+
+def test_a_part_that_cannot_be_written_names_the_entry_and_is_not_taken_as_whole(tmp_path, monkeypatch):
+    """Runs as root too: a folder where the part's pairs should go makes the rename fail like a full disk would."""
+    source = variant_logits(tmp_path, Shift(1, seed=3))
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))  # the part's name, known in advance
+    stem = f"part-{uuid.UUID(int=7).hex[:16]}"
+    (source.path / f"{stem}.pairs.npy").mkdir()
+    (source.path / f"{stem}.pairs.npy" / "in-the-way").write_text("")
+    with pytest.raises(CompressorError, match=re.escape(str(source.path)) + ".*another --teacher-cache"):
+        source.for_epoch(1)
+    assert not [name for name in os.listdir(source.path) if name.endswith(".tmp")]
+    assert not (source.path / f"{stem}.json").exists()  # no record: the logits written before it do not count
+    monkeypatch.undo()
+    teachers = CountingTeachers()
+    again = variant_logits(tmp_path, Shift(1, seed=3), teachers)
+    assert_fp16_close(again.for_epoch(1).to_tensor(), Teachers()(Shift(1, seed=3)(images(), torch.arange(N), 1)))
+    assert teachers.rows == N
