@@ -79,7 +79,9 @@ class TrainConfig:
 class TrainResult:
     best_epoch: int  # 1-based
     best_val_accuracy: float
-    history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, train_accuracy, val_accuracy, lr, seconds
+    # per epoch: epoch, train_loss, train_accuracy, val_accuracy, lr, seconds, and view_seconds (of those seconds,
+    # the ones spent running the teachers on views the view cache did not hold yet)
+    history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0  # 0 when not resumed
     seconds: float = 0.0
 
@@ -429,6 +431,7 @@ def train_student(
             lr = scheduler.get_last_lr()[0]
             # a per-epoch source gives the teachers on this epoch's views; the others serve every epoch
             source = teacher_logits.for_epoch(epoch) if hasattr(teacher_logits, "for_epoch") else teacher_logits
+            view_seconds = time.perf_counter() - t_epoch  # the teachers on views the cache did not hold yet
             student.train()
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen)  # (N,)
@@ -482,6 +485,7 @@ def train_student(
                     "val_accuracy": val_acc,
                     "lr": lr,
                     "seconds": time.perf_counter() - t_epoch,
+                    "view_seconds": view_seconds,
                 }
             )
             if val_acc > best_acc:  # strict: the earliest of equal epochs wins

@@ -126,6 +126,7 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
         return dataclasses.replace(transfer, alpha=alpha, info={**transfer.info, "alpha": alpha})
 
     begun: set = set()  # trials this search has trained: later rungs resume them; a first rung resumes only --resume
+    histories: dict = {}  # trial -> its training history so far
 
     def train(trial, epochs: int):
         torch.manual_seed(config.seed)  # every trial starts from the weights a plain run of it would
@@ -134,7 +135,11 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
                            normalisation, world, console, folder=f"tuning/{trial.name}", until=epochs,
                            resume=config.resume or trial in begun)
         begun.add(trial)
+        histories[trial] = training.history
         return (*reached_at(training.history, epochs), (student, training))
+
+    def view_cost(trial, first: int, last: int) -> float:
+        return views_ahead(trial_transfer(trial).teacher, trial.alpha, histories.get(trial, []), first, last)
 
     labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
@@ -142,7 +147,8 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
     minutes = config.tune or DEFAULT_TUNE_MINUTES
     console.print(f"[bold]tune[/] successive halving on validation, budget {minutes:g} min")
     search = successive_halving(space, train, 60 * minutes, config.seed,
-                                log=lambda line: console.print(f"[bold]tune[/] {line}"), trials=config.tune_trials)
+                                log=lambda line: console.print(f"[bold]tune[/] {line}"), trials=config.tune_trials,
+                                view_cost=view_cost)
     report = search.describe(config.command)
     console.print(f"[bold]tune[/] {report['explanation']}")
     chosen = search.chosen.trial
@@ -150,6 +156,18 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
     labels = search.winners.get("labels")
     baseline = None if labels is None else TrainedBaseline(*labels.result)
     return TunedRun(trial_config(chosen), trial_transfer(chosen), student, training, baseline, report)
+
+
+def views_ahead(source, alpha: float, history: list[dict], first: int, last: int) -> float:
+    """A tuning trial's :data:`compressor.tuning.ViewCost`: the seconds the teachers' views for its epochs
+    first..last will take (the passes the view cache ``source`` still lacks, at this machine's measured pace), less
+    the view seconds its pace so far carries (``history``, its epochs before ``first``). 0 for the labels (α = 0),
+    which use no teachers, and for sources without views."""
+    if alpha == 0 or not hasattr(source, "missing_passes"):
+        return 0.0
+    reached = [epoch for epoch in history if epoch["epoch"] < first]
+    carried = sum(epoch.get("view_seconds", 0.0) for epoch in reached) / max(1, len(reached))  # per epoch of pace
+    return source.missing_passes(first, last) * source.pass_seconds() - carried * (last - first + 1)
 
 
 def reached_at(history: list[dict], epochs: int) -> tuple[float, float]:

@@ -24,8 +24,9 @@ say fits in the budget (at least one: the user's setting alone, trained in full)
 trial has shown re-sizes the next: when the best third would not fit what is left of the budget, fewer go on (at
 least one per family), and when even the best trial would run past it (a slow recipe, such as one computing its
 teachers' views), the best trial that fits goes on instead. The first rung stops starting trials once its share of
-the budget is spent. Both are estimates (a mixup recipe's epochs on uncached views cost more than the pace so far
-says); the report gives the budget and the time spent. The budget counts the seconds the trials'
+the budget is spent. The pace is corrected for the teachers' views a trial's later epochs still need and the
+view cache does not hold (a trial promoted on epochs whose views were cached would otherwise look cheap). Both are
+estimates; the report gives the budget and the time spent. The budget counts the seconds the trials'
 epochs took, from their training histories, so a search resumed from its checkpoints decides as it did.
 
 The search space is declared once, in :func:`search_space`. This module knows nothing of models or data: the
@@ -144,6 +145,10 @@ class Outcome:
 # train(trial, epochs) -> (best validation accuracy up to that epoch, seconds its epochs up to there took to train,
 # the object to keep, e.g. the trained model)
 Train = Callable[[Trial, int], tuple[float, float, object]]
+# view_cost(trial, first, last) -> the seconds by which the trial's epochs first..last will differ from its pace so
+# far because of the teachers' views: those the view cache does not hold yet, less the view seconds its measured
+# pace already carries (it computed views for its own early epochs). Without one, the pace alone prices the rest.
+ViewCost = Callable[[Trial, int, int], float]
 
 
 @dataclass
@@ -198,7 +203,7 @@ def trials_that_fit(budget_s: float, seconds_per_epoch: dict[str, float], mean_e
 
 def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: float, seed: int = 0,
                        log: Callable[[str], None] = print, trials: int | None = None,
-                       clock: Callable[[], float] = time.perf_counter) -> Tuning:
+                       clock: Callable[[], float] = time.perf_counter, view_cost: ViewCost | None = None) -> Tuning:
     """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds of training; see the module
     docstring. ``trials`` fixes the number of configurations per family instead (capped by the smallest family),
     and then the budget sizes nothing.
@@ -206,7 +211,8 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     ``train(trial, epochs)`` trains or resumes a trial up to ``epochs`` and returns its best validation accuracy and
     the seconds its epochs took to train, both up to that epoch, and a result kept for the caller. The budget is
     spent in those seconds, not in ``clock`` time, so a killed search resumed from its checkpoints makes the same
-    decisions; ``clock`` only times the search for the report."""
+    decisions; ``clock`` only times the search for the report. ``view_cost`` prices the teachers' views a trial's
+    later epochs still need (see :data:`ViewCost`) when the promotions are sized."""
     started = clock()
     families = [f for f in FAMILIES if space.get(f)]
     outcomes: dict[Trial, Outcome] = {}
@@ -258,7 +264,8 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
         for family in families:  # keep the best third; ties keep the earlier (the user's own setting first)
             ranked = sorted(alive[family], key=lambda t: -outcomes[t].val_accuracy)
             alive[family] = ranked[:math.ceil(len(ranked) / ETA)] if trials is not None else \
-                promote_within(ranked, rung + 1, outcomes, allowance, lambda line: log(f"tuning: {family}: {line}"))
+                promote_within(ranked, rung + 1, outcomes, allowance, lambda line: log(f"tuning: {family}: {line}"),
+                               view_cost)
     winners = {f: max(alive[f], key=lambda t: outcomes[t].val_accuracy) for f in families}
     winners = {f: outcomes[t] for f, t in winners.items()}
     chosen = winners["distilled"]
@@ -269,20 +276,20 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
 
 
 def promote_within(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome], allowance_s: float,
-                   log: Callable[[str], None]) -> list[Trial]:
+                   log: Callable[[str], None], view_cost: ViewCost | None = None) -> list[Trial]:
     """The trials of ``ranked`` (best first) that go on to ``rung``: the best third, fewer when the trials' own pace
     so far says the rest of the search would not fit ``allowance_s``. When even the best trial alone would not, the
     best one that fits goes on instead (a slower recipe must not take the search far past its budget), and when
     none fits, the one that finishes soonest."""
     keep = math.ceil(len(ranked) / ETA)
-    while keep > 1 and rest_seconds(ranked[:keep], rung, outcomes) > allowance_s:
+    while keep > 1 and rest_seconds(ranked[:keep], rung, outcomes, view_cost) > allowance_s:
         keep -= 1
     if keep < math.ceil(len(ranked) / ETA):
         log(f"{keep} trial(s) go on to rung {rung + 1} instead of {math.ceil(len(ranked) / ETA)}, to stay within "
             f"the budget")
-    if rest_seconds(ranked[:1], rung, outcomes) <= allowance_s:
+    if rest_seconds(ranked[:1], rung, outcomes, view_cost) <= allowance_s:
         return ranked[:keep]
-    cost = {t: rest_seconds([t], rung, outcomes) for t in ranked}
+    cost = {t: rest_seconds([t], rung, outcomes, view_cost) for t in ranked}
     fits = [t for t in ranked if cost[t] <= allowance_s]
     chosen = fits[0] if fits else min(ranked, key=cost.get)
     log(f"{ranked[0].name} (best so far, {outcomes[ranked[0]].val_accuracy:.4f}) would need {cost[ranked[0]] / 60:.1f} "
@@ -292,17 +299,21 @@ def promote_within(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome
     return [chosen]
 
 
-def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome]) -> float:
+def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome],
+                 view_cost: ViewCost | None = None) -> float:
     """Seconds to take ``ranked`` (best first) through ``rung`` and the best third of them through each later
-    rung, at each trial's own pace so far. An underestimate when later epochs cost more (a mixup recipe whose
-    views are not cached yet; a shifting recipe's later epochs find more of their views cached and cost less)."""
+    rung, at each trial's own pace so far, corrected by ``view_cost`` for the teachers' views those epochs still
+    need. Trials of one recipe share their views: when two of them are priced for the same uncached epochs, the
+    sum overestimates."""
     total, group = 0.0, ranked
     done = {t: outcomes[t].epochs_trained for t in ranked}
     for r in range(rung, len(RUNG_FRACTIONS)):
         for t in group:
-            pace = outcomes[t].seconds / max(1, outcomes[t].epochs_trained)  # seconds per epoch
-            total += pace * max(0, t.rung_epochs(r) - done[t])
-            done[t] = max(done[t], t.rung_epochs(r))
+            target = t.rung_epochs(r)
+            if target > done[t]:
+                pace = outcomes[t].seconds / max(1, outcomes[t].epochs_trained)  # seconds per epoch
+                total += pace * (target - done[t]) + (view_cost(t, done[t] + 1, target) if view_cost else 0.0)
+                done[t] = target
         group = group[:math.ceil(len(group) / ETA)]
     return total
 

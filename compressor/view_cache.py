@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -64,7 +65,19 @@ class _ViewEntry:
         self.path = self.root / key_digest(key)
         self.epochs_reused: list[int] = []
         self.epochs_computed: list[int] = []
+        self._timed = [0.0, 0]  # seconds the teachers took on views in this process, and on how many rows
         self._open_entry(refresh)
+
+    def pass_seconds(self) -> float:
+        """Seconds one pass of the teachers over every transfer row's view takes here: measured on the views run so
+        far, else on one batch of plain rows (the first call times one)."""
+        if not self._timed[1]:
+            rows = self.x[: self.batch_size]
+            started = time.perf_counter()
+            with torch.no_grad():
+                self.teachers(rows)
+            self._timed = [time.perf_counter() - started, len(rows)]
+        return self._timed[0] / max(1, self._timed[1]) * self.shape[1]
 
     def describe(self) -> dict:
         """JSON-safe summary for the report."""
@@ -103,6 +116,7 @@ class _ViewEntry:
         of the ``count`` rows: float16, or float32 when a logit reaches :data:`FLOAT16_SAFE_MAX`."""
         k, _, c = self.shape
         values = np.empty((k, count, c), dtype=np.float32)  # (K, count, C)
+        started = time.perf_counter()
         with torch.no_grad():
             for start in range(0, count, self.batch_size):
                 chunk = slice(start, min(start + self.batch_size, count))
@@ -114,6 +128,7 @@ class _ViewEntry:
                 values[:, chunk] = out.detach().float().cpu().numpy()
                 if self.on_rows is not None:
                     self.on_rows(b)
+        self._timed = [self._timed[0] + time.perf_counter() - started, self._timed[1] + count]
         small = values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX  # NaN compares False: float32
         return values.astype(np.float16) if small else values
 
@@ -171,6 +186,11 @@ class ViewLogits(_ViewEntry):
             self.epochs_computed.append(epoch)
         self._current = CachedLogits(array)
         return self._current
+
+    def missing_passes(self, first: int, last: int) -> float:
+        """Passes of the teachers over the transfer set that epochs ``first``..``last`` still need: one per epoch
+        whose views are not stored."""
+        return float(sum(not (self.path / f"epoch-{epoch:05d}.json").is_file() for epoch in range(first, last + 1)))
 
     def _reuse(self, epoch: int, npy: Path, params: Path, record_file: Path) -> np.ndarray:
         """Epoch ``epoch``'s stored array (K, N, C), after checking it against its record and the view."""
@@ -264,6 +284,16 @@ class VariantLogits(_ViewEntry):
         stored against how many exist."""
         return {**super().describe(), "pairs_stored": int((self.part_of >= 0).sum()),
                 "pairs_total": int(self.part_of.size), "pairs_computed": self.pairs_computed}
+
+    def missing_passes(self, first: int, last: int) -> float:
+        """The (row, variant) pairs epochs ``first``..``last`` need that no part holds yet, in passes over the
+        transfer set (a pair needed by two of those epochs counts once)."""
+        n = self.shape[1]
+        rows = np.arange(n)
+        needed = np.zeros(self.part_of.shape, dtype=bool)  # (V, N)
+        for epoch in range(first, last + 1):
+            needed[self.view.variant(torch.from_numpy(rows), epoch).numpy(), rows] = True
+        return float((needed & (self.part_of < 0)).sum()) / max(1, n)
 
     def _load_part(self, record_file: Path) -> None:
         """Check one part against its record and index its pairs."""

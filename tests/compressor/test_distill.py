@@ -100,7 +100,8 @@ def test_learns_from_hard_labels(problem, tmp_path):
     assert res.best_val_accuracy > 0.9
     assert not student.training  # returned in eval mode
     assert [h["epoch"] for h in res.history] == list(range(1, 11))
-    assert set(res.history[0]) == {"epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds"}
+    assert set(res.history[0]) == {"epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds",
+                                   "view_seconds"}
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
     # cosine schedule: starts at lr and decays
     assert res.history[0]["lr"] == pytest.approx(1e-2)
@@ -189,7 +190,7 @@ def test_resume_equals_uninterrupted(problem, tmp_path, interrupt_epoch):
     assert_same_weights(full, resumed)
     assert r_res.best_epoch == r_full.best_epoch
     assert r_res.best_val_accuracy == r_full.best_val_accuracy
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "view_seconds")} for e in h]  # noqa: E731
     assert strip(r_res.history) == strip(r_full.history)
 
     # last.pt after both runs holds identical final training state

@@ -288,6 +288,41 @@ def test_rest_seconds_adds_each_trials_own_pace_over_the_rungs_it_would_still_tr
     assert rest_seconds([fast], 2, outcomes) == pytest.approx(8 * 1.0)
 
 
+def test_rest_seconds_adds_the_view_cost_of_the_epochs_each_trial_would_still_train():
+    fast, slow = Trial("labels", "hinton", 4.0, 0.0, 1e-3, 9), Trial("distilled", "consistent", 4.0, 0.9, 3e-3, 9)
+    outcomes = {fast: Outcome(fast, 0, 1, 0.9, 1.0), slow: Outcome(slow, 0, 1, 0.8, 1.0)}  # both 1 s per epoch so far
+    asked = []
+
+    def views(trial, first, last):  # 5 s for each epoch of the consistent trial whose views are not cached
+        asked.append((trial, first, last))
+        return 5.0 * (last - first + 1) if trial.recipe == "consistent" else 0.0
+
+    assert rest_seconds([slow, fast], 1, outcomes, views) == pytest.approx(2 * 6.0 + 2 * 1.0 + 6 * 6.0)
+    assert asked == [(slow, 2, 3), (fast, 2, 3), (slow, 4, 9)]  # only the epochs still to train, once each
+
+
+def test_a_view_cost_foreseen_keeps_trials_promoted_on_cached_views_within_the_budget():
+    """The consistent trials' first 3 epochs run at the probes' 1 s (their views cached), the rest at 20 s (views to
+    compute): promoted on their pace alone the search overruns its budget; told what the views will cost, as the
+    pipeline tells it from the view cache, it stays within."""
+    grid, budget, slow = space(), 300.0, 20.0
+
+    def search_with(foresee: bool):
+        clock = SimulatedClock(slow=slow, slow_from=3)
+
+        def views(trial, first, last):  # the slow epochs ahead, less the slowness the trial's pace already carries
+            if trial.recipe != "consistent":
+                return 0.0
+            trained = clock.trained.get(trial, 0)
+            carried = (slow - 1) * max(0, trained - 3) / max(1, trained)
+            return (slow - 1) * sum(1 for epoch in range(first, last + 1) if epoch > 3) - carried * (last - first + 1)
+
+        return successive_halving(grid, clock.train, budget, log=lambda line: None, clock=clock,
+                                  view_cost=views if foresee else None)
+
+    assert search_with(foresee=True).seconds <= budget < search_with(foresee=False).seconds
+
+
 def test_without_labels_only_distillation_is_searched():
     grid = space(labelled=False)
     tuning = search(grid, Recorder(), trials=3)
@@ -382,7 +417,8 @@ def test_training_paused_at_each_rung_and_resumed_ends_with_the_weights_of_one_r
             assert torch.equal(a, b)
     assert torch.equal(ends[0]["rng_state"], ends[1]["rng_state"])
     assert (result.best_epoch, result.best_val_accuracy) == (once.best_epoch, once.best_val_accuracy)
-    strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in r.history] for r in (once, result)]
+    timings = ("seconds", "view_seconds")
+    strip = [[{k: v for k, v in h.items() if k not in timings} for h in r.history] for r in (once, result)]
     assert strip[0] == strip[1]  # same losses, accuracies and learning rates epoch by epoch
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from compressor.augment import Mixup, Shift
 from compressor.distill import TrainConfig, train_student
 from compressor.errors import CompressorError
-from compressor.losses import DistillationLoss
+from compressor.losses import DistillationLoss, HardLabelLoss
 from compressor.teacher_cache import CachedLogits
 from compressor.view_cache import VariantLogits, ViewLogits, open_view_cache
 
@@ -349,3 +349,34 @@ def test_a_part_that_cannot_be_written_names_the_entry_and_is_not_taken_as_whole
     again = variant_logits(tmp_path, Shift(1, seed=3), teachers)
     assert_fp16_close(again.for_epoch(1).to_tensor(), Teachers()(Shift(1, seed=3)(images(), torch.arange(N), 1)))
     assert teachers.rows == N
+
+
+def test_each_store_says_how_many_teacher_passes_later_epochs_still_need_and_what_one_costs(tmp_path):
+    per_epoch = view_logits(tmp_path / "epochs", Shift(1, seed=3))
+    assert per_epoch.missing_passes(1, 3) == 3.0
+    per_epoch.for_epoch(2)
+    assert per_epoch.missing_passes(1, 3) == 2.0 and per_epoch.missing_passes(2, 2) == 0.0
+
+    pairs = variant_logits(tmp_path / "pairs", Shift(1, seed=3))
+    assert pairs.missing_passes(1, 1) == 1.0  # one pair per row, none stored
+    pairs.for_epoch(1)
+    assert pairs.missing_passes(1, 1) == 0.0 and 0.0 < pairs.missing_passes(2, 2) < 1.0  # some rows drew epoch 1's
+    drawn = {(int(v), row) for e in (2, 3) for row, v in enumerate(Shift(1, seed=3).variant(torch.arange(N), e))}
+    stored = {(v, row) for v in range(9) for row in range(N) if pairs.part_of[v, row] >= 0}
+    assert pairs.missing_passes(2, 3) == pytest.approx(len(drawn - stored) / N)  # a pair both epochs need: once
+
+    for source in (per_epoch, pairs):  # measured on the views the teachers ran on
+        assert source.pass_seconds() > 0.0
+    fresh_teachers = CountingTeachers()
+    fresh = view_logits(tmp_path / "fresh", Shift(1, seed=3), fresh_teachers)
+    assert fresh.pass_seconds() > 0.0 and fresh_teachers.rows == 16  # nothing run yet: one batch timed
+
+
+def test_the_training_history_says_how_long_each_epoch_waited_for_the_teachers_views(tmp_path):
+    view, root = Shift(1, seed=3), tmp_path / "cache"
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, C))
+    result = train_student(model, images(), labels(), view_logits(root, view), images(), labels(),
+                           DistillationLoss(temperature=2.0, alpha=0.5), CONFIG, tmp_path / "a", view=view)
+    assert all(0.0 < epoch["view_seconds"] <= epoch["seconds"] for epoch in result.history)
+    plain = train_student(model, images(), labels(), None, images(), labels(), HardLabelLoss(), CONFIG, tmp_path / "b")
+    assert all(0.0 <= epoch["view_seconds"] <= epoch["seconds"] for epoch in plain.history)  # recorded there too
