@@ -258,6 +258,7 @@ class VariantLogits(_ViewEntry):
         self.part_of = np.full((view.variants, n), -1, dtype=np.int32)  # (V, N) the part holding each pair, -1: none
         self.position = np.zeros((view.variants, n), dtype=np.int64)  # (V, N) the pair's column in that part
         self.pairs_computed = 0
+        self._missing: dict[tuple[int, int, int], float] = {}  # missing_passes() by (first, last, parts held)
         for record in sorted(self.path.glob("part-*.json")):
             self._load_part(record)
 
@@ -288,12 +289,15 @@ class VariantLogits(_ViewEntry):
     def missing_passes(self, first: int, last: int) -> float:
         """The (row, variant) pairs epochs ``first``..``last`` need that no part holds yet, in passes over the
         transfer set (a pair needed by two of those epochs counts once)."""
-        n = self.shape[1]
-        rows = np.arange(n)
-        needed = np.zeros(self.part_of.shape, dtype=bool)  # (V, N)
-        for epoch in range(first, last + 1):
-            needed[self.view.variant(torch.from_numpy(rows), epoch).numpy(), rows] = True
-        return float((needed & (self.part_of < 0)).sum()) / max(1, n)
+        key = (first, last, len(self.parts))  # the search asks again for every promotion it weighs
+        if key not in self._missing:
+            n = self.shape[1]
+            rows = np.arange(n)
+            needed = np.zeros(self.part_of.shape, dtype=bool)  # (V, N)
+            for epoch in range(first, last + 1):
+                needed[self.view.variant(torch.from_numpy(rows), epoch).numpy(), rows] = True
+            self._missing[key] = float((needed & (self.part_of < 0)).sum()) / max(1, n)
+        return self._missing[key]
 
     def _load_part(self, record_file: Path) -> None:
         """Check one part against its record and index its pairs."""
