@@ -311,12 +311,16 @@ class VariantLogits(_ViewEntry):
             pairs = np.load(pairs_file, allow_pickle=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise self._stale(f"{stem}'s files are unreadable ({exc})") from exc
-        k, n, c = self.shape
+        k, _, c = self.shape
         if array.shape != (k, len(pairs), c) or pairs.dtype != np.int64 or (len(pairs) and (
                 pairs.min() < 0 or pairs.max() >= self.part_of.size)):
             raise self._stale(f"{stem} holds logits of shape {list(array.shape)} for {len(pairs)} pairs; expected "
                               f"({k}, {len(pairs)}, {c}) and pairs below {self.part_of.size}")
-        variant, row = np.divmod(pairs, n)
+        self._index(array, pairs)
+
+    def _index(self, array: np.ndarray, pairs: np.ndarray) -> None:
+        """Make ``array`` (K, M, C) the holder of ``pairs`` (M,)."""
+        variant, row = np.divmod(pairs, self.shape[1])
         self.part_of[variant, row] = len(self.parts)
         self.position[variant, row] = np.arange(len(pairs))
         self.parts.append(array)
@@ -337,7 +341,7 @@ class VariantLogits(_ViewEntry):
         except OSError as exc:
             raise self._unwritable(exc) from exc
         self.pairs_computed += len(pairs)
-        self._load_part(self.path / f"{stem}.json")
+        self._index(np.load(npy, mmap_mode="r", allow_pickle=False), pairs)  # just written: no second checksum
 
 
 def open_view_cache(teachers: Callable[[Tensor], Tensor], x: Tensor, view, num_members: int, num_classes: int,
