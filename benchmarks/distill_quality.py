@@ -37,6 +37,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ from benchmarks.paper_common import (
     write_result,
 )
 from compressor.augment import Shift
+from compressor.cli import command_line
 from compressor.compare import EAGER, gain_kept
 from compressor.config import RunConfig
 from compressor.distill import TrainConfig, predict_logits, train_student
@@ -142,12 +144,15 @@ def run_config(args: argparse.Namespace, teacher: Path, work: Path, student: str
     """The main job for one (student, recipe) in ``work/<student>-<recipe>``: --baseline, ONNX Runtime, a token
     benchmark (quality is the point here, not latency), the teacher cache shared by the family's runs."""
     tuning = {"recipe": "auto", "tune": args.tune_minutes} if recipe == "auto" else {"recipe": recipe}
-    return RunConfig(teacher=teacher, data=FASHION, student=student, out=work / f"{student}-{recipe}".replace(":", "_"),
-                     epochs=args.epochs, batch_size=args.batch_size, temperature=args.temperature, alpha=args.alpha,
-                     lr=args.lr, baseline=True, target="onnxruntime", batch_sizes=(1,), warmup_s=0.05, duration_s=0.2,
-                     rounds=2, teacher_cache=work / "teacher-cache", seed=args.seed, max_train=args.max_train,
-                     progress=not args.no_progress, threads=args.threads, resume=True, command=args.command, device=args.device,
-                     **tuning)
+    config = RunConfig(teacher=teacher, data=FASHION, student=student,
+                       out=work / f"{student}-{recipe}".replace(":", "_"), epochs=args.epochs,
+                       batch_size=args.batch_size, temperature=args.temperature, alpha=args.alpha, lr=args.lr,
+                       baseline=True, target="onnxruntime", batch_sizes=(1,), warmup_s=0.05, duration_s=0.2, rounds=2,
+                       teacher_cache=work / "teacher-cache", seed=args.seed, max_train=args.max_train,
+                       progress=not args.no_progress, threads=args.threads, resume=True, device=args.device, **tuning)
+    # the report's command (and tuning's rerun lines, built from it) is the compress line for this run, not the
+    # benchmark's own line (that one is in the benchmark's JSON)
+    return replace(config, command=command_line(config))
 
 
 def finished_report(config: RunConfig, teacher_sha256: str) -> dict | None:
@@ -301,7 +306,6 @@ def main(args: argparse.Namespace) -> int:
     console.print(f"work dir {work}")
     data = load_fashion(args.max_train, main_job_seed=args.seed)  # the main job's own split: no leak
     head = record(args, data)
-    args.command = head["command"]  # each run's report records the benchmark's own command line
     specs = [args.teacher_spec, *args.students]
     counts = {spec: macs(create_student(spec, (1, 28, 28), 10)) for spec in dict.fromkeys(specs)}
     try:  # a CompressorError is one sentence for a person (a stale --work-dir, a missing dataset): no traceback

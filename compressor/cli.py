@@ -1,4 +1,5 @@
-"""``compress``: turn arguments into a RunConfig and call the pipeline. No logic lives here.
+"""``compress``: turn arguments into a RunConfig and call the pipeline (and, for runs started from Python, a RunConfig
+back into the ``compress`` line that builds it). No other logic lives here.
 
 Errors a user can fix (``CompressorError``) print one line and exit non-zero (2 for a missing GPU or package);
 ``--debug`` shows the traceback instead.
@@ -141,6 +142,44 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         threads=options["threads"], progress=not options["no_progress"],
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 
+
+
+# RunConfig field -> its ``compress`` option, for command_line; fields a user cannot set there are absent
+_FLAGS = {"trust_pickle": "--trust-pickle", "resume": "--resume", "baseline": "--baseline", "no_cache": "--no-cache",
+          "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled"}
+_VALUES = {"target": "--target", "data": "--data", "student": "--student", "out": "--out",
+           "temperature": "--temperature", "alpha": "--alpha", "epochs": "--epochs", "batch_size": "--batch-size",
+           "lr": "--lr", "precision": "--precision", "max_accuracy_drop": "--max-accuracy-drop", "seed": "--seed",
+           "normalise": "--normalise", "max_train": "--max-train", "batch_sizes": "--batch-sizes",
+           "warmup_s": "--warmup", "duration_s": "--duration", "rounds": "--rounds", "teacher_cache": "--teacher-cache",
+           "omit_classes": "--omit-classes", "bias_fix": "--bias-fix", "amp": "--amp", "device": "--device",
+           "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
+           "threads": "--threads"}
+
+
+def command_line(config: RunConfig) -> str:
+    """The ``compress`` line that builds exactly ``config`` (its ``command`` aside): for a run started from Python,
+    such as the benchmarks', so its report prints a command a user can paste, and tuning's rerun lines are too.
+
+    Raises ValueError for a setting the CLI does not offer (weight_decay, extra)."""
+    default = RunConfig(teacher=config.teacher)
+    for name in ("weight_decay", "extra"):
+        if getattr(config, name) != getattr(default, name):
+            raise ValueError(f"compress has no option for {name}; this config cannot be written as a command")
+    words = ["compress", "--teacher", str(config.teacher)]
+    words += [option for name, option in _FLAGS.items() if getattr(config, name)]
+    for name, option in _VALUES.items():
+        value = getattr(config, name)
+        if value is None or value == getattr(default, name):
+            continue
+        if name == "batch_sizes":
+            value = ",".join(map(str, value))
+        elif name == "normalise":
+            value = "/".join(",".join(map(repr, part)) for part in value)
+        words += [option, str(value)]
+    if not config.progress:
+        words.append("--no-progress")
+    return shlex.join(words)
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="compressor")

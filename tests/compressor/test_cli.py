@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ import torch
 from torch import nn
 
 from compressor import save_ensemble
-from compressor.cli import main
+import compressor.cli as cli_module
+from compressor.cli import command_line, main
+from compressor.config import RunConfig
 
 QUICK = ["--epochs", "1", "--warmup", "0.01", "--duration", "0.02", "--no-progress"]
 
@@ -186,3 +190,28 @@ def test_the_chosen_ort_provider_runs_the_student_and_the_ensemble(capsys, digit
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["ort_provider"] == "cpu"
     assert report["runner"]["providers"] == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("config", [
+    RunConfig(teacher=Path("ens.pt")),
+    RunConfig(teacher=Path("dir with space/ens.pt"), target="onnx", data="/data/fashion", student="cnn:16x32",
+              out=Path("out dir"), temperature=2.0, alpha=0.0, epochs=100, batch_size=64, lr=1e-3, precision="int8",
+              max_accuracy_drop=0.5, seed=3, normalise=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+              max_train=500, trust_pickle=True, resume=True, batch_sizes=(1,), warmup_s=0.05, duration_s=0.2,
+              rounds=3, baseline=True, teacher_cache=Path("cache"), no_cache=True, refresh_teacher_cache=True,
+              unlabeled=True, omit_classes="dress,coat", bias_fix="none", amp="bf16", device="cpu",
+              ort_provider="cpu", recipe="auto", tune=12.5, tune_trials=4, threads=2, progress=False),
+])
+def test_command_line_builds_the_same_config(monkeypatch, config):
+    """command_line is the inverse of the CLI: its line, parsed by compress, gives back every setting."""
+    parsed = []
+    monkeypatch.setattr(cli_module, "_run_and_summarise", parsed.append)  # parse only; the pipeline is not tested here
+    line = command_line(config)
+    assert main(shlex.split(line)[1:]) == 0
+    assert {**parsed[0].to_dict(), "command": ""} == config.to_dict()
+    assert parsed[0].command == line
+
+
+def test_command_line_refuses_a_setting_compress_lacks():
+    with pytest.raises(ValueError, match="weight_decay"):
+        command_line(RunConfig(teacher=Path("ens.pt"), weight_decay=0.0))
