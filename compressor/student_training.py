@@ -138,8 +138,8 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
         histories[trial] = training.history
         return (*reached_at(training.history, epochs), (student, training))
 
-    def view_cost(trial, first: int, last: int) -> float:
-        return views_ahead(trial_transfer(trial).teacher, trial.alpha, histories.get(trial, []), first, last)
+    def view_cost(trial, first: int, last: int, priced: int) -> float:
+        return views_ahead(trial_transfer(trial).teacher, trial.alpha, histories.get(trial, []), first, last, priced)
 
     labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
@@ -158,16 +158,19 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
     return TunedRun(trial_config(chosen), trial_transfer(chosen), student, training, baseline, report)
 
 
-def views_ahead(source, alpha: float, history: list[dict], first: int, last: int) -> float:
+def views_ahead(source, alpha: float, history: list[dict], first: int, last: int, priced: int = 0) -> float:
     """A tuning trial's :data:`compressor.tuning.ViewCost`: the seconds the teachers' views for its epochs
-    first..last will take (the passes the view cache ``source`` still lacks, at this machine's measured pace), less
-    the view seconds its pace so far carries (``history``, its epochs before ``first``). 0 for the labels (α = 0),
-    which use no teachers, and for sources without views."""
+    first..last will take (the passes the view cache ``source`` still lacks, at this machine's measured pace; none
+    for epochs up to ``priced``, already charged to another trial of the recipe), less the view seconds its pace so
+    far carries (``history``, its epochs before ``first``). 0 for the labels (α = 0), which use no teachers, and for
+    sources without views."""
     if alpha == 0 or not hasattr(source, "missing_passes"):
         return 0.0
     reached = [epoch for epoch in history if epoch["epoch"] < first]
     carried = sum(epoch.get("view_seconds", 0.0) for epoch in reached) / max(1, len(reached))  # per epoch of pace
-    return source.missing_passes(first, last) * source.pass_seconds() - carried * (last - first + 1)
+    uncharged = max(first, priced + 1)
+    passes = source.missing_passes(uncharged, last) if uncharged <= last else 0
+    return passes * source.pass_seconds() - carried * (last - first + 1)
 
 
 def reached_at(history: list[dict], epochs: int) -> tuple[float, float]:

@@ -145,10 +145,12 @@ class Outcome:
 # train(trial, epochs) -> (best validation accuracy up to that epoch, seconds its epochs up to there took to train,
 # the object to keep, e.g. the trained model)
 Train = Callable[[Trial, int], tuple[float, float, object]]
-# view_cost(trial, first, last) -> the seconds by which the trial's epochs first..last will differ from its pace so
-# far because of the teachers' views: those the view cache does not hold yet, less the view seconds its measured
-# pace already carries (it computed views for its own early epochs). Without one, the pace alone prices the rest.
-ViewCost = Callable[[Trial, int, int], float]
+# view_cost(trial, first, last, priced) -> the seconds by which the trial's epochs first..last will differ from its
+# pace so far because of the teachers' views: those the view cache does not hold yet, less the view seconds its
+# measured pace already carries (it computed views for its own early epochs). ``priced`` is the last epoch whose views
+# the estimate has already charged to another trial of the same recipe: trials of one recipe share their views, so
+# those cost this one nothing. Without a view_cost, the pace alone prices the rest.
+ViewCost = Callable[[Trial, int, int, int], float]
 
 
 @dataclass
@@ -303,16 +305,22 @@ def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome],
                  view_cost: ViewCost | None = None) -> float:
     """Seconds to take ``ranked`` (best first) through ``rung`` and the best third of them through each later
     rung, at each trial's own pace so far, corrected by ``view_cost`` for the teachers' views those epochs still
-    need. Trials of one recipe share their views: when two of them are priced for the same uncached epochs, the
-    sum overestimates."""
+    need, each epoch's views charged once per recipe (the trials of a recipe share them)."""
     total, group = 0.0, ranked
     done = {t: outcomes[t].epochs_trained for t in ranked}
+    # the last epoch whose views are charged, per recipe: every trial has cached the views of the epochs it trained,
+    # so the epochs still uncached lie above each trial's own; one watermark per recipe is enough
+    priced: dict[tuple[str, bool], int] = {}
     for r in range(rung, len(RUNG_FRACTIONS)):
         for t in group:
             target = t.rung_epochs(r)
             if target > done[t]:
                 pace = outcomes[t].seconds / max(1, outcomes[t].epochs_trained)  # seconds per epoch
-                total += pace * (target - done[t]) + (view_cost(t, done[t] + 1, target) if view_cost else 0.0)
+                views = (t.recipe, t.alpha == 0)  # the labels (alpha 0) use no teachers' views
+                if view_cost:
+                    total += view_cost(t, done[t] + 1, target, priced.get(views, 0))
+                    priced[views] = max(priced.get(views, 0), target)
+                total += pace * (target - done[t])
                 done[t] = target
         group = group[:math.ceil(len(group) / ETA)]
     return total

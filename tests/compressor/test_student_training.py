@@ -33,5 +33,8 @@ def test_a_trials_views_ahead_are_the_passes_not_cached_less_what_its_pace_alrea
     # epochs 3-5: three passes to compute, less 1 s per epoch of view time in the pace (2 s over its 2 epochs)
     assert views_ahead(source, 0.9, history, 3, 5) == pytest.approx(3 * per_pass - 3 * 1.0)
     assert views_ahead(source, 0.9, history, 1, 2) == 0.0  # both cached, and no epoch before the first to carry
+    # epochs up to 4 already charged to another trial of the recipe: only epoch 5's pass is this trial's
+    assert views_ahead(source, 0.9, history, 3, 5, priced=4) == pytest.approx(per_pass - 3 * 1.0)
+    assert views_ahead(source, 0.9, history, 3, 5, priced=5) == pytest.approx(-3 * 1.0)
     assert views_ahead(source, 0.0, history, 3, 5) == 0.0  # the labels use no teachers
     assert views_ahead(CachedLogits(np.zeros((1, 32, 3), np.float16)), 0.9, history, 3, 5) == 0.0  # no views

@@ -293,12 +293,29 @@ def test_rest_seconds_adds_the_view_cost_of_the_epochs_each_trial_would_still_tr
     outcomes = {fast: Outcome(fast, 0, 1, 0.9, 1.0), slow: Outcome(slow, 0, 1, 0.8, 1.0)}  # both 1 s per epoch so far
     asked = []
 
-    def views(trial, first, last):  # 5 s for each epoch of the consistent trial whose views are not cached
+    def views(trial, first, last, priced):  # 5 s for each epoch of the consistent trial whose views are not cached
         asked.append((trial, first, last))
         return 5.0 * (last - first + 1) if trial.recipe == "consistent" else 0.0
 
     assert rest_seconds([slow, fast], 1, outcomes, views) == pytest.approx(2 * 6.0 + 2 * 1.0 + 6 * 6.0)
     assert asked == [(slow, 2, 3), (fast, 2, 3), (slow, 4, 9)]  # only the epochs still to train, once each
+
+
+def test_rest_seconds_charges_the_views_a_recipes_trials_share_once():
+    """Two consistent trials need the same uncached views for epochs 2-3: the first is charged, the second is told
+    they are priced (the view cache will hold them by then); another recipe's views are its own."""
+    a, b = Trial("distilled", "consistent", 4.0, 0.9, 1e-3, 9), Trial("distilled", "consistent", 2.0, 0.5, 3e-3, 9)
+    c = Trial("distilled", "function-matching", 4.0, 1.0, 1e-3, 9)
+    outcomes = {t: Outcome(t, 0, 1, accuracy, 1.0) for t, accuracy in ((a, 0.9), (b, 0.8), (c, 0.7))}  # 1 s/epoch
+    asked = []
+
+    def views(trial, first, last, priced):  # 5 s for each epoch's views not yet charged
+        asked.append((trial, first, last, priced))
+        return 5.0 * max(0, last - max(first, priced + 1) + 1)
+
+    # rung 2: a, b, c train epochs 2-3 (a's and c's views charged, b's shared with a); rung 3: a trains 4-9
+    assert rest_seconds([a, b, c], 1, outcomes, views) == pytest.approx(3 * 2 * 1.0 + 6 * 1.0 + 2 * 10.0 + 30.0)
+    assert asked == [(a, 2, 3, 0), (b, 2, 3, 3), (c, 2, 3, 0), (a, 4, 9, 3)]
 
 
 def test_a_view_cost_foreseen_keeps_trials_promoted_on_cached_views_within_the_budget():
@@ -310,7 +327,8 @@ def test_a_view_cost_foreseen_keeps_trials_promoted_on_cached_views_within_the_b
     def search_with(foresee: bool):
         clock = SimulatedClock(slow=slow, slow_from=3)
 
-        def views(trial, first, last):  # the slow epochs ahead, less the slowness the trial's pace already carries
+        def views(trial, first, last, priced):  # the slow epochs ahead, less the slowness the trial's pace carries
+            # (each trial of this clock is slow on its own, so views charged to another do not make it faster)
             if trial.recipe != "consistent":
                 return 0.0
             trained = clock.trained.get(trial, 0)
