@@ -190,7 +190,7 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
                   + ", ".join(f"{name} {top1:.2%}" for name, top1 in members.items()))
     for student in args.students:
         runs = {}  # recipe -> (report, {"student": (n,) bool, "baseline": (n,) bool}, {name: transfer agreement})
-        baselines = {}  # name -> (validation accuracy, (n,) bool on test): every labels-only model scored here
+        baseline_val = {}  # recipe -> its baseline's validation accuracy
         for recipe in args.recipes:
             config = run_config(args, teacher, work, student, recipe)
             report = finished_report(config, ensemble.fingerprint())
@@ -201,11 +201,12 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
                                      for name, m in models.items()},
                             {name: float((predict_logits(m, tensors.x_train).argmax(1).numpy() == ensemble_train).mean())
                              for name, m in models.items()})  # how well each imitates the ensemble where taught
-            if recipe in BASELINE_ROWS:
-                baselines[baseline_name(recipe)] = (accuracy(models["baseline"], tensors.x_val, y_val),
-                                                    runs[recipe][1]["baseline"])
+            baseline_val[recipe] = accuracy(models["baseline"], tensors.x_val, y_val)
         reference = next(r for r in ("auto", "hinton", *args.recipes) if r in runs)  # the tuned baseline if any
         reference_right, reference_name = runs[reference][1]["baseline"], baseline_name(reference)
+        # every labels-only model scored here: name -> (validation accuracy, (n,) bool on test)
+        baselines = {baseline_name(r): (baseline_val[r], runs[r][1]["baseline"])
+                     for r in runs if r in BASELINE_ROWS or r == reference}
         if args.reference_baseline:  # an earlier run's (tuned) baseline, for rows at another schedule
             given = torch.jit.load(args.reference_baseline)
             reference_right = predict_logits(given, tensors.x_test).argmax(1).numpy() == y

@@ -143,7 +143,6 @@ def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
         command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
 
 
-
 # RunConfig field -> its ``compress`` option, for command_line; fields a user cannot set there are absent
 _FLAGS = {"trust_pickle": "--trust-pickle", "resume": "--resume", "baseline": "--baseline", "no_cache": "--no-cache",
           "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled"}
@@ -180,6 +179,7 @@ def command_line(config: RunConfig) -> str:
     if not config.progress:
         words.append("--no-progress")
     return shlex.join(words)
+
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="compressor")
