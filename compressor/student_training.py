@@ -149,7 +149,7 @@ def tune(config: RunConfig, ensemble: Ensemble, dataset: Dataset, tensors: Tenso
     search = successive_halving(space, train, 60 * minutes, config.seed,
                                 log=lambda line: console.print(f"[bold]tune[/] {line}"), trials=config.tune_trials,
                                 view_cost=view_cost)
-    report = search.describe(config.command)
+    report = search.describe(config.command, config.output_dir())
     console.print(f"[bold]tune[/] {report['explanation']}")
     chosen = search.chosen.trial
     student, training = search.chosen.result

@@ -41,6 +41,7 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import product
+from pathlib import Path
 from typing import Callable
 
 DEFAULT_TUNE_MINUTES = 10.0          # --recipe auto without --tune
@@ -165,8 +166,9 @@ class Tuning:
     estimated_seconds: float
     seconds: float
 
-    def describe(self, command: str = "") -> dict:
-        """JSON-safe summary for the report, with the commands that rerun the chosen student and baseline."""
+    def describe(self, command: str = "", out: Path | None = None) -> dict:
+        """JSON-safe summary for the report, with the commands that rerun the chosen student and baseline (into
+        ``out/reruns/<trial>`` when the tuned run's folder ``out`` is given)."""
         baseline = self.winners.get("labels")
         return {
             "method": f"successive halving, η = {ETA}, rungs at {', '.join(f'{f:.3g}' for f in RUNG_FRACTIONS)} "
@@ -176,8 +178,8 @@ class Tuning:
             "trials": [o.describe() for o in self.outcomes],
             "chosen": self.chosen.describe(), "baseline": None if baseline is None else baseline.describe(),
             "explanation": explain(self),
-            "rerun": rerun_command(command, self.chosen.trial) if command else None,
-            "baseline_rerun": rerun_command(command, baseline.trial) if command and baseline else None,
+            "rerun": rerun_command(command, self.chosen.trial, out) if command else None,
+            "baseline_rerun": rerun_command(command, baseline.trial, out) if command and baseline else None,
         }
 
 
@@ -345,16 +347,19 @@ def explain(tuning: Tuning) -> str:
                    f"+{100 * (best.val_accuracy - labels.val_accuracy):.2f} points, so it was chosen.")
 
 
-def rerun_command(command: str, trial: Trial) -> str:
-    """``command`` (the original ``compress`` line) with the tuning options replaced by ``trial``'s settings."""
+def rerun_command(command: str, trial: Trial, out: Path | None = None) -> str:
+    """``command`` (the original ``compress`` line) with the tuning options replaced by ``trial``'s settings; with
+    ``out`` (the tuned run's folder), writing to ``out/reruns/<trial>`` so the rerun keeps the search's report."""
     words, kept, skip = shlex.split(command), [], False
+    options = dict(_TRIAL_OPTIONS, **({"--out": True} if out is not None else {}))
     for word in words:
         if skip:
             skip = False
             continue
         option = word.split("=", 1)[0]
-        if option in _TRIAL_OPTIONS:
-            skip = _TRIAL_OPTIONS[option] and "=" not in word
+        if option in options:
+            skip = options[option] and "=" not in word
             continue
         kept.append(word)
-    return shlex.join(kept + trial.flags())
+    place = [] if out is None else ["--out", str(Path(out) / "reruns" / trial.name)]
+    return shlex.join(kept + place + trial.flags())

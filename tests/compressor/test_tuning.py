@@ -205,14 +205,14 @@ def test_describe_gives_the_table_the_winners_and_the_rerun_commands():
     grid = space()
     tuning = search(grid, Recorder(bonus={"distilled": 1.0}), trials=4)
     command = "compress --teacher t.pt --recipe auto --tune 3 --out runs/a"
-    report = tuning.describe(command)
+    report = tuning.describe(command, Path("runs/a"))
     json.dumps(report)  # JSON-safe
     assert report["trials_per_family"] == 4 and len(report["trials"]) == 8
     assert report["chosen"]["name"] == tuning.chosen.trial.name and report["chosen"]["family"] == "distilled"
     assert report["baseline"]["name"] == tuning.winners["labels"].trial.name
     assert {row["rung"] for row in report["trials"]} == {1, 2, 3}  # 1-based in the report
-    assert report["rerun"] == rerun_command(command, tuning.chosen.trial)
-    assert report["baseline_rerun"] == rerun_command(command, tuning.winners["labels"].trial)
+    assert report["rerun"] == rerun_command(command, tuning.chosen.trial, Path("runs/a"))
+    assert report["baseline_rerun"] == rerun_command(command, tuning.winners["labels"].trial, Path("runs/a"))
     assert tuning.describe()["rerun"] is None and tuning.describe()["baseline_rerun"] is None
 
 
@@ -390,6 +390,16 @@ def test_rerun_command_replaces_the_tuning_options_and_keeps_the_rest():
                                   "--out", "runs/my run", "--seed", "3", "--batch-size", "64",
                                   "--recipe", "consistent", "--temperature", "2", "--alpha", "0.5", "--lr", "0.009",
                                   "--epochs", "60"]
+
+
+def test_a_rerun_command_given_the_tuned_runs_folder_writes_beside_it_not_over_it():
+    trial = Trial("labels", "hinton", 4.0, 0.0, 0.003, 40)
+    for given in ("--out runs/a", "--out=runs/a", ""):  # --out as two words, as one, or the default folder
+        command = f"compress --teacher t.pt --recipe auto {given} --seed 3"
+        words = shlex.split(rerun_command(command, trial, Path("runs/a")))
+        assert words.count("--out") == 1 and not any(word.startswith("--out=") for word in words)
+        assert words[words.index("--out") + 1] == str(Path("runs/a") / "reruns" / trial.name)
+        assert words[:3] == ["compress", "--teacher", "t.pt"] and words[words.index("--seed") + 1] == "3"
 
 
 def test_rerun_command_gives_the_users_own_learning_rate_exactly():
