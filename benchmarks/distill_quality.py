@@ -64,7 +64,7 @@ from compressor.augment import Shift
 from compressor.cli import command_line
 from compressor.compare import EAGER, gain_kept
 from compressor.config import RunConfig
-from compressor.distill import TrainConfig, predict_logits, train_student
+from compressor.distill import TrainConfig, evaluate_accuracy, predict_logits, train_student
 from compressor.distributed import training_device
 from compressor.errors import CompressorError
 from compressor.losses import HardLabelLoss
@@ -173,7 +173,7 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
     first = run_config(args, teacher, work, args.students[0], args.recipes[0])
     dataset, normalisation = load_data(first, ensemble)
     tensors = to_tensors(dataset, normalisation)  # the runs' splits, normalised as the pipeline does it
-    y, y_val = tensors.y_test.numpy(), tensors.y_val.numpy()  # (n,), (v,): every row labelled
+    y = tensors.y_test.numpy()  # (n,), every row labelled
     started = time.perf_counter()
     logits = {name: ensemble.member_logits(x) for name, x in  # (K, N, 10) per split: what filling the cache costs
               (("train", tensors.x_train), ("val", tensors.x_val), ("test", tensors.x_test))}
@@ -201,7 +201,7 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
                                      for name, m in models.items()},
                             {name: float((predict_logits(m, tensors.x_train).argmax(1).numpy() == ensemble_train).mean())
                              for name, m in models.items()})  # how well each imitates the ensemble where taught
-            baseline_val[recipe] = accuracy(models["baseline"], tensors.x_val, y_val)
+            baseline_val[recipe] = evaluate_accuracy(models["baseline"], tensors.x_val, tensors.y_val)
         reference = next(r for r in ("auto", "hinton", *args.recipes) if r in runs)  # the tuned baseline if any
         reference_right, reference_name = runs[reference][1]["baseline"], baseline_name(reference)
         # every labels-only model scored here: name -> (validation accuracy, (n,) bool on test)
@@ -211,7 +211,7 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
             given = torch.jit.load(args.reference_baseline)
             reference_right = predict_logits(given, tensors.x_test).argmax(1).numpy() == y
             reference_name = f"baseline ({Path(args.reference_baseline).parent.name})"
-            baselines[reference_name] = (accuracy(given, tensors.x_val, y_val), reference_right)
+            baselines[reference_name] = (evaluate_accuracy(given, tensors.x_val, tensors.y_val), reference_right)
         rows = [score(report, right, kind, recipe, student, reference_right, ensemble_right, args.seed)
                 | {"transfer_agreement": fit[kind]}
                 for recipe, (report, right, fit) in runs.items()
@@ -228,11 +228,6 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
                                          "strongest_baseline_top1": float(baselines[strongest][1].mean()),
                                          "gain_kept_vs_strongest": gain_kept(versus, args.seed)})
     return result
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
-    """Top-1 accuracy of ``model`` on (x, y)."""
-    return float((predict_logits(model, x).argmax(1).numpy() == y).mean())
 
 
 def score(report: dict, right: dict, kind: str, recipe: str, student: str, reference_right: np.ndarray,

@@ -214,10 +214,10 @@ class ViewLogits(_ViewEntry):
 
     def _compute(self, epoch: int, npy: Path, params: Path, record_file: Path) -> None:
         """Run the teachers on epoch ``epoch``'s view of every row and store the logits, parameters and record."""
-        n = self.shape[1]
-        array = self._run_teachers(n, lambda chunk: self.view(self.x[chunk], torch.arange(n)[chunk], epoch))
+        rows = torch.arange(self.shape[1])  # (N,)
+        array = self._run_teachers(len(rows), lambda chunk: self.view(self.x[chunk], rows[chunk], epoch))
         try:
-            self._write(params, lambda f: np.savez(f, **self.view.parameters(torch.arange(n), epoch)))
+            self._write(params, lambda f: np.savez(f, **self.view.parameters(rows, epoch)))
             self._write(npy, lambda f: np.save(f, array, allow_pickle=False))
             record = {"epoch": epoch, "sha256": sha256_file(npy), "shape": list(array.shape), "dtype": str(array.dtype)}
             self._write(record_file, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
