@@ -3,7 +3,7 @@
 On Fashion-MNIST, with compressor's own main job (``compressor.pipeline.run``, the code behind ``compress``):
 
 1. the teachers: ``--members`` BatchNorm CNNs (``--teacher-spec``, default ``cnn:32x64x128``, ~94k parameters),
-   each seeded differently and trained on the hard labels with ±2-pixel shifts (``compressor.augment.Shift``),
+   each seeded differently and trained on the hard labels with ±2-pixel shifts (``compressor.data.augment.Shift``),
    which makes them strong and robust to the shifted views the augmenting recipes show them; saved as one
    ensemble file. With ``--mlp-teachers``, also the paper's 2×1200 MLP ensemble, trained by
    ``benchmarks.paper_common.train_teacher_ensemble`` with paper_table's teacher settings;
@@ -13,7 +13,7 @@ On Fashion-MNIST, with compressor's own main job (``compressor.pipeline.run``, t
 3. every student and baseline (``student.pt``, ``baseline.pt``) is scored here on the run's own test split. The
    reference baseline is the tuned one (the auto run's), else the hinton run's: "gain kept" is
    (student − baseline) / (ensemble − baseline) in test top-1, with a paired bootstrap 95% interval
-   (``compressor.compare.gain_kept``); each run's report also gives it against its own same-budget baseline.
+   (``compressor.deployment.rows.gain_kept``); each run's report also gives it against its own same-budget baseline.
    ``--reference-baseline`` scores against an earlier run's ``baseline.pt`` instead, so rows at another schedule
    (``--epochs 100``) are measured against the baseline tuned at the default one.
    The summary also scores the best recipe against the strongest labels-only model on validation among every
@@ -60,17 +60,20 @@ from benchmarks.paper_common import (
     train_teacher_ensemble,
     write_result,
 )
-from compressor.augment import Shift
+from compressor.data.augment import Shift
 from compressor.cli import command_line
-from compressor.compare import EAGER, gain_kept
+from compressor.deployment.rows import EAGER
+from compressor.deployment.verdict import gain_kept
 from compressor.config import RunConfig
-from compressor.distill import TrainConfig, evaluate_accuracy, predict_logits, train_student
-from compressor.distributed import training_device
-from compressor.errors import CompressorError
-from compressor.losses import HardLabelLoss
-from compressor.pipeline import load_data, run, to_tensors
+from compressor.training.loop import TrainConfig, train_student
+from compressor.core.inference import evaluate_accuracy, predict_logits
+from compressor.training.distributed import training_device
+from compressor.core.errors import CompressorError
+from compressor.training.losses import HardLabelLoss
+from compressor.pipeline import run
+from compressor.data.loading import load_data, to_tensors
 from compressor.students import create_student
-from compressor.teachers import load_ensemble, save_ensemble
+from compressor.teachers.formats import load_ensemble, save_ensemble
 
 DEFAULTS = {"full": {"members": 3, "teacher_epochs": 30, "epochs": 40, "tune_minutes": 20.0, "max_train": None},
             "quick": {"members": 2, "teacher_epochs": 2, "epochs": 2, "tune_minutes": 1.0, "max_train": 5000}}

@@ -20,7 +20,7 @@ from torch import nn
 
 from compressor import save_ensemble
 from compressor.cli import main
-from compressor.data import load_dataset
+from compressor.data.datasets import load_dataset
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -1,7 +1,7 @@
 """What int8 and fp16 buy on ONNX Runtime (CPU) for a Fashion-MNIST student: throughput and accuracy side by side.
 
 A ``--student`` (default ``mlp:800x800``, the paper's small net) is trained on Fashion-MNIST's hard labels for
-``--epochs`` with ``compressor.distill.train_student`` (checkpoints in ``--work-dir``, so a rerun reuses the net),
+``--epochs`` with ``compressor.training.loop.train_student`` (checkpoints in ``--work-dir``, so a rerun reuses the net),
 then exported by ``targets.onnxruntime.export`` exactly as ``compress --target onnxruntime --precision P`` does:
 fp32, fp16 (ONNX Runtime's float16 converter, float32 I/O) and int8 (static QDQ, symmetric, per-channel weights,
 MinMax ranges calibrated on 512 training rows); beside them, ONNX Runtime's *dynamic* int8 quantization of the same
@@ -41,14 +41,14 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/int8_onnxruntime.py` finds benchmarks/
 from benchmarks.paper_common import FASHION, write_result
-from compressor.data import load_dataset
-from compressor.distill import TrainConfig, train_student
-from compressor.losses import HardLabelLoss
+from compressor.data.datasets import load_dataset
+from compressor.training.loop import TrainConfig, train_student
+from compressor.training.losses import HardLabelLoss
 from compressor.students import create_student
 from targets.benchmark import measure_latency, sweep
 from targets.onnxruntime import OrtRunner, export, load
 
-CALIBRATION_ROWS = 512  # what the pipeline calibrates on (compressor.deployment.CALIBRATION_ROWS)
+CALIBRATION_ROWS = 512  # what the pipeline calibrates on (compressor.deployment.export.CALIBRATION_ROWS)
 POOL = 512              # distinct test rows cycled through by the timing harness
 BAR_SPEEDUP, BAR_DROP = 1.5, 1.0
 

@@ -26,12 +26,13 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from compressor.augment import Shift
-from compressor.data import load_dataset
-from compressor.distill import TrainConfig, TrainResult, predict_logits, train_student
-from compressor.fileio import write_json_atomic
+from compressor.data.augment import Shift
+from compressor.data.datasets import load_dataset
+from compressor.training.loop import TrainConfig, TrainResult, train_student
+from compressor.core.inference import predict_logits
+from compressor.core.fileio import write_json_atomic
 from compressor.kernels import ensemble_log_probs
-from compressor.losses import HardLabelLoss
+from compressor.training.losses import HardLabelLoss
 from compressor.students import create_student
 
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -9,7 +9,7 @@ the eight omitted classes' biases by 7.6) brought it to 13.2%.
 
 Here: the teacher ensemble of ``paper_table.py`` (3 × 2×1200, reused from ``--work-dir`` when its settings are
 unchanged), its soft targets at ``--temperature`` (default 4, compressor's default; the paper's 2×800 used 20),
-the student ``mlp:800x800`` trained by ``compressor.distill.train_student`` with ``DistillationLoss`` (α = 0.9)
+the student ``mlp:800x800`` trained by ``compressor.training.loop.train_student`` with ``DistillationLoss`` (α = 0.9)
 and paper_table's student settings (AdamW lr 1e-3, batch 128, 40 epochs, cosine schedule, no weight decay, scored
 at its last epoch), on three transfer sets drawn from the 55,000 training images:
 
@@ -19,7 +19,7 @@ at its last epoch), on three transfer sets drawn from the 55,000 training images
 - ``--keep`` (default 7,8: sneaker, bag): only those classes left, so the other eight are omitted.
 
 For each: test errors overall and on the omitted classes, before and after the bias fix of
-``compressor.omitted_classes``: one scalar added to the omitted classes' output biases, fitted on the validation
+``compressor.training.omitted_classes``: one scalar added to the omitted classes' output biases, fitted on the validation
 split (5,000 held-out training images, which has every class) rather than on test as the paper did; the errors at
 the shift that is best on test are shown beside, as the optimistic bound the paper reports. The reference gets
 the same fit for each class set, as a control: a model that saw every class should need ~0.
@@ -56,11 +56,11 @@ from benchmarks.paper_common import (
     train_teacher_ensemble,
     write_result,
 )
-from compressor.data import FASHION_MNIST_CLASSES
-from compressor.distill import predict_logits
-from compressor.errors import CompressorError
-from compressor.losses import DistillationLoss
-from compressor.omitted_classes import (
+from compressor.data.datasets import FASHION_MNIST_CLASSES
+from compressor.core.inference import predict_logits
+from compressor.core.errors import CompressorError
+from compressor.training.losses import DistillationLoss
+from compressor.training.omitted_classes import (
     apply_bias_shift,
     fit_bias_shift,
     keep_rows,

@@ -54,8 +54,8 @@ from benchmarks.paper_common import (
     train_teacher_ensemble,
     write_result,
 )
-from compressor.distill import predict_logits
-from compressor.losses import DistillationLoss, HardLabelLoss
+from compressor.core.inference import predict_logits
+from compressor.training.losses import DistillationLoss, HardLabelLoss
 
 # The paper's Table 5 (speech, frame accuracy): train and test, in percent.
 PAPER = {

@@ -42,13 +42,15 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor.config import RunConfig, SpecialistsConfig
-from compressor.data import load_dataset
-from compressor.distill import TrainConfig, evaluate_accuracy, train_student
-from compressor.losses import HardLabelLoss
+from compressor.data.datasets import load_dataset
+from compressor.training.loop import TrainConfig, train_student
+from compressor.core.inference import evaluate_accuracy
+from compressor.training.losses import HardLabelLoss
 from compressor.pipeline import run
-from compressor.specialist_training import run_specialists
+from compressor.training.specialist_training import run_specialists
 from compressor.students import create_student
-from compressor.teachers import save_ensemble
+from compressor.teachers.formats import save_ensemble
+from compressor.core.inference import parameter_count
 from targets.report import SPECIALIST_COLUMNS, specialist_rows
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -133,7 +135,7 @@ def train_generalist(args: argparse.Namespace, work: Path, console: Console) -> 
     path = save_ensemble([model], work / "generalist.pt", x[:2], {"class_names": data.class_names,
                                                                   "dataset": FASHION, "member_names": ["generalist"]})
     test = evaluate_accuracy(model, torch.from_numpy(data.test.x), torch.from_numpy(data.test.y))
-    return path, {"architecture": "cnn:32x64", "parameters": sum(p.numel() for p in model.parameters()),
+    return path, {"architecture": "cnn:32x64", "parameters": parameter_count(model),
                   "epochs": args.generalist_epochs, "best_epoch": training.best_epoch, "test_top1": test,
                   "seconds": round(training.seconds, 1)}
 

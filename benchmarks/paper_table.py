@@ -13,7 +13,7 @@ Lighter dropout (0.1 / 0.3) and no jitter are the defaults; the paper's settings
 (``--members 1 --input-dropout 0.2 --hidden-dropout 0.5 --jitter 2``).
 
 The students are ``mlp:800x800`` and ``mlp:30x30`` from compressor's registry, trained by
-``compressor.distill.train_student`` either on the labels (``HardLabelLoss``) or with ``DistillationLoss`` (the
+``compressor.training.loop.train_student`` either on the labels (``HardLabelLoss``) or with ``DistillationLoss`` (the
 fused tempered-KL loss, α = 0.9) on the teachers' logits for the transfer set (the training split, computed once).
 As in the paper, the students get no regulariser of their own: no weight decay, no dropout, no jitter and no early
 stopping. Every net trains for a fixed number of epochs (AdamW, cosine schedule) and is scored after its last
@@ -54,7 +54,7 @@ from benchmarks.paper_common import (
     train_teacher_ensemble,
     write_result,
 )
-from compressor.losses import DistillationLoss, HardLabelLoss
+from compressor.training.losses import DistillationLoss, HardLabelLoss
 
 PAPER_MNIST_ERRORS = {"teacher ensemble": 67, "hard 2×800": 146, "distilled 2×800": 74}
 BIG_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)

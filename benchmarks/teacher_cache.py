@@ -63,9 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks.paper_common import FASHION, write_result
 from compressor import save_ensemble
 from compressor.config import RunConfig
-from compressor.data import FASHION_MNIST_CLASSES, load_dataset
-from compressor.fileio import write_json_atomic
+from compressor.data.datasets import FASHION_MNIST_CLASSES, load_dataset
+from compressor.core.fileio import write_json_atomic
 from compressor.pipeline import run
+from compressor.core.inference import parameter_count
 
 MODES = ("cold cache", "warm cache", "no cache")
 TARGET_SPEEDUP = 3.0  # the bar: per-epoch time without the cache / with a warm cache
@@ -107,7 +108,7 @@ def build_teachers(args: argparse.Namespace, folder: Path, console: Console) -> 
     save_ensemble(members, path, x[:2], {"class_names": FASHION_MNIST_CLASSES, "dataset": FASHION,
                                          "member_names": [f"mlp-2x1200-{k + 1}" for k in range(args.members)]})
     summary = {"settings": settings, "seconds": round(time.perf_counter() - started, 1),
-               "member_test_accuracy": accuracy, "parameters": sum(p.numel() for m in members for p in m.parameters())}
+               "member_test_accuracy": accuracy, "parameters": sum(parameter_count(m) for m in members)}
     write_json_atomic(record, summary)
     return path, summary
 

@@ -1,6 +1,6 @@
 """compressor: distil a teacher ensemble into a compact student (Hinton, Vinyals, Dean 2015).
 
-The public names are resolved on first use (PEP 562) so that ``import compressor.errors``
+The public names are resolved on first use (PEP 562) so that ``import compressor.core.errors``
 stays free of torch: a serving process that loads a bundle needs only numpy and onnxruntime.
 """
 
@@ -14,7 +14,7 @@ _PUBLIC = {
     "save_ensemble": "compressor.teachers",
     "load_ensemble": "compressor.teachers",
     "Ensemble": "compressor.teachers",
-    "CompressorError": "compressor.errors",
+    "CompressorError": "compressor.core.errors",
     "create_student": "compressor.students",
     "list_students": "compressor.students",
     "register_student": "compressor.students",

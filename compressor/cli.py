@@ -18,8 +18,8 @@ from rich.table import Table
 
 from compressor import __version__
 from compressor.config import PRECISIONS, RunConfig, SpecialistsConfig
-from compressor.errors import CompressorError
-from compressor.tuning import DEFAULT_TUNE_MINUTES
+from compressor.core.errors import CompressorError
+from compressor.training.halving import DEFAULT_TUNE_MINUTES
 
 TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
 stdout = Console()
@@ -277,7 +277,7 @@ def preflight(model: Path, debug: bool) -> None:
 def specialists(generalist: Path, out: Path, debug: bool, **options) -> None:
     """Build a specialist ensemble (paper §5): a generalist plus specialists for the classes it confuses,
     trained in parallel processes; the result, OUT/ensemble.pt, is a teacher for the main job."""
-    from compressor.specialist_training import run_specialists
+    from compressor.training.specialist_training import run_specialists
 
     config = SpecialistsConfig(teacher=generalist, out=out, **options,
                                command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]))

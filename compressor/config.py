@@ -56,6 +56,11 @@ class RunConfig:
         """Where artifacts land: ``out`` or ./compressed/<teacher-stem>-<target>."""
         return Path(self.out) if self.out else Path("compressed") / f"{Path(self.teacher).stem}-{self.target}"
 
+    @property
+    def tuned(self) -> bool:
+        """Whether the run searches its settings on validation: --tune MINUTES or --recipe auto."""
+        return self.tune is not None or self.recipe == "auto"
+
     def to_dict(self) -> dict:
         """JSON-safe form for the report."""
         values = asdict(self)

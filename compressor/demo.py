@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.data import load_dataset
-from compressor.distill import TrainConfig, train_student
-from compressor.losses import HardLabelLoss
-from compressor.teachers import save_ensemble
+from compressor.data.datasets import load_dataset
+from compressor.training.loop import TrainConfig, train_student
+from compressor.training.losses import HardLabelLoss
+from compressor.teachers.formats import save_ensemble
 
 TEACHER_EPOCHS = 40
 

@@ -8,9 +8,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compressor.data import load_dataset
-from compressor.diagnostics import diagnose
-from compressor.teachers import load_ensemble
+from compressor.data.datasets import load_dataset
+from compressor.teachers.diagnostics import diagnose
+from compressor.teachers.formats import load_ensemble
 
 
 def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train: int | None,
@@ -21,7 +21,7 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
     Normalisation from the ensemble's metadata is applied to the data exactly as the main job applies it.
     Returns what it printed, as a dict.
     """
-    from targets.bundle import apply_normalisation
+    from compressor.core.preprocessing import apply_normalisation
 
     ensemble = load_ensemble(path, trust_pickle=trust_pickle)
     info = ensemble.describe()

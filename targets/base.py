@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.core.errors import CompressorError, MissingCapabilityError
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,12 @@ class Artifact:
 
 @runtime_checkable
 class Runner(Protocol):
-    """A loaded model on one backend: ``infer`` maps (N, ...) float32 inputs to (N, C) float32 logits."""
+    """A loaded model on one backend: ``infer`` maps (N, ...) float32 inputs to (N, C) float32 logits.
+
+    Every row of the report is a Runner, PyTorch eager included (``targets.eager``), and is timed by
+    :func:`targets.benchmark.runner_measure`: a runner that times itself (CUDA events) defines
+    ``measure(pool, batch_size, warmup_s, duration_s) -> LatencyStats`` and ``timed`` (what one timed call covers);
+    for the others the harness times ``infer``."""
 
     name: str  # for people: "onnxruntime fp32 (CPUExecutionProvider, 2 threads)"
     info: dict  # providers, threads, versions: what a reader needs to reproduce a timing

@@ -1,4 +1,4 @@
-"""One timing harness and one set of accuracy metrics for every backend (PyTorch eager, ORT, TensorRT, ...).
+"""One timing harness for every backend (PyTorch eager, ORT, TensorRT, ...); accuracy is ``compressor.core.metrics``.
 
 Latency follows trtexec: warm up for a fixed time (caches, allocator pools, lazy initialisation, CPU frequency),
 then run back-to-back iterations until both a duration and a minimum count are reached, timing each call with
@@ -8,9 +8,6 @@ over a batch-size sweep in interleaved rounds and flags a figure whose rounds di
 
 ``fn`` must block until its result is ready (a CUDA backend synchronises inside ``fn``). No torch import here:
 callers wrap their backend as a callable on numpy arrays.
-
-Accuracy: top-1, NLL, expected calibration error (Guo et al. 2017, 15 equal-width bins), per-class accuracy, and
-agreement and KL divergence with a reference (the ensemble), all computed from (N, C) logits in float64.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import numpy as np
 
 NOISY_CV = 0.025  # std / mean above this and the figure is flagged
 UNSTABLE_ROUNDS = 0.10  # back-to-back rounds whose medians differ by more than this are flagged
-ECE_BINS = 15
 
 
 @dataclass
@@ -136,6 +132,20 @@ def latency_stats(ms: np.ndarray, batch_size: int, warmup_s: float, duration_s: 
 Measure = Callable[[int, float, float], LatencyStats]  # (batch_size, warmup_s, duration_s) -> stats
 
 
+def runner_measure(runner, pool: np.ndarray) -> tuple[Measure, str]:
+    """How to time a Runner (``targets.base.Runner``) on batches cut from ``pool``, and what one timed call covers:
+    the runner's own ``measure`` when it has one (PyTorch eager, with CUDA events on a GPU), else the host wall time
+    of ``infer`` on a numpy batch."""
+    if hasattr(runner, "measure"):
+        def own(batch, warmup_s, duration_s):
+            return runner.measure(pool, batch, warmup_s, duration_s)
+        return own, runner.timed
+
+    def measure(batch, warmup_s, duration_s):
+        return measure_latency(runner.infer, pool, batch, warmup_s, duration_s)
+    return measure, f"{runner.name}: host wall time of infer() on a numpy batch, the backend's own copies included"
+
+
 def sweep(measures: list[Measure], batch_sizes: tuple[int, ...], warmup_s: float, duration_s: float,
           rounds: int = 2, on_step: Callable[[int, int, int], None] | None = None) -> list[dict[str, dict]]:
     """Time every row at every batch size in ``rounds`` interleaved rounds; return per row {batch: figures}.
@@ -172,62 +182,6 @@ def _pool_rounds(rounds: list[LatencyStats]) -> dict:
             "unstable": spread > UNSTABLE_ROUNDS}
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray | None,
-                           reference_logits: np.ndarray | None = None) -> dict:
-    """Top-1, NLL, ECE, per-class accuracy, and agreement and KL with a reference, from (N, C) logits.
-
-    Log-probabilities work too as ``logits`` (log-softmax is idempotent). ``labels`` (N,) uses -1 for unlabelled
-    rows, which the label metrics skip; they are None without labels. ``per_class`` lists, for each of the C
-    classes, the accuracy on the rows of that label (None for a class with no row). ``agreement`` is the fraction
-    of rows whose argmax equals ``reference_logits``' argmax; ``kl_to_reference`` is the mean KL(reference ‖ row)
-    in nats at T = 1 (both None without a reference). Fractions are in [0, 1]; ``nll`` is in nats.
-    """
-    scores = np.asarray(logits, dtype=np.float64)  # (N, C)
-    if scores.ndim != 2:
-        raise ValueError(f"classification_metrics needs (N, C) logits, got shape {scores.shape}")
-    log_probs = log_softmax(scores)  # (N, C)
-    predicted = scores.argmax(1)  # (N,)
-    metrics: dict = {"top1": None, "nll": None, "ece": None, "per_class": None, "agreement": None,
-                     "kl_to_reference": None}
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(scores):
-            raise ValueError(f"{len(labels)} labels for {len(scores)} rows of logits")
-        keep = labels >= 0
-        if keep.any():
-            y = labels[keep].astype(np.int64)
-            correct = predicted[keep] == y
-            metrics["top1"] = float(correct.mean())
-            metrics["nll"] = float(-log_probs[keep][np.arange(len(y)), y].mean())
-            metrics["ece"] = expected_calibration_error(np.exp(log_probs[keep].max(1)), correct)
-            counts = np.bincount(y, minlength=scores.shape[1])  # (C,)
-            hits = np.bincount(y, correct.astype(np.float64), minlength=scores.shape[1])  # (C,)
-            metrics["per_class"] = [float(h / c) if c else None for h, c in zip(hits, counts)]
-    if reference_logits is not None:
-        reference = np.asarray(reference_logits, dtype=np.float64)
-        if reference.shape != scores.shape:
-            raise ValueError(f"reference logits of shape {reference.shape} for logits of shape {scores.shape}")
-        metrics["agreement"] = float((reference.argmax(1) == predicted).mean())
-        reference_log_probs = log_softmax(reference)  # (N, C)
-        kl = (np.exp(reference_log_probs) * (reference_log_probs - log_probs)).sum(1)  # (N,)
-        metrics["kl_to_reference"] = float(kl.mean())
-    return metrics
-
-
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """(N, C) -> (N, C) log-probabilities, stable: subtract the row max before exp."""
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """sum_b |accuracy_b - mean confidence_b| * n_b / n over equal-width confidence bins (lo, hi] on [0, 1]."""
-    confidence = np.asarray(confidence, dtype=np.float64)  # (n,) top-1 probability
-    correct = np.asarray(correct, dtype=np.float64)  # (n,) 1.0 where the top-1 class is the label
-    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # (n,) bin index
-    counts = np.bincount(which, minlength=bins)  # (bins,)
-    gap = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))  # (bins,) summed
-    return float(gap[counts > 0].sum() / len(confidence))
 
 
 def batches_from_pool(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:

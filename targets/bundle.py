@@ -8,11 +8,11 @@ Layout (``bundle_format`` 1)::
       triton/<model_name>/config.pbtxt   a Triton Inference Server model repository: tritonserver
       triton/<model_name>/1/model.onnx     --model-repository bundle/triton
 
-``apply_normalisation`` is THE preprocessing definition: the training pipeline normalises with this same function,
-so a service calling it (or ``Bundle.predict``) feeds the model exactly the floats the student was trained and
+``compressor.core.preprocessing.apply_normalisation`` is THE preprocessing definition: the training pipeline
+normalises with this same function, so a service calling it (or ``Bundle.predict``) feeds the model exactly the floats the student was trained and
 checked on. Triton does not normalise: a client must send ``apply_normalisation(x, metadata["normalisation"])``.
 
-Imports only the standard library, numpy, onnxruntime and ``compressor.errors``/``compressor.fileio``.
+Imports only the standard library, numpy, onnxruntime and ``compressor.core`` (errors, files, preprocessing).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError, MissingCapabilityError
-from compressor.fileio import directory_mode, sha256_file
+from compressor.core.errors import CompressorError, MissingCapabilityError, first_line
+from compressor.core.fileio import directory_mode, sha256_file
+from compressor.core.preprocessing import apply_normalisation
 
 BUNDLE_FORMAT = 1
 METADATA_FILE = "metadata.json"
@@ -42,35 +43,6 @@ TRITON_DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE
 TRITON_PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
 
 
-def apply_normalisation(x: np.ndarray, normalisation: dict | None) -> np.ndarray:
-    """The preprocessing of every model input: (N, C_in, ...) raw values -> (N, C_in, ...) float32.
-
-    With ``normalisation=None`` the input is only converted to float32. With
-    ``{"mean": [m_0, ..., m_{C_in-1}], "std": [s_0, ...]}`` (one value per input channel, or one for all)::
-
-        out[n, c, ...] = (float32(x[n, c, ...]) - float32(m_c)) / float32(s_c)
-
-    computed in float32 (numpy broadcasts mean/std shaped (1, C_in, 1, ...) along axis 1), so the result is
-    the same bytes wherever it runs.
-    """
-    x = np.asarray(x)
-    if x.dtype.kind not in "fiub":
-        raise CompressorError(f"expected a numeric input array, got dtype {x.dtype}")
-    x = x.astype(np.float32, copy=False)
-    if normalisation is None:
-        return x
-    if x.ndim < 2:
-        raise CompressorError(f"normalisation needs an (N, C_in, ...) batch, got shape {x.shape}")
-    broadcast = (1, -1) + (1,) * (x.ndim - 2)  # (1, C_in, 1, ...): one value per channel on axis 1
-    mean = np.asarray(normalisation["mean"], dtype=np.float32).reshape(broadcast)
-    std = np.asarray(normalisation["std"], dtype=np.float32).reshape(broadcast)
-    for name, values in (("mean", mean), ("std", std)):
-        if values.shape[1] not in (1, x.shape[1]):
-            raise CompressorError(f"normalisation has {values.shape[1]} {name} values for an input with "
-                                  f"{x.shape[1]} channels (shape {x.shape}); give one per channel")
-    if not np.all(std > 0):
-        raise CompressorError(f"normalisation std {std.reshape(-1).tolist()} must be positive")
-    return (x - mean) / std
 
 
 def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
@@ -188,7 +160,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     try:
         session = ort.InferenceSession(str(model_file), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's own exception types
-        raise CompressorError(f"ONNX Runtime cannot load {model_file} ({str(exc).splitlines()[0]}); "
+        raise CompressorError(f"ONNX Runtime cannot load {model_file} ({first_line(exc)}); "
                               "re-export the bundle") from exc
     return Bundle(path, metadata, session)
 

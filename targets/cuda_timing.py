@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from compressor.errors import MissingCapabilityError
+from compressor.core.errors import MissingCapabilityError
 from targets.benchmark import LatencyStats, batches_from_pool, latency_stats, timed_calls, warm_up
 
 EVENT_RING = 64  # sets of four events reused in turn; each set is read before its slot is recorded again

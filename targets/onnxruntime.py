@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.core.errors import CompressorError, MissingCapabilityError, first_line
+from targets.onnx_export import export_onnx, tensor_spec
 from targets.base import Artifact
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -47,8 +48,6 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32",
     ``calibration``: (M, ...) float32 transfer-set rows in the input layout, e.g. (512, 1, 8, 8). ``metadata``
     gains ``conversion``: the converter, its seconds, fp32 and converted bytes (and the int8 calibration details).
     """
-    from targets.onnx import export_onnx, tensor_spec
-
     if precision not in SUPPORTED_PRECISIONS:
         raise CompressorError(f"--precision {precision}: --target onnxruntime exports "
                               f"{', '.join(SUPPORTED_PRECISIONS)}; choose one of them")
@@ -124,7 +123,7 @@ class OrtRunner:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise CompressorError(f"ONNX Runtime cannot load {path} ({str(exc).splitlines()[0]}); "
+            raise CompressorError(f"ONNX Runtime cannot load {path} ({first_line(exc)}); "
                                   "export the model again") from exc
         return cls(session, path, threads or physical_cores(), precision)
 

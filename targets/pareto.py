@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compressor.fileio import atomic_path
+from compressor.core.fileio import atomic_path
 
 FIGSIZE_IN = (8.0, 5.5)
 DPI = 150

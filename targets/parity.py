@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 FP32_RELATIVE_TOLERANCE = 1e-4  # of the largest reference logit (the failure message spells it "1e-4")
 FP32_MIN_AGREEMENT = 0.999

@@ -25,8 +25,8 @@ import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_static)
 
-from compressor.errors import CompressorError, first_line
-from compressor.fileio import atomic_path
+from compressor.core.errors import CompressorError, first_line
+from compressor.core.fileio import atomic_path
 
 FP16_CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
 INT8_METHOD = "onnxruntime.quantization.quantize_static"

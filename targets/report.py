@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.fileio import write_json_atomic, write_text_atomic
+from compressor.core.fileio import write_json_atomic, write_text_atomic
 
 MAX_CLASS_ROWS = 20  # per-class rows shown in report.md; report.json keeps every class
 

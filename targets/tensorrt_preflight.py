@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 TENSORRT = "TensorRT 11"
 

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError, first_line, root_cause
+from compressor.core.errors import CompressorError, first_line, root_cause
 from targets.base import Artifact, TensorSpec
-from targets.tensorrt import (DEFAULT_BATCH_SIZES, BatchProfile, batch_slices, check_input, check_threads,
-                              choose_profile, require_gpu_package)
+from targets.tensorrt import batch_slices, check_input, check_threads
+from targets.tensorrt_build import DEFAULT_BATCH_SIZES, BatchProfile, choose_profile, require_gpu_package
 
 MODEL_FILE = "model.pt2"
 DESCRIPTION_FILE = "compressor.json"  # inside model.pt2, beside the program

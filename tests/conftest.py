@@ -57,7 +57,7 @@ def digits_members() -> list[nn.Module]:
 
 @pytest.fixture(scope="session")
 def digits_data():
-    from compressor.data import load_dataset
+    from compressor.data.datasets import load_dataset
 
     return load_dataset("digits", seed=0)
 
@@ -81,7 +81,7 @@ def fashion_ensemble(tmp_path_factory) -> Path:
     if not FASHION_MNIST.is_dir():
         pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
     from compressor import save_ensemble
-    from compressor.data import load_dataset
+    from compressor.data.datasets import load_dataset
 
     data = load_dataset(str(FASHION_MNIST), seed=0, max_train=3000)
     x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)

@@ -79,6 +79,137 @@ def _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N: tl
 
 
 @triton.jit
+def _rows_in_one_block(
+    s_ptr, t_ptr, w_ptr, grad_ptr, row_mask, row_off, y, has_label, C, K, member_stride, temperature, alpha,
+    inv_n, GEOMETRIC: tl.constexpr, FROM_LOG_PROBS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The whole row fits one column block (BLOCK_C >= C): one read of every input, no online softmax. Writes the
+    gradient of the block's rows and returns their KL (BLOCK_N,) and log-sum-exp of the untempered student."""
+    inv_t = 1.0 / temperature
+    neg_inf = float("-inf")
+    cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    mask = row_mask[:, None] & (cols[None, :] < C)  # (BLOCK_N, BLOCK_C)
+    offs = row_off + cols[None, :]
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m_q, d_q = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32), tl.zeros([BLOCK_N], tl.float32),
+                                  tl.where(mask, s * inv_t, neg_inf))
+    m_1, d_1 = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32), tl.zeros([BLOCK_N], tl.float32),
+                                  tl.where(mask, s, neg_inf))
+    if FROM_LOG_PROBS:
+        log_p = tl.where(mask, tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32), neg_inf)
+    elif GEOMETRIC:
+        g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
+        z = tl.where(mask, g * inv_t, neg_inf)
+        m_g, d_g = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32),
+                                      tl.zeros([BLOCK_N], tl.float32), z)
+        log_p = z - (m_g + tl.log(d_g))[:, None]
+    else:
+        big_m = tl.full([BLOCK_N, BLOCK_C], neg_inf, tl.float32)
+        big_s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        t_k = t_ptr
+        for k in range(K):
+            z = tl.where(mask, tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32) * inv_t, neg_inf)
+            m_k, d_k = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32),
+                                          tl.zeros([BLOCK_N], tl.float32), z)
+            # log w_k + log softmax(t_k / T), folded into the running logsumexp over members
+            big_m, big_s = _pairwise_lse_update(big_m, big_s, z + (tl.log(tl.load(w_ptr + k)) - m_k
+                                                                   - tl.log(d_k))[:, None])
+            t_k += member_stride
+        log_p = big_m + tl.log(big_s)
+    lse_q = m_q + tl.log(d_q)
+    lse_1 = m_1 + tl.log(d_1)
+    log_q = s * inv_t - lse_q[:, None]
+    p = tl.exp(log_p)
+    kl = tl.sum(tl.where(mask & (p > 0), p * (log_p - log_q), 0.0), axis=1)  # 0 · log 0 = 0
+    hard = tl.where(has_label[:, None], tl.exp(s - lse_1[:, None])
+                    - tl.where(cols[None, :] == y[:, None], 1.0, 0.0), 0.0)
+    grad = (alpha * temperature * (tl.exp(log_q) - p) + (1.0 - alpha) * hard) * inv_n
+    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    return kl, m_1 + tl.log(d_1)
+
+
+@triton.jit
+def _rows_in_column_blocks(
+    s_ptr, t_ptr, w_ptr, grad_ptr, row_mask, row_off, y, has_label, C, K, member_stride, temperature, alpha,
+    inv_n, GEOMETRIC: tl.constexpr, FROM_LOG_PROBS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows wider than one column block: pass 1 runs the online softmax statistics over the blocks, pass 2 writes
+    the soft target, loss terms and gradient block by block. Returns KL (BLOCK_N,) and the untempered lse."""
+    inv_t = 1.0 / temperature
+    neg_inf = float("-inf")
+    kidx = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    # ---- pass 1: running max / sum over column blocks
+    m_q = tl.full([BLOCK_N], neg_inf, tl.float32)
+    d_q = tl.zeros([BLOCK_N], tl.float32)
+    m_1 = tl.full([BLOCK_N], neg_inf, tl.float32)
+    d_1 = tl.zeros([BLOCK_N], tl.float32)
+    m_g = tl.full([BLOCK_N], neg_inf, tl.float32)
+    d_g = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols[None, :] < C)
+        offs = row_off + cols[None, :]
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m_q, d_q = _online_lse_update(m_q, d_q, tl.where(mask, s * inv_t, neg_inf))
+        m_1, d_1 = _online_lse_update(m_1, d_1, tl.where(mask, s, neg_inf))
+        if GEOMETRIC and not FROM_LOG_PROBS:
+            g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
+            m_g, d_g = _online_lse_update(m_g, d_g, tl.where(mask, g * inv_t, neg_inf))
+    lse_q = m_q + tl.log(d_q)
+    lse_1 = m_1 + tl.log(d_1)
+    lse_g = m_g + tl.log(d_g)
+    # arithmetic: b_k = log w_k − lse_k(t_k / T) per row, kept in a (BLOCK_N, BLOCK_K) register tile
+    b_tile = tl.full([BLOCK_N, BLOCK_K], neg_inf, tl.float32)
+    if not GEOMETRIC and not FROM_LOG_PROBS:
+        t_k = t_ptr
+        for k in range(K):
+            m_k = tl.full([BLOCK_N], neg_inf, tl.float32)
+            d_k = tl.zeros([BLOCK_N], tl.float32)
+            for start in range(0, C, BLOCK_C):
+                cols = start + tl.arange(0, BLOCK_C)
+                mask = row_mask[:, None] & (cols[None, :] < C)
+                z = tl.load(t_k + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_t
+                m_k, d_k = _online_lse_update(m_k, d_k, tl.where(mask, z, neg_inf))
+            b_k = tl.log(tl.load(w_ptr + k)) - (m_k + tl.log(d_k))  # (BLOCK_N,)
+            b_tile = tl.where(kidx[None, :] == k, b_k[:, None], b_tile)
+            t_k += member_stride
+
+    # ---- pass 2: soft target, loss terms and gradient, block by block
+    kl = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols[None, :] < C)
+        offs = row_off + cols[None, :]
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if FROM_LOG_PROBS:
+            log_p = tl.where(mask, tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32), neg_inf)
+        elif GEOMETRIC:
+            g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
+            log_p = tl.where(mask, g * inv_t - lse_g[:, None], neg_inf)
+        else:
+            big_m = tl.full([BLOCK_N, BLOCK_C], neg_inf, tl.float32)
+            big_s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            t_k = t_ptr
+            for k in range(K):
+                b_k = tl.max(tl.where(kidx[None, :] == k, b_tile, neg_inf), axis=1)  # (BLOCK_N,)
+                z = tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+                big_m, big_s = _pairwise_lse_update(big_m, big_s, tl.where(mask, z + b_k[:, None], neg_inf))
+                t_k += member_stride
+            log_p = big_m + tl.log(big_s)
+        log_q = s * inv_t - lse_q[:, None]
+        p = tl.exp(log_p)
+        kl += tl.sum(tl.where(mask & (p > 0), p * (log_p - log_q), 0.0), axis=1)  # 0 · log 0 = 0
+        hard = tl.where(has_label[:, None], tl.exp(s - lse_1[:, None])
+                        - tl.where(cols[None, :] == y[:, None], 1.0, 0.0), 0.0)
+        grad = (alpha * temperature * (tl.exp(log_q) - p) + (1.0 - alpha) * hard) * inv_n
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    return kl, lse_1
+
+
+@triton.jit
 def _tempered_kl_fwd_kernel(
     s_ptr,  # (N, C) student logits, any float dtype
     t_ptr,  # (K, N, C) teacher logits, or (N, C) teacher log-probs at T when FROM_LOG_PROBS
@@ -100,118 +231,18 @@ def _tempered_kl_fwd_kernel(
     row_mask = rows < N
     row_start = rows.to(tl.int64) * C  # (BLOCK_N,) int64: N · C may pass 2**31
     row_off = row_start[:, None]  # (BLOCK_N, 1)
-    inv_t = 1.0 / temperature
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)  # (BLOCK_N,)
     has_label = y >= 0
     s_y = tl.load(s_ptr + row_start + tl.maximum(y, 0), mask=row_mask & has_label, other=0.0).to(tl.float32)
-    kidx = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    neg_inf = float("-inf")
 
     if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-        mask = row_mask[:, None] & (cols[None, :] < C)  # (BLOCK_N, BLOCK_C)
-        offs = row_off + cols[None, :]
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m_q, d_q = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32), tl.zeros([BLOCK_N], tl.float32),
-                                      tl.where(mask, s * inv_t, neg_inf))
-        m_1, d_1 = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32), tl.zeros([BLOCK_N], tl.float32),
-                                      tl.where(mask, s, neg_inf))
-        if FROM_LOG_PROBS:
-            log_p = tl.where(mask, tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32), neg_inf)
-        elif GEOMETRIC:
-            g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
-            z = tl.where(mask, g * inv_t, neg_inf)
-            m_g, d_g = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32),
-                                          tl.zeros([BLOCK_N], tl.float32), z)
-            log_p = z - (m_g + tl.log(d_g))[:, None]
-        else:
-            big_m = tl.full([BLOCK_N, BLOCK_C], neg_inf, tl.float32)
-            big_s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-            t_k = t_ptr
-            for k in range(K):
-                z = tl.where(mask, tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32) * inv_t, neg_inf)
-                m_k, d_k = _online_lse_update(tl.full([BLOCK_N], neg_inf, tl.float32),
-                                              tl.zeros([BLOCK_N], tl.float32), z)
-                # log w_k + log softmax(t_k / T), folded into the running logsumexp over members
-                big_m, big_s = _pairwise_lse_update(big_m, big_s, z + (tl.log(tl.load(w_ptr + k)) - m_k
-                                                                       - tl.log(d_k))[:, None])
-                t_k += member_stride
-            log_p = big_m + tl.log(big_s)
-        lse_q = m_q + tl.log(d_q)
-        lse_1 = m_1 + tl.log(d_1)
-        log_q = s * inv_t - lse_q[:, None]
-        p = tl.exp(log_p)
-        kl = tl.sum(tl.where(mask & (p > 0), p * (log_p - log_q), 0.0), axis=1)  # 0 · log 0 = 0
-        hard = tl.where(has_label[:, None], tl.exp(s - lse_1[:, None])
-                        - tl.where(cols[None, :] == y[:, None], 1.0, 0.0), 0.0)
-        grad = (alpha * temperature * (tl.exp(log_q) - p) + (1.0 - alpha) * hard) * inv_n
-        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        kl, lse_1 = _rows_in_one_block(s_ptr, t_ptr, w_ptr, grad_ptr, row_mask, row_off, y, has_label, C, K,
+                                       member_stride, temperature, alpha, inv_n, GEOMETRIC, FROM_LOG_PROBS, BLOCK_N,
+                                       BLOCK_C, BLOCK_K)
     else:
-        # ---- pass 1: running max / sum over column blocks
-        m_q = tl.full([BLOCK_N], neg_inf, tl.float32)
-        d_q = tl.zeros([BLOCK_N], tl.float32)
-        m_1 = tl.full([BLOCK_N], neg_inf, tl.float32)
-        d_1 = tl.zeros([BLOCK_N], tl.float32)
-        m_g = tl.full([BLOCK_N], neg_inf, tl.float32)
-        d_g = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            mask = row_mask[:, None] & (cols[None, :] < C)
-            offs = row_off + cols[None, :]
-            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            m_q, d_q = _online_lse_update(m_q, d_q, tl.where(mask, s * inv_t, neg_inf))
-            m_1, d_1 = _online_lse_update(m_1, d_1, tl.where(mask, s, neg_inf))
-            if GEOMETRIC and not FROM_LOG_PROBS:
-                g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
-                m_g, d_g = _online_lse_update(m_g, d_g, tl.where(mask, g * inv_t, neg_inf))
-        lse_q = m_q + tl.log(d_q)
-        lse_1 = m_1 + tl.log(d_1)
-        lse_g = m_g + tl.log(d_g)
-        # arithmetic: b_k = log w_k − lse_k(t_k / T) per row, kept in a (BLOCK_N, BLOCK_K) register tile
-        b_tile = tl.full([BLOCK_N, BLOCK_K], neg_inf, tl.float32)
-        if not GEOMETRIC and not FROM_LOG_PROBS:
-            t_k = t_ptr
-            for k in range(K):
-                m_k = tl.full([BLOCK_N], neg_inf, tl.float32)
-                d_k = tl.zeros([BLOCK_N], tl.float32)
-                for start in range(0, C, BLOCK_C):
-                    cols = start + tl.arange(0, BLOCK_C)
-                    mask = row_mask[:, None] & (cols[None, :] < C)
-                    z = tl.load(t_k + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_t
-                    m_k, d_k = _online_lse_update(m_k, d_k, tl.where(mask, z, neg_inf))
-                b_k = tl.log(tl.load(w_ptr + k)) - (m_k + tl.log(d_k))  # (BLOCK_N,)
-                b_tile = tl.where(kidx[None, :] == k, b_k[:, None], b_tile)
-                t_k += member_stride
-
-        # ---- pass 2: soft target, loss terms and gradient, block by block
-        kl = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            mask = row_mask[:, None] & (cols[None, :] < C)
-            offs = row_off + cols[None, :]
-            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if FROM_LOG_PROBS:
-                log_p = tl.where(mask, tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32), neg_inf)
-            elif GEOMETRIC:
-                g = _weighted_member_sum(t_ptr, w_ptr, offs, mask, K, member_stride, BLOCK_N, BLOCK_C)
-                log_p = tl.where(mask, g * inv_t - lse_g[:, None], neg_inf)
-            else:
-                big_m = tl.full([BLOCK_N, BLOCK_C], neg_inf, tl.float32)
-                big_s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-                t_k = t_ptr
-                for k in range(K):
-                    b_k = tl.max(tl.where(kidx[None, :] == k, b_tile, neg_inf), axis=1)  # (BLOCK_N,)
-                    z = tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
-                    big_m, big_s = _pairwise_lse_update(big_m, big_s, tl.where(mask, z + b_k[:, None], neg_inf))
-                    t_k += member_stride
-                log_p = big_m + tl.log(big_s)
-            log_q = s * inv_t - lse_q[:, None]
-            p = tl.exp(log_p)
-            kl += tl.sum(tl.where(mask & (p > 0), p * (log_p - log_q), 0.0), axis=1)  # 0 · log 0 = 0
-            hard = tl.where(has_label[:, None], tl.exp(s - lse_1[:, None])
-                            - tl.where(cols[None, :] == y[:, None], 1.0, 0.0), 0.0)
-            grad = (alpha * temperature * (tl.exp(log_q) - p) + (1.0 - alpha) * hard) * inv_n
-            tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        kl, lse_1 = _rows_in_column_blocks(s_ptr, t_ptr, w_ptr, grad_ptr, row_mask, row_off, y, has_label, C,
+                                           K, member_stride, temperature, alpha, inv_n, GEOMETRIC, FROM_LOG_PROBS,
+                                           BLOCK_N, BLOCK_C, BLOCK_K)
 
     ce = tl.where(has_label, lse_1 - s_y, 0.0)
     loss = alpha * temperature * temperature * kl + (1.0 - alpha) * ce

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from compressor.students.registry import parse_widths, register_student
 
 DEFAULT_WIDTHS = (16, 32)

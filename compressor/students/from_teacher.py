@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError, first_line
 from compressor.students.registry import register_student, scaled
 
 DEFAULT_SCALE = 0.25
@@ -111,7 +111,7 @@ def _build(architecture, scale: float, input_shape: tuple[int, ...], num_classes
                 x = layer(x)
             except Exception as exc:
                 raise CompressorError(f"--student {spec}: layer {k} ({entry['type']}) cannot take an input of shape "
-                                      f"{_shape(x)} ({(str(exc).strip().splitlines() or [''])[0]}); the teacher's "
+                                      f"{_shape(x)} ({first_line(exc)}); the teacher's "
                                       f"architecture does not fit inputs of shape {input_shape}") from exc
             layers.append(layer)
     if tuple(x.shape) != (2, num_classes):
@@ -143,7 +143,7 @@ def _build_layer(k: int, entry: dict, x: torch.Tensor, scale: float, out: int | 
         return getattr(nn, name)(**kwargs)
     except Exception as exc:  # a missing or ill-typed field in the description
         raise CompressorError(f"--student {spec}: layer {k} ({name}) cannot be built from {entry} "
-                              f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from exc
+                              f"({type(exc).__name__}: {first_line(exc)})") from exc
 
 
 def _check_entries(architecture, spec: str) -> list[dict]:

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError, first_line
 
 
 class StudentFactory(Protocol):
@@ -98,7 +98,7 @@ def _check_output(model: nn.Module, spec: str, input_shape: tuple[int, ...], num
     except Exception as exc:  # a factory bug or a family that cannot serve this input shape
         raise CompressorError(f"--student {spec}: the student does not run on inputs of shape (N, "
                               f"{', '.join(map(str, input_shape))}) ({type(exc).__name__}: "
-                              f"{(str(exc).strip().splitlines() or [''])[0]}); choose another family") from exc
+                              f"{first_line(exc)}); choose another family") from exc
     finally:
         model.train()
     if tuple(logits.shape) != (2, num_classes):

@@ -10,8 +10,8 @@ import torch
 
 import targets
 from compressor.cli import main
-from compressor.data import load_dataset
-from compressor.teachers import load_ensemble
+from compressor.data.datasets import load_dataset
+from compressor.teachers.formats import load_ensemble
 from tests.conftest import FASHION_MNIST
 
 pytestmark = pytest.mark.slow
@@ -121,8 +121,8 @@ def _row(kind, backend, top1, median_ms, parameters):
 
 
 def test_headline_compares_like_with_like_and_says_plainly_when_the_student_loses():
-    from compressor.distill import TrainResult
-    from compressor.compare import headline
+    from compressor.training.loop import TrainResult
+    from compressor.deployment.verdict import headline
 
     eager = _row("ensemble", "PyTorch eager", 0.91, 1.0, 1_500_000)
     on_target = _row("ensemble", "onnxruntime", 0.91, 0.3, 1_500_000)
@@ -144,8 +144,8 @@ def test_headline_compares_like_with_like_and_says_plainly_when_the_student_lose
 
 
 def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline():
-    from compressor.compare import headline
-    from compressor.distill import TrainResult
+    from compressor.deployment.verdict import headline
+    from compressor.training.loop import TrainResult
 
     eager = _row("ensemble", "PyTorch eager", 0.92, 1.0, 1_500_000)
     student = _row("student", "onnxruntime", 0.91, 0.05, 5_000)
@@ -167,15 +167,15 @@ def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline(
 
 def _scored(kind: str, correct: np.ndarray, labels: np.ndarray):
     """A Row whose argmax is right exactly where ``correct`` says (scores one-hot on the label or the next class)."""
-    from compressor.compare import EAGER, Row
+    from compressor.deployment.rows import EAGER, Row
 
     answers = np.where(correct, labels, (labels + 1) % 10)
     return Row(kind, kind, EAGER, "cpu", "fp32", 1, "-", np.eye(10)[answers], None)
 
 
 def test_the_gain_kept_carries_a_bootstrap_interval_or_is_called_not_measurable():
-    from compressor.compare import headline, verdict
-    from compressor.distill import TrainResult
+    from compressor.deployment.verdict import headline, verdict
+    from compressor.training.loop import TrainResult
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 2000)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import MissingCapabilityError
+from compressor.core.errors import MissingCapabilityError
 
 INPUT_SHAPE = (1, 8, 8)  # (C_in, H, W) like the digits set
 NUM_CLASSES = 10

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import targets
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from targets import bundle as bundle_module
-from targets.bundle import apply_normalisation, load_bundle, write_bundle
+from targets.bundle import load_bundle, write_bundle
+from compressor.core.preprocessing import apply_normalisation
 from targets.onnxruntime import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import MissingCapabilityError
+from compressor.core.errors import MissingCapabilityError
 from targets.benchmark import LatencyStats
 from targets.cuda_timing import cuda_device_name, measure_cuda_latency
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.core.errors import CompressorError, MissingCapabilityError
 from targets import get_target, list_targets
 from targets.base import Artifact, Runner, TensorSpec, check_target_available
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.core.errors import CompressorError, MissingCapabilityError
 from targets.onnxruntime import (
     PROVIDER_NAMES,
     OrtRunner,

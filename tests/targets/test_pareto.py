@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from targets.pareto import DEFAULT_TITLE, pareto_front, plot_pareto
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,7 +195,7 @@ def test_failed_save_leaves_no_file_and_raises(tmp_path, rows, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", fail)
     out = tmp_path / "pareto.png"
-    # compressor.fileio.atomic_path turns the OSError into a CompressorError a user can act on, chained to it
+    # compressor.core.fileio.atomic_path turns the OSError into a CompressorError a user can act on, chained to it
     with pytest.raises(CompressorError, match="No space left on device") as info:
         plot_pareto(rows, out)
     assert isinstance(info.value.__cause__, OSError)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from targets.parity import check_parity, enforce_parity
 
 

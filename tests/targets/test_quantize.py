@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from targets import quantize
 from targets.onnxruntime import export, load
 from targets.parity import check_parity

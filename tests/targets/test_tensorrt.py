@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.core.errors import CompressorError, MissingCapabilityError
 from targets.base import Artifact
 from targets.parity import check_parity
-from targets.tensorrt import (BatchProfile, add_profile, attach_timing_cache, batch_slices, check_input, choose_profile,
-                              describe_parser_errors, export, load, network_flags)
+from targets.tensorrt import batch_slices, check_input, export, load
+from targets.tensorrt_build import BatchProfile, add_profile, attach_timing_cache, choose_profile, describe_parser_errors, network_flags
 
 REPO = Path(__file__).resolve().parents[2]
 

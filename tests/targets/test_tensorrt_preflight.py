@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from targets.tensorrt_preflight import (
     MAX_OPSET,
     MIN_OPSET,

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError, MissingCapabilityError
+from compressor.core.errors import CompressorError, MissingCapabilityError
 from targets.base import Artifact
 from targets.parity import check_parity
-from targets.tensorrt import BatchProfile
+from targets.tensorrt_build import BatchProfile
 from targets.torch_tensorrt import DESCRIPTION_FILE, Float16IO, export, load
 
 REPO = Path(__file__).resolve().parents[2]

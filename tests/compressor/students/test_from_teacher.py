@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from compressor.students import build_from_architecture, create_student, describe_architecture
 
 

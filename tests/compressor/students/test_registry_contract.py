@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from compressor.students import create_student, describe_architecture, list_students, register_student
 from compressor.students import registry
 

@@ -1,0 +1,42 @@
+"""The project's exception type: one sentence for a person, and the exit code the CLI returns.
+
+This module imports nothing heavy so that ``targets`` (and a serving process that only has
+numpy and onnxruntime) can raise the same error the CLI knows how to print.
+"""
+
+from __future__ import annotations
+
+
+class CompressorError(Exception):
+    """A failure a user can fix: the message names the file or value, what was wrong and what to do.
+
+    ``exit_code`` is what ``compress`` exits with: 1 for bad input or a failed gate,
+    2 for a missing capability (no GPU, a missing optional package).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class MissingCapabilityError(CompressorError):
+    """The machine lacks something the request needs (a GPU, an optional package); exit code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters (libraries often append pages of advice
+    below it), or the exception's type name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of ``exc``: exporters and compilers wrap the model's own error in their own."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc

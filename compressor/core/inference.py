@@ -1,0 +1,56 @@
+"""Running a PyTorch classifier on held-out inputs, and the facts about a module every step reports: the logits and
+accuracy of a model on a split (the loop's validation, the diagnostics, parity and the report all call these), where
+its weights live, and how many parameters it has."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of parameters (elements, not tensors) of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the first parameter (or buffer) of ``model``; the CPU for a module without either."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Logits ``(N, C)`` of ``model`` on ``x`` ``(N, ...)``, in eval mode and batches of ``batch_size``.
+
+    Batches are moved to the model's device; the result is on the CPU. The model's train/eval
+    mode is restored afterwards.
+    """
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    if not outs:
+        return torch.empty(0, 0)
+    return torch.cat(outs)  # (N, C)
+
+
+def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy (a fraction in [0, 1]) of ``model`` on the rows of ``x`` whose label ``y`` is >= 0.
+
+    Unlabeled rows (``y == -1``) are skipped before the model sees them; with no labeled row the
+    result is ``nan``.
+    """
+    labeled = y >= 0  # (N,)
+    n = int(labeled.sum())
+    if n == 0:
+        return float("nan")
+    preds = predict_logits(model, x[labeled.to(x.device)], batch_size).argmax(dim=1)  # (n,)
+    return float((preds == y[labeled].cpu()).sum()) / n
+

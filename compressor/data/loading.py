@@ -1,0 +1,66 @@
+"""The main job's data step: ``--data`` (or the ensemble's dataset hint) loaded, checked against the teachers'
+input shape and classes, the normalisation decided, and every split normalised by the bundle's own preprocessing
+function into tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from compressor.config import RunConfig
+from compressor.core.errors import CompressorError
+from compressor.core.preprocessing import apply_normalisation
+from compressor.data.datasets import Dataset, load_dataset
+
+if TYPE_CHECKING:  # the data layer reads an ensemble's metadata, never runs it
+    from compressor.teachers.ensemble import Ensemble
+
+
+@dataclass
+class Tensors:
+    """The dataset's splits as torch tensors, normalised exactly as the bundle will normalise them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | None]:
+    """Load ``--data`` (or the ensemble's dataset hint) and decide the normalisation; check it fits the teachers."""
+    spec = config.data or ensemble.metadata.get("dataset") or "digits"
+    dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train)
+    if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
+        raise CompressorError(
+            f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
+            f"expect {list(ensemble.input_shape)}; pass the data the teachers were trained on")
+    classes = dataset.num_classes
+    if classes is not None and ensemble.num_classes is not None and classes > ensemble.num_classes:
+        raise CompressorError(
+            f"--data {spec} has {classes} classes but the teachers in {config.teacher} predict "
+            f"{ensemble.num_classes}; pass the data the teachers were trained on")
+    normalisation = ensemble.normalisation
+    if config.normalise is not None:
+        normalisation = {"mean": list(config.normalise[0]), "std": list(config.normalise[1]), "source": "--normalise"}
+    elif normalisation is not None:
+        normalisation = {**normalisation, "source": f"ensemble metadata of {config.teacher}"}
+    if normalisation is not None:
+        channels = dataset.input_shape[0] if len(dataset.input_shape) > 1 else 1
+        for key in ("mean", "std"):
+            if len(normalisation[key]) not in (1, channels):
+                raise CompressorError(f"normalisation {key} has {len(normalisation[key])} values for "
+                                      f"{channels} input channels; give one value per channel")
+        if any(s <= 0 for s in normalisation["std"]):
+            raise CompressorError("normalisation std must be positive")
+    return dataset, normalisation
+
+
+def to_tensors(dataset: Dataset, normalisation: dict | None) -> Tensors:
+    """Normalise every split with the bundle's own preprocessing function, then wrap them as tensors."""
+    def prepare(split):
+        return torch.from_numpy(apply_normalisation(split.x, normalisation)), torch.from_numpy(split.y)
+    return Tensors(*prepare(dataset.train), *prepare(dataset.val), *prepare(dataset.test))

@@ -1,0 +1,133 @@
+"""The main job's steps 5 and 6: save the student as TorchScript, export it to the target and check its parity
+with PyTorch, export the whole ensemble to the same target for a like-for-like comparison, and write the bundle a
+service embeds. Part of the pipeline layer, where the training side meets ``targets``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.config import RunConfig
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import atomic_path
+from compressor.core.inference import predict_logits
+from compressor.training.context import RunContext
+from targets.base import TARGETS, Artifact, get_target
+from targets.bundle import write_bundle
+from targets.parity import ParityResult, check_parity
+
+PARITY_ROWS = 2000          # held-out rows compared between PyTorch and the export
+CALIBRATION_ROWS = 512      # transfer-set rows that calibrate int8 activation ranges
+
+
+@dataclass
+class Exported:
+    """What steps 5 and 6 produced: the student's artifact, its runner and parity; the ensemble's runner on the
+    target (None when it could not be exported or failed parity) and the summary of that export."""
+
+    artifact: Artifact
+    runner: object
+    parity: ParityResult
+    ensemble_runner: object
+    ensemble_export: dict
+
+
+def export_all(ctx: RunContext, student: torch.nn.Module) -> Exported:
+    """Export the student (checking parity) and the ensemble to ``--target``."""
+    artifact, runner, parity = export_student(ctx, student)
+    ensemble_runner, ensemble_export = export_ensemble(ctx)
+    return Exported(artifact, runner, parity, ensemble_runner, ensemble_export)
+
+
+def export_student(ctx: RunContext, student: torch.nn.Module):
+    """Export the trained student to ``<out>/export`` at the run's precision (int8 calibrated on transfer-set rows),
+    load it on the target and check it against PyTorch: returns (artifact, runner, parity)."""
+    config, tensors = ctx.config, ctx.tensors
+    target = get_target(config.target)
+    options = export_options(config)
+    if config.precision == "int8":
+        options["calibration"] = tensors.x_train[:CALIBRATION_ROWS].numpy()
+    artifact = target.export(student, tensors.x_test[:2], config.output_dir() / "export", config.precision, **options)
+    runner = target.load(artifact, threads=config.threads, **runner_options(config))
+    x = tensors.x_test[:PARITY_ROWS]
+    parity = check_parity(predict_logits(student, x).numpy(), runner.infer(x.numpy()), config.precision,
+                          labels=tensors.y_test[:PARITY_ROWS].numpy(), max_accuracy_drop=config.max_accuracy_drop)
+    return artifact, runner, parity
+
+
+def save_student(student: torch.nn.Module, example: torch.Tensor, path: Path, config: RunConfig) -> Path:
+    """Write the trained student as TorchScript (loadable without unpickling), atomically."""
+    student.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation: still the safest single-file module format
+        scripted = torch.jit.trace(student, example)
+        meta = json.dumps({"student": config.student, "input_shape": list(example.shape[1:])})
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp), _extra_files={"student.json": meta})
+    return path
+
+
+def export_ensemble(ctx: RunContext):
+    """Export the whole ensemble to the same target, so the report can separate distillation from the backend.
+
+    Returns (runner, summary) or (None, summary with the reason) when the ensemble cannot be exported; the run
+    goes on either way, because the student is the deliverable and this row is a comparison.
+    """
+    config, tensors, ensemble = ctx.config, ctx.tensors, ctx.ensemble
+    target = get_target(config.target)
+    example = tensors.x_test[:2]
+    try:
+        with ctx.console.status(f"exporting the ensemble to {config.target} for a like-for-like comparison"):
+            artifact = target.export(ensemble.as_module(example), example, config.output_dir() / "ensemble-export",
+                                     "fp32", **export_options(config))
+            runner = target.load(artifact, threads=config.threads, **runner_options(config))
+    except CompressorError as exc:
+        return None, {"exported": False, "reason": str(exc)}
+    x = tensors.x_test[:PARITY_ROWS]
+    reference = ensemble.log_probs(ctx.teacher.test[:, :PARITY_ROWS]).numpy()
+    parity = check_parity(reference, runner.infer(x.numpy()), "fp32")
+    summary = {"exported": True, "artifact": artifact.to_dict(), "parity": parity.to_dict()}
+    return (runner if parity.passed else None), summary
+
+
+def fp32_runner(config: RunConfig, artifact: Artifact):
+    """For a reduced-precision export, a runner of the fp32 graph it was converted from (None for an fp32 export),
+    so the report shows what the precision buys on the same target."""
+    if "fp32_model" not in artifact.files:
+        return None
+    fp32 = Artifact(config.target, "fp32", {"model": artifact.files["fp32_model"]}, artifact.inputs, artifact.outputs)
+    return get_target(config.target).load(fp32, threads=config.threads, **runner_options(config))
+
+
+def runner_options(config: RunConfig) -> dict:
+    """Keyword arguments for the target's ``load`` beyond threads: ONNX Runtime's execution provider."""
+    return {"provider": config.ort_provider} if config.target in ("onnx", "onnxruntime") else {}
+
+
+def export_options(config: RunConfig) -> dict:
+    """Keyword arguments for the target's ``export`` beyond precision: a GPU engine's optimisation profile is chosen
+    from the batch sizes the benchmark will send (``--batch-sizes``), so none of them is split or untuned."""
+    return {"batch_sizes": tuple(config.batch_sizes)} if TARGETS[config.target].needs_gpu else {}
+
+
+def write_student_bundle(ctx: RunContext, artifact: Artifact, versions: dict) -> Path:
+    """Write ``bundle/``: the model file and the metadata a service needs to reproduce our preprocessing."""
+    config = ctx.config
+    spec_in, spec_out = artifact.inputs[0], artifact.outputs[0]
+    metadata = {
+        "input": {"name": spec_in.name, "shape": [d for d in spec_in.shape if d != "batch"], "dtype": spec_in.dtype},
+        "output": {"name": spec_out.name, "shape": [d for d in spec_out.shape if d != "batch"],
+                   "dtype": spec_out.dtype},
+        "preprocessing": ctx.dataset.preprocessing,
+        "normalisation": ctx.normalisation,
+        "class_names": ctx.ensemble.class_names or ctx.dataset.class_names,
+        "precision": config.precision,
+        "target": config.target,
+        "student": config.student,
+        "versions": versions,
+    }
+    return write_bundle(Path(artifact.files["model"]), metadata, config.output_dir() / "bundle")

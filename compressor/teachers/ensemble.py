@@ -1,0 +1,231 @@
+"""A teacher ensemble in memory: K classifiers with the same input shape and the same C classes (Hinton et al.
+2015, §2-3), validated on a batch, run member by member, and combined into the soft targets at temperature T.
+Its files are read and written by :mod:`compressor.teachers.formats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compressor.core.errors import CompressorError, first_line
+from compressor.kernels import ensemble_log_probs
+from compressor.teachers.specialists import COMBINE as COMBINE_SPECIALISTS
+from compressor.teachers.specialists import specialist_log_probs
+
+
+
+class _MixtureModule(nn.Module):
+    """The ensemble's prediction as a module, for tracing: members' logits, then the weighted mixture at T = 1."""
+
+    def __init__(self, ensemble: "Ensemble"):
+        super().__init__()
+        self.members = nn.ModuleList(member.forward for member in ensemble.members)  # registered, so traceable
+        self.temperatures = [member.temperature for member in ensemble.members]
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        member_logits = torch.stack([module(x).float() / temperature
+                                     for module, temperature in zip(self.members, self.temperatures)])  # (K, N, C)
+        return self.ensemble.log_probs(member_logits)  # (N, C)
+
+
+@dataclass
+class Member:
+    """One teacher: a name, where it came from, and a callable from inputs (N, ...) to logits (N, C)."""
+
+    name: str
+    kind: str                      # "torchscript", "torch.export", "onnx", "pickle"
+    source: str                    # the file it was loaded from
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    parameters: int
+    architecture: list[dict] | None = None
+    temperature: float = 1.0       # the member's own calibration temperature (manifest), applied to its logits
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.forward(x)
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+
+@dataclass
+class Ensemble:
+    """A validated teacher ensemble. ``member_logits`` is what distillation and the benchmark run."""
+
+    path: Path
+    source_format: str
+    members: list[Member]
+    weights: list[float] | None
+    combine: str
+    metadata: dict
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)  # fingerprint(), once read
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        shape = self.metadata.get("input_shape")
+        return tuple(shape) if shape else None
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.metadata.get("num_classes")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.metadata.get("class_names")
+
+    @property
+    def normalisation(self) -> dict | None:
+        return self.metadata.get("normalisation")
+
+    @property
+    def parameters(self) -> int:
+        return sum(member.parameters for member in self.members)
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor, batch_size: int = 1024,
+                      on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits, checked finite.
+
+        ``on_batch(rows)`` is called after each member's batch (for a progress bar over K × N rows).
+        """
+        outputs = []
+        for member in self.members:
+            chunks = []
+            for i in range(0, len(x), batch_size):
+                chunks.append(self._run_member(member, x[i:i + batch_size]))
+                if on_batch is not None:
+                    on_batch(len(chunks[-1]))
+            logits = torch.cat(chunks)
+            if not torch.isfinite(logits).all():
+                bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+                raise CompressorError(
+                    f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {bad} of {len(x)} "
+                    f"inputs; check that member (its weights, or the input normalisation it expects)")
+            outputs.append(logits)
+        return torch.stack(outputs)  # (K, N, C)
+
+    @property
+    def specialist_subsets(self) -> list[tuple[int, ...]] | None:
+        """Each specialist's classes when this is a specialist ensemble (member 0 the generalist), else None."""
+        spec = self.metadata.get("specialists")
+        return None if self.combine != COMBINE_SPECIALISTS else [tuple(s) for s in spec["subsets"]]
+
+    def log_probs(self, member_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The ensemble's prediction (N, C) log-probabilities from its members' (K, N, C) logits.
+
+        A specialist ensemble combines its members as paper §5 does (:func:`specialist_log_probs`) and softens the
+        result q at temperature T as ``softmax(log q / T)``.
+        """
+        if self.combine == COMBINE_SPECIALISTS:
+            combined = specialist_log_probs(member_logits, self.specialist_subsets,
+                                            int(self.metadata["specialists"].get("top_n", 1)))
+            return combined if temperature == 1.0 else torch.log_softmax(combined / temperature, dim=-1)
+        weights = torch.tensor(self.weights, dtype=member_logits.dtype) if self.weights else None
+        return ensemble_log_probs(member_logits, temperature, weights, self.combine)
+
+    def as_module(self, example: torch.Tensor) -> torch.jit.ScriptModule:
+        """The whole ensemble as one traced module: inputs (N, ...) → mixture log-probabilities (N, C) at T = 1.
+
+        This is what an ensemble deployed as is would run, so exporting it to a target separates what distillation
+        buys from what the target buys. ONNX members cannot be traced: CompressorError names them.
+        """
+        untraceable = [m.name for m in self.members if m.kind == "onnx"]
+        if untraceable:
+            raise CompressorError(f"members {untraceable} are ONNX files run by onnxruntime, not PyTorch modules, so "
+                                  f"the ensemble cannot be exported as one graph")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings from constant weights, TorchScript deprecation
+            return torch.jit.trace(self.eager_module(), example, check_trace=False)
+
+    def eager_module(self) -> nn.Module:
+        """The ensemble as one untraced PyTorch module (N, ...) → (N, C) log-probabilities at T = 1, in eval mode.
+
+        Movable to a GPU with ``.to("cuda")`` when every member is a PyTorch module (not an ONNX file).
+        """
+        return _MixtureModule(self).eval()
+
+    def validate(self, example: torch.Tensor, what: str) -> None:
+        """Run every member on ``example`` (N, ...); check 2-D outputs, one class count, finite values.
+
+        ``what`` says where the example came from, for the error message (e.g. "--data digits").
+        """
+        shapes = {}
+        for member in self.members:
+            out = self._run_member(member, example, what)
+            if out.ndim != 2 or out.shape[0] != example.shape[0]:
+                raise CompressorError(
+                    f"teacher member '{member.name}' ({member.source}) returned shape {tuple(out.shape)} for a batch of "
+                    f"{example.shape[0]}; a teacher must return logits of shape (N, C)")
+            if not torch.isfinite(out).all():
+                raise CompressorError(
+                    f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {what}; "
+                    f"check that member's weights and the input normalisation it expects")
+            shapes[member.name] = out.shape[1]
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"'{name}' {c}" for name, c in shapes.items())
+            raise CompressorError(f"{self.path}: members disagree on the number of classes ({listing}); "
+                                  f"every member must classify the same C classes")
+        num_classes = next(iter(shapes.values()))
+        declared = self.metadata.get("num_classes")
+        if declared is not None and declared != num_classes:
+            raise CompressorError(f"{self.path}: metadata says {declared} classes but the members output {num_classes}")
+        self.metadata["num_classes"] = num_classes
+        if self.metadata.get("input_shape") is None:
+            self.metadata["input_shape"] = list(example.shape[1:])
+        names = self.class_names
+        if names is not None and len(names) != num_classes:
+            raise CompressorError(f"{self.path}: {len(names)} class names for {num_classes} classes; fix class_names")
+
+    def _run_member(self, member: Member, x: torch.Tensor, what: str = "its inputs") -> torch.Tensor:
+        try:
+            return member(x).float()
+        except CompressorError:
+            raise
+        except Exception as exc:
+            expected = f" (the ensemble declares input shape {list(self.input_shape)})" if self.input_shape else ""
+            raise CompressorError(
+                f"teacher member '{member.name}' ({member.source}) failed on inputs of shape {list(x.shape[1:])} "
+                f"from {what}{expected}: {first_line(exc)}; the data must have the shape the teachers were trained on"
+            ) from exc
+
+    def fingerprint(self) -> str:
+        """sha256 over the teacher file and every member file: identifies the teachers a checkpoint used.
+
+        Read once per run (the teacher cache and the checkpoints both ask), in 1 MiB blocks, so a teacher file of
+        several GB is never held in memory whole.
+        """
+        if self._digest is None:
+            digest = hashlib.sha256()
+            files = [self.path] + sorted({Path(m.source) for m in self.members} - {self.path})
+            for file in files:
+                if file.is_file():
+                    with open(file, "rb") as handle:
+                        for block in iter(lambda: handle.read(1 << 20), b""):
+                            digest.update(block)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def describe(self) -> dict:
+        """JSON-safe summary for reports and ``compress inspect``."""
+        return {
+            "path": str(self.path),
+            "format": self.source_format,
+            "members": [{"name": m.name, "kind": m.kind, "source": m.source, "parameters": m.parameters,
+                         "temperature": m.temperature} for m in self.members],
+            "parameters": self.parameters,
+            "weights": self.weights,
+            "combine": self.combine,
+            "input_shape": self.metadata.get("input_shape"),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "normalisation": self.normalisation,
+            "dataset": self.metadata.get("dataset"),
+            "specialists": self.metadata.get("specialists"),
+        }
+
+

@@ -1,0 +1,196 @@
+"""The teacher-logit cache: run the ensemble once over the data, keep its members' logits on disk, reuse them.
+
+Teachers are the expensive part of distillation: K large models on every row. Their logits depend only on the
+teacher files, the data and its preprocessing, so they are computed once and stored in an entry keyed by a sha256
+of exactly those three things. A later run (another temperature, α, student, a resumed run, another DDP rank)
+with the same key reads the entry instead of running the teachers; a run with anything different gets a new key
+and never sees the old logits.
+
+An entry is a folder ``<root>/<key digest>/``:
+
+- ``train.npy`` — the transfer set's member logits (K, N, C) in float16, read through a memory map, so a transfer
+  set larger than RAM works (float32 when a logit reaches 128, where float16's steps grow to 0.125);
+- ``val.npy``, ``test.npy`` — the held-out splits in float32, so the report's ensemble accuracy is exact;
+- ``entry.json`` — the key and the sha256, shape and dtype of each array.
+
+It is written in a temporary folder and renamed into place, so it exists whole or not at all. An entry whose
+record does not match its key or its files (edited, truncated, copied from elsewhere) is refused with a message
+naming the folder and the fix, never used. Member logits, not the mixture at one temperature, are stored, so
+changing ``--temperature`` or ``--alpha`` reuses the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from compressor.core.errors import CompressorError
+from compressor.core.fileio import directory_mode, remove_folder_atomically, sha256_file
+
+CACHE_FORMAT = "compressor.teacher-cache/1"
+ENTRY_FILE = "entry.json"
+SPLITS = ("train", "val", "test")
+# Below 128, float16 rounds a logit by at most 0.03 (its steps there are 0.0625), well under what moves a tempered
+# softmax; larger logits (rare in trained classifiers) are kept in float32.
+FLOAT16_SAFE_MAX = 128.0
+
+
+def default_cache_root() -> Path:
+    """``$COMPRESSOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/compressor/teacher-logits``, else ``~/.cache/...``."""
+    if os.environ.get("COMPRESSOR_CACHE_DIR"):
+        return Path(os.environ["COMPRESSOR_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "compressor" / "teacher-logits"
+
+
+def cache_key(teacher_sha256: str, data_sha256: str, preprocessing: dict) -> dict:
+    """What the member logits depend on: the teacher files, the data, and how the data was prepared."""
+    return {"format": CACHE_FORMAT, "teacher_sha256": teacher_sha256, "data_sha256": data_sha256,
+            "preprocessing": json.loads(json.dumps(preprocessing, sort_keys=True))}
+
+
+def key_digest(key: dict) -> str:
+    """The entry's folder name: sha256 of the key's canonical JSON."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+class CachedLogits:
+    """Member logits (K, N, C) held in a (memory-mapped) array, optionally seen through a subset of its rows.
+
+    ``take(idx)`` returns rows ``idx`` of the (subset) view as a float32 tensor (K, B, C); the training loop calls
+    it once per batch, so only those rows are read from disk.
+    """
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray | None = None):
+        self.array = array  # (K, N_all, C)
+        self.rows = rows    # (N,) int64 indices into N_all, or None for all rows
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        k, n, c = self.array.shape
+        return k, (n if self.rows is None else len(self.rows)), c
+
+    def subset(self, rows: np.ndarray) -> "CachedLogits":
+        """The same logits seen through ``rows`` (indices into this view)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return CachedLogits(self.array, rows if self.rows is None else self.rows[rows])
+
+    def take(self, idx: Tensor) -> Tensor:
+        """Rows ``idx`` (B,) of this view as float32 (K, B, C)."""
+        picked = idx.cpu().numpy()
+        if self.rows is not None:
+            picked = self.rows[picked]
+        return torch.from_numpy(np.asarray(self.array[:, picked], dtype=np.float32))
+
+    def to_tensor(self) -> Tensor:
+        """Every row of this view as one float32 tensor (K, N, C)."""
+        return self.take(torch.arange(self.shape[1]))
+
+
+class TeacherCache:
+    """One cache entry: ``load()`` it if it exists and is whole, ``store()`` it after computing the logits."""
+
+    def __init__(self, root: Path, key: dict):
+        self.root = Path(root).expanduser()
+        self.key = key
+        self.digest = key_digest(key)
+        self.path = self.root / self.digest
+
+    def exists(self) -> bool:
+        """Whether an entry (whole or not) is present under this key."""
+        return (self.path / ENTRY_FILE).is_file()
+
+    def load(self) -> dict[str, CachedLogits] | None:
+        """The cached logits per split, or None when there is no entry. Raises CompressorError for an entry that
+        does not match its key or its files."""
+        if not self.exists():
+            return None
+        try:
+            record = json.loads((self.path / ENTRY_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise self._stale(f"{ENTRY_FILE} is unreadable ({exc})") from exc
+        if not isinstance(record, dict) or record.get("key") != self.key:
+            raise self._stale("its record was written for other teachers, data or preprocessing")
+        arrays = record.get("arrays")
+        out = {}
+        for split in SPLITS:
+            info = arrays.get(split) if isinstance(arrays, dict) else None
+            file = self.path / f"{split}.npy"
+            if not isinstance(info, dict) or not {"sha256", "shape", "dtype"} <= set(info):
+                raise self._stale(f"{ENTRY_FILE} has no complete record of {file.name}")
+            if not file.is_file():
+                raise self._stale(f"{file.name} is missing")
+            if sha256_file(file) != info["sha256"]:
+                raise self._stale(f"{file.name} does not match the checksum recorded when it was written")
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+            if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+                raise self._stale(f"{file.name} has shape {list(array.shape)} {array.dtype}, recorded "
+                                  f"{info['shape']} {info['dtype']}")
+            out[split] = CachedLogits(array)
+        return out
+
+    def store(self, logits: dict[str, Tensor], replace: bool = False) -> dict[str, CachedLogits]:
+        """Write ``logits[split]`` (K, N, C) for every split as a new entry, atomically, and return it loaded.
+
+        Runs that share the cache may compute the same key at once; the first to finish stores its entry and the
+        others use it (their logits are the same), unless ``replace`` (--refresh-teacher-cache) asks to swap it out.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}.", suffix=".tmp", dir=self.root))
+        except OSError as exc:
+            raise CompressorError(f"cannot create the teacher cache in {self.root} ({exc.strerror or exc}); choose "
+                                  f"another --teacher-cache or pass --no-cache") from exc
+        try:
+            arrays = {}
+            for split in SPLITS:
+                values = logits[split].detach().cpu().float().numpy()  # (K, N, C)
+                small = split == "train" and (values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX)
+                array = values.astype(np.float16) if small else values
+                file = scratch / f"{split}.npy"
+                np.save(file, array, allow_pickle=False)
+                arrays[split] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256_file(file)}
+            record = {"key": self.key, "arrays": arrays}
+            (scratch / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            os.chmod(scratch, directory_mode())  # mkdtemp makes 0700; other users of a shared cache must read it
+            if replace and self.path.exists():
+                remove_folder_atomically(self.path)  # a reader sees the old entry whole or none
+            try:
+                os.replace(scratch, self.path)
+                ours = True
+            except OSError:
+                if not self.path.is_dir():
+                    raise
+                shutil.rmtree(scratch)  # another run sharing the cache stored this key first: use its entry
+                ours = False
+        except OSError as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise CompressorError(f"could not write the teacher cache {self.path}: {exc.strerror or exc}; free disk "
+                                  f"space, choose another --teacher-cache or pass --no-cache") from exc
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        if ours:  # just written and checksummed: open it without reading every byte back
+            return {split: CachedLogits(np.load(self.path / f"{split}.npy", mmap_mode="r", allow_pickle=False))
+                    for split in SPLITS}
+        loaded = self.load()
+        if loaded is None:
+            raise CompressorError(f"teacher cache {self.path} vanished right after it was stored (another run "
+                                  f"refreshing it?); rerun, or pass --no-cache")
+        return loaded
+
+    def describe(self, hit: bool) -> dict:
+        """JSON-safe summary for the report."""
+        return {"enabled": True, "path": str(self.path), "hit": hit, "key": self.key}
+
+    def _stale(self, why: str) -> CompressorError:
+        return CompressorError(f"teacher cache {self.path} cannot be used: {why}; delete that folder or rerun with "
+                               f"--refresh-teacher-cache (or --no-cache to run the teachers on every batch)")

@@ -1,0 +1,80 @@
+"""Step 1's output: the members' logits on every split, from the teacher cache when it holds them (else computed
+once and stored), the diagnostics' reading of them on a sample of the transfer set, and how closely a trained
+model imitates them there."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.core.inference import predict_logits
+from compressor.core.metrics import classification_metrics
+from compressor.core.progress import progress_bar
+from compressor.teachers.diagnostics import diagnose, transfer_sample
+from compressor.teachers.ensemble import Ensemble
+from compressor.training.context import RunContext, TeacherOutputs
+from compressor.training.distributed import barrier
+from compressor.training.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
+
+
+def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool) -> dict[str, torch.Tensor]:
+    """Run every member once over each split's inputs: (K, N, C) logits per split, with a progress bar."""
+    total = len(ensemble.members) * sum(len(x) for x in splits.values())
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"teachers ({len(ensemble.members)} members)", total=total)
+        return {name: ensemble.member_logits(x, on_batch=lambda rows: bar.advance(task, rows))
+                for name, x in splits.items()}
+
+
+def teacher_outputs(ctx: RunContext) -> TeacherOutputs:
+    """The members' logits on every split, from the teacher cache when it holds them; else computed once and
+    stored there by rank 0 (the other ranks read what it stored). With --no-cache the teachers run on the held-out
+    splits once and on every training batch, for inputs that change from epoch to epoch."""
+    config, ensemble, tensors = ctx.config, ctx.ensemble, ctx.tensors
+    splits = {"train": tensors.x_train, "val": tensors.x_val, "test": tensors.x_test}
+
+    def online(xb: torch.Tensor) -> torch.Tensor:
+        return ensemble.member_logits(xb.cpu(), batch_size=max(len(xb), 1))  # (K, B, C)
+
+    if config.no_cache:
+        held_out = run_teachers(ensemble, {"val": splits["val"], "test": splits["test"]}, config.progress)
+        return TeacherOutputs(online, held_out["val"], held_out["test"], {"enabled": False}, online)
+    key = cache_key(ensemble.fingerprint(), ctx.dataset.fingerprint(),
+                    {"preprocessing": ctx.dataset.preprocessing, "normalisation": ctx.normalisation})
+    cache = TeacherCache(config.teacher_cache or default_cache_root(), key)
+    entries, hit = None, False
+    if ctx.world.is_main:
+        entries = None if config.refresh_teacher_cache else cache.load()
+        hit = entries is not None
+        if hit:
+            ctx.console.print(f"[bold]teacher cache[/] reusing {cache.path}")
+        else:
+            entries = cache.store(run_teachers(ensemble, splits, config.progress),
+                                  replace=config.refresh_teacher_cache)
+            ctx.console.print(f"[bold]teacher cache[/] stored {cache.path}")
+    barrier(ctx.world)
+    if not ctx.world.is_main:
+        entries = cache.load()
+        if entries is None:  # no filesystem shared with rank 0: this rank computes its own copy in memory
+            computed = run_teachers(ensemble, splits, config.progress)
+            entries = {name: CachedLogits(logits.numpy()) for name, logits in computed.items()}
+    return TeacherOutputs(entries["train"], entries["val"].to_tensor(), entries["test"].to_tensor(),
+                          cache.describe(hit), online, cache.root / "views")
+
+
+def diagnose_teachers(ctx: RunContext) -> dict:
+    """The ensemble on validation and on a sample of the transfer set (compressor.teachers.diagnostics)."""
+    rows = transfer_sample(ctx.tensors.y_train, ctx.config.seed)  # (S,)
+    transfer = ctx.teacher.take_train(rows, ctx.tensors.x_train)  # (K, S, C): only the sampled rows are read
+    return diagnose(ctx.ensemble, ctx.teacher.val, ctx.tensors.y_val, transfer_logits=transfer,
+                    transfer_labels=ctx.tensors.y_train[rows])
+
+
+def transfer_fit(model: torch.nn.Module, ctx: RunContext) -> dict:
+    """How closely ``model`` imitates the ensemble on rows it trained on (a seeded sample of the transfer set, the
+    plain images): top-1 agreement and mean KL(ensemble ‖ model) in nats at T = 1. A student that agrees little
+    even there cannot represent the teachers' function, so no recipe or schedule will make it keep their gain."""
+    x_train = ctx.tensors.x_train
+    rows = transfer_sample(torch.zeros_like(ctx.tensors.y_train), ctx.config.seed)  # (S,) every row counts
+    reference = ctx.ensemble.log_probs(ctx.teacher.take_train(rows, x_train)).numpy()  # (S, C)
+    metrics = classification_metrics(predict_logits(model, x_train[rows]).numpy(), None, reference)
+    return {"rows": len(rows), "agreement": metrics["agreement"], "kl_to_ensemble": metrics["kl_to_reference"]}
