@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from compressor.kernels.tempered_kl_reference import (COMBINES, ensemble_log_probs, ensemble_weights,
-                                                      tempered_kl_reference, tempered_kl_reference_from_log_probs)
+                                                      tempered_kl_reference)
 
 __all__ = ["COMBINES", "IMPLS", "ensemble_log_probs", "ensemble_weights", "resolve_impl", "tempered_kl",
-           "tempered_kl_from_log_probs", "tempered_kl_reference", "tempered_kl_reference_from_log_probs"]
+           "tempered_kl_reference"]
 
 IMPLS = ("auto", "reference", "cpu", "triton")  # what ``impl`` accepts
 
@@ -72,20 +72,3 @@ def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor |
         from compressor.kernels.tempered_kl_cpu import tempered_kl_cpu
         return tempered_kl_cpu(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)
     return tempered_kl_reference(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)
-
-
-def tempered_kl_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,
-                               temperature: float, alpha: float, impl: str = "auto") -> Tensor:
-    """The same loss from the ensemble's precomputed soft target: ``teacher_log_probs`` (N, C) is log p_T.
-
-    Use it when the soft targets are cached (e.g. ``ensemble_log_probs(teacher_logits, T)`` computed once), so
-    per-step traffic no longer grows with the number of members K.
-    """
-    resolved = resolve_impl(impl, student_logits.device, teacher_log_probs.requires_grad)
-    if resolved == "triton":
-        from compressor.kernels.tempered_kl_triton import tempered_kl_triton_from_log_probs
-        return tempered_kl_triton_from_log_probs(student_logits, teacher_log_probs, labels, temperature, alpha)
-    if resolved == "cpu":
-        from compressor.kernels.tempered_kl_cpu import tempered_kl_cpu_from_log_probs
-        return tempered_kl_cpu_from_log_probs(student_logits, teacher_log_probs, labels, temperature, alpha)
-    return tempered_kl_reference_from_log_probs(student_logits, teacher_log_probs, labels, temperature, alpha)
