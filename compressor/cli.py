@@ -1,5 +1,5 @@
-"""``compress``: turn arguments into a RunConfig and call the pipeline (and, for runs started from Python, a RunConfig
-back into the ``compress`` line that builds it). No other logic lives here.
+"""``compress``: turn arguments into a RunConfig (``compressor.options``) and call the pipeline. No other logic lives
+here.
 
 Errors a user can fix (``CompressorError``) print one line and exit non-zero (2 for a missing GPU or package);
 ``--debug`` shows the traceback instead.
@@ -7,178 +7,22 @@ Errors a user can fix (``CompressorError``) print one line and exit non-zero (2 
 
 from __future__ import annotations
 
-import functools
 import shlex
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from compressor import __version__
-from compressor.config import PRECISIONS, RunConfig, SpecialistsConfig
+from compressor.config import RunConfig, SpecialistsConfig
 from compressor.core.errors import CompressorError
-from compressor.training.halving import DEFAULT_TUNE_MINUTES
+from compressor.options import config_from_options, job_options, parse_normalise
 
-TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
 stdout = Console()
 stderr = Console(stderr=True)
-
-
-def _parse_batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 1,64") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{value!r}: give comma-separated positive integers, e.g. 1,64")
-    return sizes
-
-
-def _parse_normalise(ctx, param, value: str | None):
-    if value is None:
-        return None
-    try:
-        mean, std = value.split("/")
-        return tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give MEAN/STD with one comma-separated value per channel, "
-                                 f"e.g. 0.286/0.353 or 0.485,0.456,0.406/0.229,0.224,0.225") from None
-
-
-def job_options(func):
-    """The options shared by the main job and ``compress demo``."""
-    options = [
-        click.option("--target", type=click.Choice(TARGET_CHOICES), default="onnxruntime", show_default=True,
-                     help="Export target."),
-        click.option("--data", default=None, help="digits | IDX folder | file.npz (default: the ensemble's hint)."),
-        click.option("--student", default=RunConfig.student, show_default=True,
-                     help="Student spec, e.g. mlp:800x800, cnn:16x32, from-teacher:0.25."),
-        click.option("--out", type=click.Path(path_type=Path), default=None,
-                     help="Output folder (default ./compressed/<teacher-stem>-<target>)."),
-        click.option("--temperature", "-T", type=float, default=RunConfig.temperature, show_default=True),
-        click.option("--alpha", type=float, default=RunConfig.alpha, show_default=True,
-                     help="Weight of the soft-target term; 1 - alpha weighs the hard labels."),
-        click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True),
-        click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
-        click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Precision of the export: fp16 converts the graph, int8 quantizes it (QDQ) calibrated on "
-                          "the transfer set."),
-        click.option("--max-accuracy-drop", type=float, default=RunConfig.max_accuracy_drop, show_default=True,
-                     help="int8 parity gate: the most test accuracy, in points, the export may lose to PyTorch."),
-        click.option("--seed", type=int, default=RunConfig.seed, show_default=True),
-        click.option("--normalise", callback=_parse_normalise, default=None, metavar="MEAN/STD",
-                     help="Per-channel normalisation applied before the teachers, e.g. 0.286/0.353 "
-                          "(overrides the ensemble's metadata)."),
-        click.option("--max-train", type=int, default=None, help="Cap each split at N examples (quick runs)."),
-        click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.pt."),
-        click.option("--batch-sizes", callback=_parse_batch_sizes, default="1,64", show_default=True,
-                     help="Batch sizes to benchmark, e.g. 1,8,64,256."),
-        click.option("--warmup", type=float, default=RunConfig.warmup_s, show_default=True,
-                     help="Benchmark warm-up seconds per row and batch size."),
-        click.option("--duration", type=float, default=RunConfig.duration_s, show_default=True,
-                     help="Benchmark seconds per row and batch size, split over the rounds."),
-        click.option("--rounds", type=click.IntRange(min=1), default=RunConfig.rounds, show_default=True,
-                     help="Interleaved benchmark rounds; the report flags figures whose rounds disagree by >10%."),
-        click.option("--baseline", is_flag=True,
-                     help="Also train the student's architecture on the hard labels alone (same budget), so the "
-                          "report shows what the teachers add."),
-        click.option("--teacher-cache", type=click.Path(path_type=Path), default=None,
-                     help="Folder of the teacher-logit cache (default $COMPRESSOR_CACHE_DIR or "
-                          "~/.cache/compressor/teacher-logits): teachers run once per teacher file, data and "
-                          "preprocessing, and later runs reuse their logits."),
-        click.option("--no-cache", is_flag=True,
-                     help="Run the teachers on every training batch instead of caching their logits."),
-        click.option("--refresh-teacher-cache", is_flag=True, help="Recompute and replace this run's cache entry."),
-        click.option("--recipe", type=click.Choice(["hinton", "consistent", "function-matching", "auto"]),
-                     default=RunConfig.recipe, show_default=True,
-                     help="hinton: the paper; consistent: teachers see the student's augmented view; "
-                          "function-matching: mixed pairs of inputs, alpha 1 (Beyer et al. 2022); auto: "
-                          f"--tune with {DEFAULT_TUNE_MINUTES:g} minutes unless --tune says otherwise."),
-        click.option("--tune", type=float, default=None, metavar="MINUTES",
-                     help="Search recipe, T, alpha, lr and epochs on validation by successive halving in about "
-                          "this many minutes, with the hard-label baseline tuned alike; the report prints the "
-                          "command that reruns the choice."),
-        click.option("--tune-trials", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="With --tune or --recipe auto: N configurations per family instead of as many as the "
-                          "budget fits, so the search itself is the same on any machine."),
-        click.option("--unlabeled", is_flag=True,
-                     help="Ignore the transfer set's labels: train on the soft targets alone (alpha 1)."),
-        click.option("--omit-classes", default=None, metavar="CLASSES",
-                     help="Leave these classes out of the transfer set, e.g. 3 or dress,coat (paper §3)."),
-        click.option("--bias-fix", default=RunConfig.bias_fix, show_default=True, metavar="auto|none|FLOAT",
-                     help="With --omit-classes: raise the omitted classes' output biases by the amount that "
-                          "maximises validation accuracy (auto), not at all, or by FLOAT."),
-        click.option("--amp", type=click.Choice(["none", "bf16"]), default=RunConfig.amp, show_default=True,
-                     help="Mixed precision while training: bf16 autocasts the student's forward pass."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device,
-                     show_default=True, help="Where the student trains (auto: CUDA when present)."),
-        click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-                     default=RunConfig.ort_provider, show_default=True,
-                     help="ONNX Runtime execution provider for --target onnxruntime/onnx (auto: CUDA when "
-                          "onnxruntime-gpu has it, else CPU; tensorrt: its TensorRT provider, engines cached)."),
-        click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime."),
-        click.option("--no-progress", is_flag=True, help="No progress bars."),
-        click.option("--debug", is_flag=True, help="Show tracebacks."),
-    ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), func)
-
-
-def _config(teacher: Path, options: dict, **overrides) -> RunConfig:
-    return RunConfig(
-        teacher=teacher, target=options["target"], data=options["data"], student=options["student"],
-        out=options["out"], temperature=options["temperature"], alpha=options["alpha"], epochs=options["epochs"],
-        batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
-        max_accuracy_drop=options["max_accuracy_drop"],
-        normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
-        batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
-        rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
-        no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
-        unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
-        amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
-        recipe=options["recipe"], tune=options["tune"], tune_trials=options["tune_trials"],
-        threads=options["threads"], progress=not options["no_progress"],
-        command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
-
-
-# RunConfig field -> its ``compress`` option, for command_line; fields a user cannot set there are absent
-_FLAGS = {"trust_pickle": "--trust-pickle", "resume": "--resume", "baseline": "--baseline", "no_cache": "--no-cache",
-          "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled"}
-_VALUES = {"target": "--target", "data": "--data", "student": "--student", "out": "--out",
-           "temperature": "--temperature", "alpha": "--alpha", "epochs": "--epochs", "batch_size": "--batch-size",
-           "lr": "--lr", "precision": "--precision", "max_accuracy_drop": "--max-accuracy-drop", "seed": "--seed",
-           "normalise": "--normalise", "max_train": "--max-train", "batch_sizes": "--batch-sizes",
-           "warmup_s": "--warmup", "duration_s": "--duration", "rounds": "--rounds", "teacher_cache": "--teacher-cache",
-           "omit_classes": "--omit-classes", "bias_fix": "--bias-fix", "amp": "--amp", "device": "--device",
-           "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
-           "threads": "--threads"}
-
-
-def command_line(config: RunConfig) -> str:
-    """The ``compress`` line that builds exactly ``config`` (its ``command`` aside): for a run started from Python,
-    such as the benchmarks', so its report prints a command a user can paste, and tuning's rerun lines are too.
-
-    Raises ValueError for a setting the CLI does not offer (weight_decay, extra)."""
-    default = RunConfig(teacher=config.teacher)
-    for name in ("weight_decay", "extra"):
-        if getattr(config, name) != getattr(default, name):
-            raise ValueError(f"compress has no option for {name}; this config cannot be written as a command")
-    words = ["compress", "--teacher", str(config.teacher)]
-    words += [option for name, option in _FLAGS.items() if getattr(config, name)]
-    for name, option in _VALUES.items():
-        value = getattr(config, name)
-        if value is None or value == getattr(default, name):
-            continue
-        if name == "batch_sizes":
-            value = ",".join(map(str, value))
-        elif name == "normalise":
-            value = "/".join(",".join(map(repr, part)) for part in value)
-        words += [option, str(value)]
-    if not config.progress:
-        words.append("--no-progress")
-    return shlex.join(words)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,7 +48,7 @@ def cli(ctx: click.Context, teacher: Path | None, trust_pickle: bool, **options)
         return
     if teacher is None:
         raise click.UsageError("--teacher is required (or run 'compress demo' to try the whole job)")
-    _run_and_summarise(_config(teacher, options, trust_pickle=trust_pickle))
+    _run_and_summarise(config_from_options(teacher, options, trust_pickle=trust_pickle))
 
 
 @cli.command()
@@ -219,7 +63,7 @@ def demo(**options) -> None:
     options = {**options, "out": out, "data": "digits"}
     stderr.print(f"[bold]demo[/] training 3 teachers on digits -> {out / 'teachers'}")
     teacher = build_demo_teachers(out / "teachers", seed=options["seed"], progress=not options["no_progress"])
-    _run_and_summarise(_config(teacher, options))
+    _run_and_summarise(config_from_options(teacher, options))
 
 
 @cli.command()
@@ -269,7 +113,7 @@ def preflight(model: Path, debug: bool) -> None:
 @click.option("--lr", type=float, default=SpecialistsConfig.lr, show_default=True)
 @click.option("--seed", type=int, default=SpecialistsConfig.seed, show_default=True)
 @click.option("--max-train", type=int, default=None, help="Cap each split at N examples (quick runs).")
-@click.option("--normalise", callback=_parse_normalise, default=None, metavar="MEAN/STD",
+@click.option("--normalise", callback=parse_normalise, default=None, metavar="MEAN/STD",
               help="Per-channel normalisation before the generalist (overrides its metadata).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled generalist.")
@@ -296,12 +140,24 @@ def specialists(generalist: Path, out: Path, debug: bool, **options) -> None:
 
 
 @cli.command()
-def students() -> None:
-    """List the registered student families."""
-    from compressor.students import list_students
+@click.option("--models", "family", default=None, metavar="FAMILY",
+              help="List every model name a library family (timm, torchvision) accepts after the colon.")
+def students(family: str | None) -> None:
+    """List the registered student families (and, for timm and torchvision, how many models each can build)."""
+    from compressor.students import list_students, student_catalogue
 
+    if family is not None:
+        for name in student_catalogue(family) or []:
+            stdout.print(f"{family}:{name}")
+        return
     for name in list_students():
-        stdout.print(name)
+        try:
+            names = student_catalogue(name)
+        except CompressorError as exc:
+            stdout.print(f"{name}  (unavailable here: {exc})", highlight=False, soft_wrap=True, markup=False)
+            continue
+        note = "" if names is None else f"  {name}:NAME, any of {len(names)} models (compress students --models {name})"
+        stdout.print(f"{name}{note}", highlight=False)
 
 
 def _run_and_summarise(config: RunConfig) -> None:
@@ -344,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as exc:
         if debug:
             raise
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
         stderr.print("interrupted: finished epochs are kept in <out>/checkpoints; rerun with --resume to continue")
@@ -352,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: say so in one line unless --debug
         if debug:
             raise
-        stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}; rerun with --debug for the "
+        stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}; rerun with --debug for the "
                      f"traceback and report it", highlight=False, soft_wrap=True)
         return 1
     return code if isinstance(code, int) else 0  # standalone_mode=False returns ctx.exit codes

@@ -16,6 +16,7 @@ class RunConfig:
     target: str = "onnxruntime"
     data: str | None = None               # None: the ensemble's dataset hint, else "digits"
     student: str = "mlp:256x256"
+    student_weights: Path | None = None   # a .safetensors file to initialise the student from (matching tensors)
     out: Path | None = None
     temperature: float = 4.0              # Hinton et al. use 1-20; 2-4 suits small students
     alpha: float = 0.9                    # weight of the soft (T²-scaled KL) term
@@ -28,6 +29,10 @@ class RunConfig:
     seed: int = 0
     normalise: tuple[tuple[float, ...], tuple[float, ...]] | None = None   # (mean, std) per channel
     max_train: int | None = None          # cap on each split, for quick runs
+    channels: int | None = None           # image folders: 1 (grayscale) or 3 (RGB); None = the teachers' channels
+    resize: int | None = None             # image folders: the shorter side resized to this many pixels
+    crop: int | None = None               # image folders: then a centred square of this many pixels
+    on_bad_image: str = "stop"            # image folders: stop | skip an image that cannot be read
     trust_pickle: bool = False
     resume: bool = False
     batch_sizes: tuple[int, ...] = (1, 64)
@@ -66,6 +71,7 @@ class RunConfig:
         values = asdict(self)
         values["teacher"] = str(self.teacher)
         values["teacher_cache"] = None if self.teacher_cache is None else str(self.teacher_cache)
+        values["student_weights"] = None if self.student_weights is None else str(self.student_weights)
         values["out"] = str(self.output_dir())
         return values
 
@@ -93,3 +99,9 @@ class SpecialistsConfig:
     device: str = "auto"
     progress: bool = True
     command: str = ""
+    # image folders, as for the main job (compressor.data.loading reads these)
+    channels: int | None = None
+    resize: int | None = None
+    crop: int | None = None
+    on_bad_image: str = "stop"
+    teacher_cache: Path | None = None

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor.data.datasets import load_dataset
+from compressor.data.loading import to_tensors
 from compressor.teachers.diagnostics import diagnose
 from compressor.teachers.formats import load_ensemble
 
@@ -21,8 +22,6 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
     Normalisation from the ensemble's metadata is applied to the data exactly as the main job applies it.
     Returns what it printed, as a dict.
     """
-    from compressor.core.preprocessing import apply_normalisation
-
     ensemble = load_ensemble(path, trust_pickle=trust_pickle)
     info = ensemble.describe()
     console.print(f"[bold]{path}[/]: {info['format']}, {len(ensemble.members)} members, combine={info['combine']}",
@@ -47,7 +46,7 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
     spec = data or info.get("dataset")
     if spec:
         dataset = load_dataset(spec, max_train=max_train)
-        x = torch.from_numpy(apply_normalisation(dataset.test.x, ensemble.normalisation))
+        x = to_tensors(dataset, ensemble.normalisation).x_test  # preprocessed as the main job does it
         ensemble.validate(x[:8], f"--data {spec}")
         scores = diagnose(ensemble, ensemble.member_logits(x), torch.from_numpy(dataset.test.y), split="test")
         console.print(f"accuracy on the test split of {spec} ({len(dataset.test)} examples):", highlight=False,

@@ -92,6 +92,7 @@ def start(config: RunConfig, console: Console) -> RunContext:
     tensors = to_tensors(dataset, normalisation)
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     omitted = omitted_class_indices(config, ensemble, dataset)
+    choose_student(config, ensemble, dataset)  # a bad --student or --student-weights stops before the teachers run
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
     return RunContext(config, ensemble, dataset, tensors, normalisation, world, console, omitted=omitted)
@@ -142,7 +143,7 @@ def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) ->
     dataset, _ = load_data(config, ensemble)
     torch.manual_seed(config.seed)
     student = choose_student(config, ensemble, dataset).eval()
-    example = torch.from_numpy(dataset.test.x[:2])
+    example = to_tensors(dataset, None).x_test[:2]  # only its shape matters to the graph
     with tempfile.TemporaryDirectory(prefix="compressor-preflight-") as scratch:
         artifact = get_target("onnx").export(student, example, Path(scratch), "fp32")
         result = preflight(artifact.files["model"])

@@ -27,7 +27,7 @@ import numpy as np
 
 from compressor.core.errors import CompressorError, MissingCapabilityError, first_line
 from compressor.core.fileio import directory_mode, sha256_file
-from compressor.core.preprocessing import apply_normalisation
+from compressor.core.preprocessing import ImageSpec, apply_normalisation, load_image
 
 BUNDLE_FORMAT = 1
 METADATA_FILE = "metadata.json"
@@ -114,6 +114,16 @@ class Bundle:
         feed = {self.metadata["input"]["name"]: np.ascontiguousarray(x, dtype=self.input_dtype)}
         (logits,) = self.session.run([self.metadata["output"]["name"]], feed)
         return logits.astype(np.float32, copy=False)
+
+    def predict_images(self, files: list[str | os.PathLike]) -> np.ndarray:
+        """Image files -> (N, C) float32 logits: each decoded, resized and cropped as the training images were
+        (``metadata["image"]``, :func:`compressor.core.preprocessing.load_image`), then normalised and run."""
+        spec = self.metadata.get("image")
+        if spec is None:
+            raise CompressorError(f"{self.path}: this bundle was not trained on an image folder, so it has no image "
+                                  f"decoding to apply; call predict() with arrays")
+        image = ImageSpec(spec["channels"], spec.get("resize"), spec.get("crop"))
+        return self.predict(np.stack([load_image(f, image) for f in files]))
 
     def predict_classes(self, x: np.ndarray, normalised: bool = False) -> list[str]:
         """The top-1 class name per example (the class index as a string when the bundle has no names)."""

@@ -97,3 +97,13 @@ def remove_folder_atomically(path: str | os.PathLike) -> None:
     retired = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.old.", suffix=".tmp", dir=folder.parent))
     os.replace(folder, retired / "entry")
     shutil.rmtree(retired)
+
+
+def default_cache_root() -> Path:
+    """Where the caches live unless ``--teacher-cache`` says: ``$COMPRESSOR_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/compressor/teacher-logits``, else ``~/.cache/compressor/teacher-logits``. The teacher-logit
+    entries sit there, the view cache in its ``views/`` and decoded image folders in its ``images/``."""
+    if os.environ.get("COMPRESSOR_CACHE_DIR"):
+        return Path(os.environ["COMPRESSOR_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "compressor" / "teacher-logits"

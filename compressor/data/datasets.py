@@ -6,6 +6,8 @@ Accepted specs (nothing is ever downloaded):
   e.g. Fashion-MNIST in ``/usr/share/datasets/fashion-mnist``: pixel / 255 → float32 in [0, 1], shape (1, H, W),
   which is what a teacher trained with torchvision's ``ToTensor`` expects. The official t10k set is the test split.
 - an ``.npz`` file with ``x`` (N, ...) and optionally ``y`` (N,): values as stored, cast to float32.
+- an image folder, ``DIR/train/<class>/*.png|jpg|jpeg|webp`` (optional ``val/`` and ``test/``): decoded once into
+  the data cache and read back lazily (:mod:`compressor.data.image_folder`), pixel / 255 → float32 in [0, 1].
 
 Normalisation (mean/std) is never applied here: it comes from the ensemble's metadata or ``--normalise`` and is
 applied by the pipeline with the very function the deployment bundle uses.
@@ -15,12 +17,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from compressor.core.errors import CompressorError
+from compressor.core.fileio import default_cache_root
+from compressor.core.preprocessing import ImageSpec
+from compressor.data.image_folder import is_image_folder, load_split_arrays, split_listings
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -30,10 +36,13 @@ FASHION_MNIST_CLASSES = [
 
 @dataclass
 class Split:
-    """One split: ``x`` (N, *input_shape) float32 and ``y`` (N,) int64 with -1 for unlabeled rows."""
+    """One split: ``x`` (N, *input_shape) and ``y`` (N,) int64 with -1 for unlabeled rows. ``x`` is float32 in RAM, or
+    for a streamed source a memory-mapped array read lazily, whose values times ``scale`` are the model's input."""
 
     x: np.ndarray
     y: np.ndarray
+    scale: float = 1.0
+    streamed: bool = False
 
     def __len__(self) -> int:
         return len(self.y)
@@ -51,6 +60,8 @@ class Dataset:
     val: Split
     test: Split
     split_info: dict = field(default_factory=dict)
+    digest: str | None = None  # a streamed source's identity (its files and preprocessing), instead of its bytes
+    image_spec: dict | None = None  # an image folder's decoding (compressor.core.preprocessing.ImageSpec)
     _digest: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (array ids, sha256)
 
     @property
@@ -73,6 +84,8 @@ class Dataset:
         Computed once per set of split arrays (a run asks for it for the teacher cache, the student and the
         baseline), and hashed from the arrays' memory without copying them.
         """
+        if self.digest is not None:  # hashing a streamed dataset's bytes would read all of it
+            return hashlib.sha256(json.dumps([self.digest, self.split_info], sort_keys=True).encode()).hexdigest()
         arrays = [array for part in (self.train, self.val, self.test) for array in (part.x, part.y)]
         ids = tuple(id(array) for array in arrays)
         if self._digest is None or self._digest[0] != ids:
@@ -97,12 +110,15 @@ class Dataset:
 
 
 def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                 max_train: int | None = None) -> Dataset:
+                 max_train: int | None = None, images: ImageSpec | None = None, cache_root: Path | None = None,
+                 on_bad_image: str = "stop") -> Dataset:
     """Load ``--data SPEC`` and split it deterministically from ``seed``.
 
     ``val_fraction`` of the training pool becomes validation; ``test_fraction`` of the examples becomes the test
     split unless the source has its own (IDX ``t10k``). ``max_train`` keeps the first ``max_train`` training
-    examples of the seeded permutation (val and test are capped at the same number), for quick runs.
+    examples of the seeded permutation (val and test are capped at the same number), for quick runs. An image
+    folder is decoded as ``images`` says (default: RGB, sizes as stored) into ``cache_root`` (default: the
+    teacher cache's root), and ``on_bad_image`` ("stop" or "skip") says what an unreadable image does.
     """
     if spec == "digits":
         dataset = _load_digits(seed, val_fraction, test_fraction)
@@ -112,18 +128,22 @@ def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fract
             raise CompressorError(
                 f"--data {spec}: no such file or directory; pass 'digits', a folder of MNIST-format IDX files "
                 f"(e.g. /usr/share/datasets/fashion-mnist after 'apt-get install -y dataset-fashion-mnist') or an .npz file")
-        if path.is_dir():
+        if path.is_dir() and is_image_folder(path):
+            dataset = _load_image_folder(path, seed, val_fraction, test_fraction, images or ImageSpec(),
+                                         cache_root, on_bad_image)
+        elif path.is_dir():
             dataset = _load_idx_dir(path, seed, val_fraction)
         elif path.suffix == ".npz":
             dataset = _load_npz(path, seed, val_fraction, test_fraction)
         else:
-            raise CompressorError(f"--data {spec}: not a folder of IDX files nor an .npz file; see 'compress --help'")
+            raise CompressorError(f"--data {spec}: not an image folder, a folder of IDX files nor an .npz file; "
+                                  f"see 'compress --help'")
     if max_train is not None:
         if max_train < 1:
             raise CompressorError(f"--max-train {max_train}: must be at least 1")
         for name in ("train", "val", "test"):
             part = getattr(dataset, name)
-            setattr(dataset, name, Split(part.x[:max_train], part.y[:max_train]))
+            setattr(dataset, name, Split(part.x[:max_train], part.y[:max_train], part.scale, part.streamed))
         dataset.split_info["max_train"] = max_train
     for name in ("train", "val", "test"):
         if len(getattr(dataset, name)) == 0:
@@ -224,3 +244,19 @@ def _load_idx_dir(folder: Path, seed: int, val_fraction: float) -> Dataset:
                    "pixel / 255 -> float32 in [0, 1], shape (1, H, W) (torchvision ToTensor convention)", classes,
                    Split(x_pool[train], y_pool[train]), Split(x_pool[val], y_pool[val]),
                    Split(x_test[test_order], y_test[test_order]), info)
+
+
+def _load_image_folder(folder: Path, seed: int, val_fraction: float, test_fraction: float, images: ImageSpec,
+                       cache_root: Path | None, on_bad_image: str) -> Dataset:
+    if on_bad_image not in ("stop", "skip"):
+        raise CompressorError(f"--on-bad-image {on_bad_image}: choose stop or skip")
+    listings, classes, info = split_listings(folder, seed, val_fraction, test_fraction)
+    splits, meta = load_split_arrays(folder, listings, images, cache_root or default_cache_root(), on_bad_image)
+    info["skipped_images"] = {split: len(bad) for split, bad in meta["bad"].items()}
+    preprocessing = (f"images decoded with Pillow ({'grayscale' if images.channels == 1 else 'RGB'}"
+                     f"{f', shorter side resized to {images.resize} px (bilinear)' if images.resize else ''}"
+                     f"{f', centre crop {images.crop} px' if images.crop else ''}), pixel / 255 -> float32 in "
+                     f"[0, 1], shape {meta['shape']}")
+    parts = {split: Split(x, y, 1 / 255, streamed=True) for split, (x, y) in splits.items()}
+    return Dataset(folder.name, str(folder), preprocessing, classes, parts["train"], parts["val"], parts["test"],
+                   info, digest=meta["key"], image_spec=images.describe())

@@ -11,8 +11,9 @@ import torch
 
 from compressor.config import RunConfig
 from compressor.core.errors import CompressorError
-from compressor.core.preprocessing import apply_normalisation
+from compressor.core.preprocessing import ImageSpec, apply_normalisation
 from compressor.data.datasets import Dataset, load_dataset
+from compressor.data.lazy import LazyInputs
 
 if TYPE_CHECKING:  # the data layer reads an ensemble's metadata, never runs it
     from compressor.teachers.ensemble import Ensemble
@@ -33,7 +34,8 @@ class Tensors:
 def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | None]:
     """Load ``--data`` (or the ensemble's dataset hint) and decide the normalisation; check it fits the teachers."""
     spec = config.data or ensemble.metadata.get("dataset") or "digits"
-    dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train)
+    dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train, images=image_spec(config, ensemble),
+                           cache_root=config.teacher_cache, on_bad_image=config.on_bad_image)
     if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
         raise CompressorError(
             f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
@@ -59,8 +61,25 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
     return dataset, normalisation
 
 
+def image_spec(config: RunConfig, ensemble: Ensemble) -> ImageSpec:
+    """How an image folder is decoded: --channels (default: the teachers' input channels, else RGB), --resize, --crop."""
+    for flag, value in (("--resize", config.resize), ("--crop", config.crop)):
+        if value is not None and value < 1:
+            raise CompressorError(f"{flag} {value}: give a size in pixels, at least 1")
+    channels = config.channels
+    if channels is None:
+        shape = ensemble.input_shape
+        channels = shape[0] if shape and len(shape) == 3 and shape[0] in (1, 3) else 3
+    if channels not in (1, 3):
+        raise CompressorError(f"--channels {channels}: choose 1 (grayscale) or 3 (RGB)")
+    return ImageSpec(channels, config.resize, config.crop)
+
+
 def to_tensors(dataset: Dataset, normalisation: dict | None) -> Tensors:
-    """Normalise every split with the bundle's own preprocessing function, then wrap them as tensors."""
+    """Normalise every split with the bundle's own preprocessing function, then wrap them as tensors; a streamed
+    split (an image folder) stays on disk and is normalised batch by batch as it is read (:class:`LazyInputs`)."""
     def prepare(split):
+        if split.streamed:
+            return LazyInputs(split.x, normalisation, split.scale), torch.from_numpy(split.y)
         return torch.from_numpy(apply_normalisation(split.x, normalisation)), torch.from_numpy(split.y)
     return Tensors(*prepare(dataset.train), *prepare(dataset.val), *prepare(dataset.test))

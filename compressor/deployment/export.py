@@ -123,6 +123,7 @@ def write_student_bundle(ctx: RunContext, artifact: Artifact, versions: dict) ->
         "output": {"name": spec_out.name, "shape": [d for d in spec_out.shape if d != "batch"],
                    "dtype": spec_out.dtype},
         "preprocessing": ctx.dataset.preprocessing,
+        "image": ctx.dataset.image_spec,  # how an image file becomes an input (Bundle.predict_images); None else
         "normalisation": ctx.normalisation,
         "class_names": ctx.ensemble.class_names or ctx.dataset.class_names,
         "precision": config.precision,

@@ -48,8 +48,8 @@ class Benchmark:
 def benchmark(ctx: RunContext, students: Students, exported: Exported) -> Benchmark:
     """Every row scored on the test split and timed at every ``--batch-sizes`` in interleaved rounds."""
     config, tensors = ctx.config, ctx.tensors
-    x_test, y_test = tensors.x_test.numpy(), tensors.y_test.numpy()
-    pool = x_test[:BENCHMARK_POOL]
+    x_test, y_test = tensors.x_test, tensors.y_test.numpy()  # x_test: a tensor, or a streamed split
+    pool = x_test[:BENCHMARK_POOL].numpy()
     device = eager_device(ctx.ensemble)
     rows = ensemble_rows(ctx.ensemble, ctx.teacher.test, pool, device, config.target, exported.ensemble_runner,
                          x_test)

@@ -67,6 +67,14 @@ def runner_row(model: str, kind: str, backend: str, precision: str, parameters: 
                scores, measure)
 
 
+INFER_ROWS = 1024  # test rows sent to a runner at a time: a streamed test split is never in RAM whole
+
+
+def infer_rows(runner, x) -> np.ndarray:
+    """``runner``'s outputs (N, C) on every row of ``x`` (a tensor, or a streamed split read chunk by chunk)."""
+    return np.concatenate([runner.infer(x[i:i + INFER_ROWS].numpy()) for i in range(0, len(x), INFER_ROWS)])
+
+
 def eager_device(ensemble: Ensemble) -> str:
     """Where the PyTorch rows run: CUDA when visible and every member is a PyTorch module, else the CPU."""
     return "cuda" if torch.cuda.is_available() and _all_modules(ensemble) else "cpu"
@@ -83,7 +91,7 @@ def on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndarray, device: str,
-                  target: str, runner=None, x_test: np.ndarray | None = None) -> list[Row]:
+                  target: str, runner=None, x_test=None) -> list[Row]:
     """The ensemble in PyTorch, on the target (when exported), and each member in PyTorch.
 
     ``member_logits`` (K, N, C) are the members' test-split logits, already computed once by the pipeline.
@@ -97,7 +105,7 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
     rows = [runner_row("ensemble", "ensemble", EAGER, "fp32", ensemble.parameters, scores,
                        EagerRunner(forward, device), pool, f"; all {len(ensemble.members)} members and the mixture")]
     if runner is not None:
-        rows.append(runner_row("ensemble", "ensemble", target, "fp32", ensemble.parameters, runner.infer(x_test),
+        rows.append(runner_row("ensemble", "ensemble", target, "fp32", ensemble.parameters, infer_rows(runner, x_test),
                                runner, pool))
     # a specialist's (N, C) output spreads its dustbin over the other classes, so only the generalist is a row
     members = ensemble.members[:1] if ensemble.specialist_subsets is not None else ensemble.members
@@ -110,7 +118,7 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
 
 def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: np.ndarray, device: str,
                  target: str | None = None, runners: list[tuple[object, str]] = (),
-                 x_test: np.ndarray | None = None, label: str | None = None) -> list[Row]:
+                 x_test=None, label: str | None = None) -> list[Row]:
     """A student (``kind`` "student", "baseline" or "generalist-student") in PyTorch eager, then on the target per
     (runner, precision); ``label`` is what the report calls it (default: ``kind``)."""
     parameters = parameter_count(student)
@@ -118,5 +126,6 @@ def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: 
     rows = [runner_row(label, kind, EAGER, "fp32", parameters, scores,
                        EagerRunner(on_device(student, device), device), pool)]
     for runner, precision in runners:
-        rows.append(runner_row(label, kind, target, precision, parameters, runner.infer(x_test), runner, pool))
+        rows.append(runner_row(label, kind, target, precision, parameters, infer_rows(runner, x_test), runner,
+                               pool))
     return rows

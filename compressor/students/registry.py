@@ -27,14 +27,18 @@ class StudentFactory(Protocol):
 
 # name → factory. Written only by @register_student when a family module is imported; read by everything else.
 _FACTORIES: dict[str, StudentFactory] = {}
+# name → the model names a library family can build (timm's, torchvision's), asked for only when listed
+_CATALOGUES: dict[str, Callable[[], list[str]]] = {}
 
 
-def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
+def register_student(name: str, catalogue: Callable[[], list[str]] | None = None
+                     ) -> Callable[[StudentFactory], StudentFactory]:
     """Decorator: register ``factory(args, input_shape, num_classes, **context) -> nn.Module`` as family ``name``.
 
     ``args`` is the text after the first ``:`` of the spec (None when there is none); ``input_shape`` excludes the
     batch axis, e.g. (1, 28, 28) or (64,); ``context`` carries optional extras such as ``teacher_architecture``
     that a family may use or ignore. A name may be registered once; a second registration raises ValueError.
+    ``catalogue()`` lists the model names a family wrapping a library accepts after the ``:`` (``compress students``).
 
         @register_student("mlp")
         def mlp(args, input_shape, num_classes, **context): ...
@@ -46,6 +50,8 @@ def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
         if name in _FACTORIES:
             raise ValueError(f"student family {name!r} is already registered (by {_FACTORIES[name].__module__})")
         _FACTORIES[name] = factory
+        if catalogue is not None:
+            _CATALOGUES[name] = catalogue
         return factory
 
     return decorator
@@ -54,6 +60,12 @@ def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
 def list_students() -> list[str]:
     """The registered family names, sorted, e.g. ``['cnn', 'from-teacher', 'mlp']``."""
     return sorted(_FACTORIES)
+
+
+def student_catalogue(family: str) -> list[str] | None:
+    """The model names ``family`` accepts (a library family's), or None for a family with its own spec syntax.
+    Raises CompressorError when the library is not installed."""
+    return _CATALOGUES[family]() if family in _CATALOGUES else None
 
 
 def create_student(spec: str, input_shape: tuple[int, ...], num_classes: int,

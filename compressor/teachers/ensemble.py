@@ -88,25 +88,36 @@ class Ensemble:
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor, batch_size: int = 1024,
-                      on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits, checked finite.
+                      on_batch: Callable[[int], None] | None = None, device: str = "cpu") -> torch.Tensor:
+        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits on the CPU, checked finite.
 
+        Each batch is read once (a streamed split decodes it once) and every member runs on it, on ``device``: a
+        PyTorch member is moved there for the pass and back after it (an ONNX member keeps its own provider).
         ``on_batch(rows)`` is called after each member's batch (for a progress bar over K × N rows).
         """
-        outputs = []
-        for member in self.members:
-            chunks = []
-            for i in range(0, len(x), batch_size):
-                chunks.append(self._run_member(member, x[i:i + batch_size]))
-                if on_batch is not None:
-                    on_batch(len(chunks[-1]))
-            logits = torch.cat(chunks)
+        modules = [member.forward for member in self.members if isinstance(member.forward, torch.nn.Module)]
+        chunks: list[list[torch.Tensor]] = [[] for _ in self.members]
+        try:
+            for module in modules:
+                module.to(device)
+            with torch.no_grad():  # not inference_mode: a TorchScript member that ran outside it fails inside it
+                for i in range(0, len(x), batch_size):
+                    xb = x[i:i + batch_size]  # (B, ...)
+                    for k, member in enumerate(self.members):
+                        on_module = isinstance(member.forward, torch.nn.Module)
+                        chunks[k].append(self._run_member(member, xb.to(device) if on_module else xb).cpu())
+                        if on_batch is not None:
+                            on_batch(len(xb))
+        finally:
+            for module in modules:
+                module.to("cpu")
+        outputs = [torch.cat(member_chunks) for member_chunks in chunks]
+        for member, logits in zip(self.members, outputs):
             if not torch.isfinite(logits).all():
                 bad = int((~torch.isfinite(logits)).any(dim=1).sum())
                 raise CompressorError(
                     f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {bad} of {len(x)} "
                     f"inputs; check that member (its weights, or the input normalisation it expects)")
-            outputs.append(logits)
         return torch.stack(outputs)  # (K, N, C)
 
     @property

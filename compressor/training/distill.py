@@ -13,6 +13,7 @@ import torch
 from compressor.config import RunConfig
 from compressor.data.datasets import Dataset
 from compressor.students import create_student
+from compressor.students.weights import load_student_weights
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.context import RunContext
 from compressor.training.loop import TrainConfig, TrainResult, train_student
@@ -54,10 +55,14 @@ def distill_students(ctx: RunContext, transfer: TransferSet) -> Students:
 
 
 def choose_student(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> torch.nn.Module:
-    """Build the ``--student`` spec for the ensemble's input shape and class count."""
+    """Build the ``--student`` spec for the ensemble's input shape and class count, initialised from
+    ``--student-weights`` when given (every tensor whose name and shape match)."""
     architecture = next((m.architecture for m in ensemble.members if m.architecture), None)
-    return create_student(config.student, tuple(dataset.input_shape), ensemble.num_classes,
-                          teacher_architecture=architecture)
+    student = create_student(config.student, tuple(dataset.input_shape), ensemble.num_classes,
+                             teacher_architecture=architecture)
+    if config.student_weights is not None:
+        load_student_weights(student, config.student_weights)
+    return student
 
 
 def distill(ctx: RunContext, transfer: TransferSet, student: torch.nn.Module, folder: str = "checkpoints",

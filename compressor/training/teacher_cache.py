@@ -43,14 +43,6 @@ SPLITS = ("train", "val", "test")
 FLOAT16_SAFE_MAX = 128.0
 
 
-def default_cache_root() -> Path:
-    """``$COMPRESSOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/compressor/teacher-logits``, else ``~/.cache/...``."""
-    if os.environ.get("COMPRESSOR_CACHE_DIR"):
-        return Path(os.environ["COMPRESSOR_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "compressor" / "teacher-logits"
-
-
 def cache_key(teacher_sha256: str, data_sha256: str, preprocessing: dict) -> dict:
     """What the member logits depend on: the teacher files, the data, and how the data was prepared."""
     return {"format": CACHE_FORMAT, "teacher_sha256": teacher_sha256, "data_sha256": data_sha256,

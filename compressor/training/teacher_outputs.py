@@ -13,15 +13,18 @@ from compressor.teachers.diagnostics import diagnose, transfer_sample
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.context import RunContext, TeacherOutputs
 from compressor.training.distributed import barrier
-from compressor.training.teacher_cache import CachedLogits, TeacherCache, cache_key, default_cache_root
+from compressor.training.teacher_cache import CachedLogits, TeacherCache, cache_key
+from compressor.core.fileio import default_cache_root
 
 
-def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool) -> dict[str, torch.Tensor]:
-    """Run every member once over each split's inputs: (K, N, C) logits per split, with a progress bar."""
+def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool,
+                 device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Run every member once over each split's inputs on ``device`` (the run's: CUDA when it trains there): (K, N, C)
+    logits per split on the CPU, with a progress bar."""
     total = len(ensemble.members) * sum(len(x) for x in splits.values())
     with progress_bar(progress) as bar:
         task = bar.add_task(f"teachers ({len(ensemble.members)} members)", total=total)
-        return {name: ensemble.member_logits(x, on_batch=lambda rows: bar.advance(task, rows))
+        return {name: ensemble.member_logits(x, on_batch=lambda rows: bar.advance(task, rows), device=device)
                 for name, x in splits.items()}
 
 
@@ -36,7 +39,8 @@ def teacher_outputs(ctx: RunContext) -> TeacherOutputs:
         return ensemble.member_logits(xb.cpu(), batch_size=max(len(xb), 1))  # (K, B, C)
 
     if config.no_cache:
-        held_out = run_teachers(ensemble, {"val": splits["val"], "test": splits["test"]}, config.progress)
+        held_out = run_teachers(ensemble, {"val": splits["val"], "test": splits["test"]}, config.progress,
+                                ctx.world.device)
         return TeacherOutputs(online, held_out["val"], held_out["test"], {"enabled": False}, online)
     key = cache_key(ensemble.fingerprint(), ctx.dataset.fingerprint(),
                     {"preprocessing": ctx.dataset.preprocessing, "normalisation": ctx.normalisation})
@@ -48,14 +52,14 @@ def teacher_outputs(ctx: RunContext) -> TeacherOutputs:
         if hit:
             ctx.console.print(f"[bold]teacher cache[/] reusing {cache.path}")
         else:
-            entries = cache.store(run_teachers(ensemble, splits, config.progress),
+            entries = cache.store(run_teachers(ensemble, splits, config.progress, ctx.world.device),
                                   replace=config.refresh_teacher_cache)
             ctx.console.print(f"[bold]teacher cache[/] stored {cache.path}")
     barrier(ctx.world)
     if not ctx.world.is_main:
         entries = cache.load()
         if entries is None:  # no filesystem shared with rank 0: this rank computes its own copy in memory
-            computed = run_teachers(ensemble, splits, config.progress)
+            computed = run_teachers(ensemble, splits, config.progress, ctx.world.device)
             entries = {name: CachedLogits(logits.numpy()) for name, logits in computed.items()}
     return TeacherOutputs(entries["train"], entries["val"].to_tensor(), entries["test"].to_tensor(),
                           cache.describe(hit), online, cache.root / "views")

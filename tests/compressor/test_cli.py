@@ -15,7 +15,8 @@ from torch import nn
 
 from compressor import save_ensemble
 import compressor.cli as cli_module
-from compressor.cli import command_line, main
+from compressor.cli import main
+from compressor.options import command_line
 from compressor.config import RunConfig
 
 QUICK = ["--epochs", "1", "--warmup", "0.01", "--duration", "0.02", "--no-progress"]
@@ -215,3 +216,11 @@ def test_command_line_builds_the_same_config(monkeypatch, config):
 def test_command_line_refuses_a_setting_compress_lacks():
     with pytest.raises(ValueError, match="weight_decay"):
         command_line(RunConfig(teacher=Path("ens.pt"), weight_decay=0.0))
+
+
+def test_a_bad_student_spec_stops_before_the_teachers_run(digits_ensemble, tmp_path, capsys):
+    code = main(["--teacher", str(digits_ensemble), "--student", "cnnn:8", "--out", str(tmp_path / "run"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 1 and "did you mean cnn" in err
+    assert "teacher cache" not in err and "warning" not in err  # nothing ran: no teachers, no diagnostics
+    assert not (tmp_path / "run").exists()

@@ -49,9 +49,9 @@ def test_archive_round_trip_keeps_members_and_metadata(tmp_path):
     assert ensemble.parameters == sum(p.numel() for m in members for p in m.parameters())
     expected = torch.stack([m(x) for m in members])
     assert torch.allclose(ensemble.member_logits(x), expected, atol=1e-6)
-    progress: list[int] = []  # one call per member and batch, with that batch's row count
+    progress: list[int] = []  # one call per batch and member, with that batch's row count: each batch read once
     assert torch.allclose(ensemble.member_logits(x, batch_size=2, on_batch=progress.append), expected, atol=1e-6)
-    assert progress == [2, 2, 1, 2, 2, 1]
+    assert progress == [2, 2, 2, 2, 1, 1]
     # the untraced module predicts the mixture, as the traced one does
     assert torch.allclose(ensemble.eager_module()(x), ensemble.log_probs(expected), atol=1e-6)
     # the members' architecture is recorded as data (for from-teacher students)

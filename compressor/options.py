@@ -1,0 +1,198 @@
+"""The main job's options: the tables of ``compress`` flags (inputs, the student and its training, benchmark and
+export) with their defaults from :class:`compressor.config.RunConfig`, the RunConfig they build, and
+:func:`command_line`, the inverse, which writes a RunConfig back as the ``compress`` line that builds it."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from pathlib import Path
+
+import click
+
+from compressor.config import PRECISIONS, RunConfig
+from compressor.training.halving import DEFAULT_TUNE_MINUTES
+
+TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
+
+
+def parse_batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated integers, e.g. 1,64") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: give comma-separated positive integers, e.g. 1,64")
+    return sizes
+
+
+def parse_normalise(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        mean, std = value.split("/")
+        return tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give MEAN/STD with one comma-separated value per channel, "
+                                 f"e.g. 0.286/0.353 or 0.485,0.456,0.406/0.229,0.224,0.225") from None
+
+
+# The main job's options, in the groups --help lists them: inputs, the student and its training, benchmark and
+# export. Tables of options, not logic.
+_INPUT_OPTIONS = [
+        click.option("--target", type=click.Choice(TARGET_CHOICES), default="onnxruntime", show_default=True,
+                     help="Export target."),
+        click.option("--data", default=None,
+                     help="digits | image folder (DIR/train/<class>/*.png) | IDX folder | file.npz (default: the "
+                          "ensemble's hint)."),
+        click.option("--channels", type=click.IntRange(min=1), default=None,
+                     help="Image folders: 1 (grayscale) or 3 (RGB) (default: the teachers' input channels)."),
+        click.option("--resize", type=int, default=None, metavar="PIXELS",
+                     help="Image folders: resize the shorter side to PIXELS (bilinear)."),
+        click.option("--crop", type=int, default=None, metavar="PIXELS",
+                     help="Image folders: then crop a centred PIXELS x PIXELS square."),
+        click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default=RunConfig.on_bad_image,
+                     show_default=True, help="Image folders: an image that cannot be read stops the run or is "
+                                             "left out (and counted in the report)."),
+]
+_TRAINING_OPTIONS = [
+        click.option("--student", default=RunConfig.student, show_default=True,
+                     help="Student spec, e.g. mlp:800x800, cnn:16x32, from-teacher:0.25, timm:resnet18, "
+                          "torchvision:mobilenet_v3_small (compress students lists them)."),
+        click.option("--student-weights", type=click.Path(path_type=Path), default=None,
+                     help="Initialise the student from a .safetensors file: every tensor whose name and shape "
+                          "match (a classifier head for other classes stays fresh)."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Output folder (default ./compressed/<teacher-stem>-<target>)."),
+        click.option("--temperature", "-T", type=float, default=RunConfig.temperature, show_default=True),
+        click.option("--alpha", type=float, default=RunConfig.alpha, show_default=True,
+                     help="Weight of the soft-target term; 1 - alpha weighs the hard labels."),
+        click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True),
+        click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
+        click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Precision of the export: fp16 converts the graph, int8 quantizes it (QDQ) calibrated on "
+                          "the transfer set."),
+        click.option("--max-accuracy-drop", type=float, default=RunConfig.max_accuracy_drop, show_default=True,
+                     help="int8 parity gate: the most test accuracy, in points, the export may lose to PyTorch."),
+        click.option("--seed", type=int, default=RunConfig.seed, show_default=True),
+        click.option("--normalise", callback=parse_normalise, default=None, metavar="MEAN/STD",
+                     help="Per-channel normalisation applied before the teachers, e.g. 0.286/0.353 "
+                          "(overrides the ensemble's metadata)."),
+        click.option("--max-train", type=int, default=None, help="Cap each split at N examples (quick runs)."),
+        click.option("--resume", is_flag=True, help="Continue from <out>/checkpoints/last.pt."),
+]
+_OTHER_OPTIONS = [
+        click.option("--batch-sizes", callback=parse_batch_sizes, default="1,64", show_default=True,
+                     help="Batch sizes to benchmark, e.g. 1,8,64,256."),
+        click.option("--warmup", type=float, default=RunConfig.warmup_s, show_default=True,
+                     help="Benchmark warm-up seconds per row and batch size."),
+        click.option("--duration", type=float, default=RunConfig.duration_s, show_default=True,
+                     help="Benchmark seconds per row and batch size, split over the rounds."),
+        click.option("--rounds", type=click.IntRange(min=1), default=RunConfig.rounds, show_default=True,
+                     help="Interleaved benchmark rounds; the report flags figures whose rounds disagree by >10%."),
+        click.option("--baseline", is_flag=True,
+                     help="Also train the student's architecture on the hard labels alone (same budget), so the "
+                          "report shows what the teachers add."),
+        click.option("--teacher-cache", type=click.Path(path_type=Path), default=None,
+                     help="Folder of the teacher-logit cache (default $COMPRESSOR_CACHE_DIR or "
+                          "~/.cache/compressor/teacher-logits): teachers run once per teacher file, data and "
+                          "preprocessing, and later runs reuse their logits."),
+        click.option("--no-cache", is_flag=True,
+                     help="Run the teachers on every training batch instead of caching their logits."),
+        click.option("--refresh-teacher-cache", is_flag=True, help="Recompute and replace this run's cache entry."),
+        click.option("--recipe", type=click.Choice(["hinton", "consistent", "function-matching", "auto"]),
+                     default=RunConfig.recipe, show_default=True,
+                     help="hinton: the paper; consistent: teachers see the student's augmented view; "
+                          "function-matching: mixed pairs of inputs, alpha 1 (Beyer et al. 2022); auto: "
+                          f"--tune with {DEFAULT_TUNE_MINUTES:g} minutes unless --tune says otherwise."),
+        click.option("--tune", type=float, default=None, metavar="MINUTES",
+                     help="Search recipe, T, alpha, lr and epochs on validation by successive halving in about "
+                          "this many minutes, with the hard-label baseline tuned alike; the report prints the "
+                          "command that reruns the choice."),
+        click.option("--tune-trials", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="With --tune or --recipe auto: N configurations per family instead of as many as the "
+                          "budget fits, so the search itself is the same on any machine."),
+        click.option("--unlabeled", is_flag=True,
+                     help="Ignore the transfer set's labels: train on the soft targets alone (alpha 1)."),
+        click.option("--omit-classes", default=None, metavar="CLASSES",
+                     help="Leave these classes out of the transfer set, e.g. 3 or dress,coat (paper §3)."),
+        click.option("--bias-fix", default=RunConfig.bias_fix, show_default=True, metavar="auto|none|FLOAT",
+                     help="With --omit-classes: raise the omitted classes' output biases by the amount that "
+                          "maximises validation accuracy (auto), not at all, or by FLOAT."),
+        click.option("--amp", type=click.Choice(["none", "bf16"]), default=RunConfig.amp, show_default=True,
+                     help="Mixed precision while training: bf16 autocasts the student's forward pass."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=RunConfig.device,
+                     show_default=True, help="Where the student trains (auto: CUDA when present)."),
+        click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+                     default=RunConfig.ort_provider, show_default=True,
+                     help="ONNX Runtime execution provider for --target onnxruntime/onnx (auto: CUDA when "
+                          "onnxruntime-gpu has it, else CPU; tensorrt: its TensorRT provider, engines cached)."),
+        click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+
+
+def job_options(func):
+    """The options shared by the main job and ``compress demo``."""
+    options = _INPUT_OPTIONS + _TRAINING_OPTIONS + _OTHER_OPTIONS
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
+    return RunConfig(
+        teacher=teacher, target=options["target"], data=options["data"], student=options["student"],
+        out=options["out"], temperature=options["temperature"], alpha=options["alpha"], epochs=options["epochs"],
+        batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
+        max_accuracy_drop=options["max_accuracy_drop"],
+        normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
+        student_weights=options["student_weights"], channels=options["channels"], resize=options["resize"],
+        crop=options["crop"], on_bad_image=options["on_bad_image"],
+        batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
+        rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
+        no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
+        unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
+        amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
+        recipe=options["recipe"], tune=options["tune"], tune_trials=options["tune_trials"],
+        threads=options["threads"], progress=not options["no_progress"],
+        command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
+
+
+# RunConfig field -> its ``compress`` option, for command_line; fields a user cannot set there are absent
+_FLAGS = {"trust_pickle": "--trust-pickle", "resume": "--resume", "baseline": "--baseline", "no_cache": "--no-cache",
+          "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled"}
+_VALUES = {"target": "--target", "data": "--data", "student": "--student", "out": "--out",
+           "temperature": "--temperature", "alpha": "--alpha", "epochs": "--epochs", "batch_size": "--batch-size",
+           "lr": "--lr", "precision": "--precision", "max_accuracy_drop": "--max-accuracy-drop", "seed": "--seed",
+           "normalise": "--normalise", "max_train": "--max-train", "batch_sizes": "--batch-sizes",
+           "warmup_s": "--warmup", "duration_s": "--duration", "rounds": "--rounds", "teacher_cache": "--teacher-cache",
+           "omit_classes": "--omit-classes", "bias_fix": "--bias-fix", "amp": "--amp", "device": "--device",
+           "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
+           "threads": "--threads", "student_weights": "--student-weights", "channels": "--channels",
+           "resize": "--resize", "crop": "--crop", "on_bad_image": "--on-bad-image"}
+
+
+def command_line(config: RunConfig) -> str:
+    """The ``compress`` line that builds exactly ``config`` (its ``command`` aside): for a run started from Python,
+    such as the benchmarks', so its report prints a command a user can paste, and tuning's rerun lines are too.
+
+    Raises ValueError for a setting the CLI does not offer (weight_decay, extra)."""
+    default = RunConfig(teacher=config.teacher)
+    for name in ("weight_decay", "extra"):
+        if getattr(config, name) != getattr(default, name):
+            raise ValueError(f"compress has no option for {name}; this config cannot be written as a command")
+    words = ["compress", "--teacher", str(config.teacher)]
+    words += [option for name, option in _FLAGS.items() if getattr(config, name)]
+    for name, option in _VALUES.items():
+        value = getattr(config, name)
+        if value is None or value == getattr(default, name):
+            continue
+        if name == "batch_sizes":
+            value = ",".join(map(str, value))
+        elif name == "normalise":
+            value = "/".join(",".join(map(repr, part)) for part in value)
+        words += [option, str(value)]
+    if not config.progress:
+        words.append("--no-progress")
+    return shlex.join(words)

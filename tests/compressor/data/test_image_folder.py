@@ -1,0 +1,115 @@
+"""compressor/data/image_folder.py and lazy.py: an image folder read from disk, decoded once into the data cache,
+streamed back lazily, preprocessed by the bundle's own function, through the whole main job."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compressor.cli import main
+from compressor.core.errors import CompressorError
+from compressor.core.preprocessing import ImageSpec, apply_normalisation, load_image
+from compressor.data.datasets import load_dataset
+from compressor.data.lazy import LazyInputs
+from targets.bundle import load_bundle
+
+QUICK = ["--epochs", "2", "--student", "cnn:8x16", "--warmup", "0.01", "--duration", "0.02", "--no-progress"]
+
+
+def write_folder(root: Path, data, splits=("train", "test"), classes=None) -> Path:
+    """The digits as 8 × 8 grayscale PNGs, DIR/<split>/<class>/<n>.png, pixel / 16 scaled to 0..255."""
+    classes = classes or [str(c) for c in range(10)]
+    sources = {"train": data.train, "test": data.test}
+    for split in splits:
+        part = sources[split]
+        for n, (x, y) in enumerate(zip(part.x, part.y)):
+            folder = root / split / classes[int(y)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.round(x[0] * 255).astype(np.uint8), mode="L").save(folder / f"{n:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, digits_data) -> Path:
+    return write_folder(tmp_path_factory.mktemp("images") / "digits-png", digits_data)
+
+
+def test_a_folder_is_decoded_once_into_the_cache_and_read_back_lazily(folder, tmp_path):
+    spec = ImageSpec(channels=1)
+    data = load_dataset(str(folder), seed=0, images=spec, cache_root=tmp_path)
+    assert data.class_names == [str(c) for c in range(10)] and data.input_shape == (1, 8, 8)
+    assert isinstance(data.train.x, np.memmap) and data.train.x.dtype == np.uint8  # on disk, not in RAM
+    assert len(data.test) == len(list((folder / "test").rglob("*.png")))  # the folder's own test split
+    assert len(data.train) + len(data.val) == len(list((folder / "train").rglob("*.png")))
+    records = list((tmp_path / "images").glob("*/images.json"))
+    assert len(records) == 1
+    before = records[0].stat().st_mtime_ns
+    again = load_dataset(str(folder), seed=0, images=spec, cache_root=tmp_path)
+    assert records[0].stat().st_mtime_ns == before  # read back, not decoded again
+    assert again.fingerprint() == data.fingerprint()
+    assert load_dataset(str(folder), seed=1, images=spec, cache_root=tmp_path).fingerprint() != data.fingerprint()
+    # a row read from the cache is the file decoded by the bundle's function
+    row = np.asarray(data.test.x[0], dtype=np.float32) * data.test.scale
+    first = sorted((folder / "test").rglob("*.png"))
+    assert any(np.array_equal(row, load_image(f, spec)) for f in first)
+
+
+def test_lazy_inputs_index_like_the_normalised_tensor():
+    raw = np.random.default_rng(0).integers(0, 256, (20, 3, 4, 4), dtype=np.uint8)
+    norm = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.6, 0.7]}
+    lazy = LazyInputs(raw, norm, 1 / 255)
+    dense = torch.from_numpy(apply_normalisation(raw.astype(np.float32) * np.float32(1 / 255), norm))
+    assert len(lazy) == 20 and lazy.shape == dense.shape
+    rows = torch.tensor([3, 0, 19, 3])
+    mask = torch.arange(20) % 3 == 0
+    for index in (slice(2, 9), rows, mask, slice(None)):
+        torch.testing.assert_close(lazy[index], dense[index])
+    torch.testing.assert_close(lazy[5], dense[5])
+    torch.testing.assert_close(torch.from_numpy(lazy.numpy()), dense)
+
+
+def test_the_main_job_on_an_image_folder_bundles_a_predictor_that_reproduces_the_report(folder, digits_ensemble,
+                                                                                         tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--teacher", str(digits_ensemble), "--data", str(folder), "--channels", "1", "--out", str(out),
+                 *QUICK])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["source"] == str(folder) and "Pillow" in report["data"]["preprocessing"]
+    student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == "onnxruntime")
+    bundle = load_bundle(out / "bundle")
+    assert bundle.metadata["image"]["channels"] == 1
+    files = sorted((folder / "test").rglob("*.png"))
+    labels = np.array([int(f.parent.name) for f in files])
+    predicted = bundle.predict_images(files).argmax(1)
+    assert float((predicted == labels).mean()) == pytest.approx(student["accuracy"]["top1"], abs=1e-9)
+
+
+def test_bad_folders_stop_with_the_folder_named(digits_data, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(CompressorError, match="holds no images"):
+        load_dataset(str(empty), cache_root=tmp_path)
+    odd = write_folder(tmp_path / "odd", digits_data)
+    os.rename(odd / "test" / "9", odd / "test" / "nine")
+    with pytest.raises(CompressorError, match="classes of .*test differ"):
+        load_dataset(str(odd), cache_root=tmp_path)
+
+
+def test_an_unreadable_image_stops_or_is_skipped(digits_data, tmp_path, digits_ensemble, capsys):
+    broken = write_folder(tmp_path / "broken", digits_data)
+    bad = broken / "train" / "3" / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(CompressorError, match="bad.png"):
+        load_dataset(str(broken), images=ImageSpec(1), cache_root=tmp_path)
+    data = load_dataset(str(broken), images=ImageSpec(1), cache_root=tmp_path, on_bad_image="skip")
+    assert sum(data.split_info["skipped_images"].values()) == 1
+    assert main(["--teacher", str(digits_ensemble), "--data", str(broken), "--out", str(tmp_path / "run"),
+                 *QUICK]) == 1
+    assert "--on-bad-image skip" in capsys.readouterr().err
