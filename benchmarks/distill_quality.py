@@ -61,7 +61,7 @@ from benchmarks.paper_common import (
     write_result,
 )
 from compressor.data.augment import Shift
-from compressor.cli import command_line
+from compressor.options import command_line
 from compressor.deployment.rows import EAGER
 from compressor.deployment.verdict import gain_kept
 from compressor.config import RunConfig
