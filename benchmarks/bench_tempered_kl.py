@@ -1,10 +1,15 @@
 """Benchmark of the distillation loss (Hinton et al. 2015) across implementations, forward and forward+backward.
 
-Providers: the eager reference, torch.compile of the reference (cold compile time reported separately and
-excluded from the median), the chunked CPU path, the Triton kernel (CUDA only) and Liger's KL-divergence
-kernel (CUDA, single teacher, soft term only; when ``liger_kernel`` is installed). For each (N, C, K) and mode:
-median time (ms), peak extra memory (MiB) and the effective bandwidth of the byte model
-``(K + 1)·N·C reads + N·C writes`` next to the copy bandwidth measured in the same run.
+Providers: the plain eager formula a user writes by hand (``eager_formula``: softmax, mean, kl_div,
+cross_entropy, autograd), the eager reference, torch.compile of the reference (cold compile time reported
+separately and excluded from the median), the chunked CPU path, the Triton kernel (CUDA only) and Liger's
+KL-divergence kernel (CUDA, single teacher, soft term only; when ``liger_kernel`` is installed).
+
+Timing: for each (N, C, K) and mode, every provider is warmed up once, then called in rounds, one call each in
+turn (A, B, C, A, B, C, ...), so that a change in the machine's load hits all of them alike; the median of each
+provider's calls is reported, with its speedup over ``eager_formula`` and over ``reference`` (ratio of medians;
+the JSON also has the median of the per-round ratios). Also: peak extra memory (MiB) and the effective
+bandwidth of the byte model ``(K + 1)·N·C reads + N·C writes`` next to the copy bandwidth measured in the same run.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the call; on the CPU the
 rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after ``malloc_trim``) over the
@@ -12,7 +17,7 @@ RSS before the call — every page the call touches anew, the student's gradient
 
     python benchmarks/bench_tempered_kl.py                 # all shapes, default device
     python benchmarks/bench_tempered_kl.py --quick         # smoke run
-    python benchmarks/bench_tempered_kl.py --device cpu --shapes 4096,1000,5
+    python benchmarks/bench_tempered_kl.py --device cpu --shapes '4096,1000,5;512,32000,3'
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import ctypes
 import datetime
 import gc
 import json
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compressor.kernels.tempered_kl_cpu import tempered_kl_cpu  # noqa: E402
@@ -38,6 +46,7 @@ QUICK_SHAPES = [(256, 1000, 3), (64, 32000, 1)]
 CPU_COMPILE_MAX_ELEMENTS = 25_000_000  # K·N·C above which torch.compile is skipped on the CPU (cold compile + RAM)
 TEMPERATURE, ALPHA = 4.0, 0.7
 MODES = ("fwd", "fwd+bwd")
+MIN_ROUNDS = 5  # interleaved rounds at least, whatever the time budget
 
 
 def main() -> None:
@@ -46,13 +55,17 @@ def main() -> None:
     parser.add_argument("--shapes", help="N,C,K triples separated by ';', e.g. '4096,1000,5;8192,10,5'")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--rounds", type=int,
+                        help=f"interleaved rounds at least (default {MIN_ROUNDS}, 3 with --quick)")
     parser.add_argument("--json", help="output path (default benchmarks/results/bench_tempered_kl-<device>.json)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = ([tuple(int(v) for v in item.split(",")) for item in args.shapes.split(";")] if args.shapes
               else QUICK_SHAPES if args.quick else SHAPES)
-    budget_s = 0.3 if args.quick else 2.0  # timed seconds per (provider, shape, mode)
+    budget_s = 0.3 if args.quick else 2.0  # timed seconds per (provider, shape, mode), spent in interleaved rounds
+    min_rounds = args.rounds or (3 if args.quick else MIN_ROUNDS)
 
+    load_before = os.getloadavg()  # 1, 5 and 15 minute load averages: other processes skew every provider
     copy_gbs = copy_bandwidth(device)
     rows, notes = [], []
     for n, c, k in shapes:
@@ -60,28 +73,39 @@ def main() -> None:
         t = (torch.randn(k, n, c, device=device) * 2).to(dtype)  # (K, N, C)
         y = torch.randint(-1, c, (n,), device=device)  # (N,)
         model_bytes = ((k + 1) * n * c + n * c) * s.element_size()
+        available = []
         for name, fn, why in providers(device, k, n * c * k):
             if fn is None:
                 notes.append(f"{name} skipped at ({n}, {c}, {k}): {why}")
-                continue
-            for mode in MODES:
-                try:
-                    compile_s = time_once(fn, s, t, y, mode, device) if name == "compile" else None
-                    ms = median_ms(fn, s, t, y, mode, device, budget_s)
-                    peak = peak_mib(fn, s, t, y, mode, device)
-                except Exception as error:  # a provider failing must not hide the others' numbers
-                    notes.append(f"{name} {mode} failed at ({n}, {c}, {k}): {type(error).__name__}: {error}")
+            else:
+                available.append((name, fn))
+        for mode in MODES:
+            def failed(name, error):  # a provider failing must not hide the others' numbers
+                notes.append(f"{name} {mode} failed at ({n}, {c}, {k}): {type(error).__name__}: {error}")
+
+            times, cold = interleaved_times(available, s, t, y, mode, device, budget_s, min_rounds, failed)
+            medians = {name: statistics.median(v) for name, v in times.items()}
+            for name, fn in available:
+                if name not in times:
                     continue
+                try:
+                    peak = peak_mib(fn, s, t, y, mode, device)
+                except Exception as error:
+                    failed(name, error)
+                    continue
+                ms = medians[name]
                 gbs = model_bytes / ms / 1e6
-                rows.append(dict(N=n, C=c, K=k, provider=name, mode=mode, median_ms=ms, peak_mib=peak,
-                                 cold_compile_s=compile_s, model_gb_s=gbs, copy_gb_s=copy_gbs,
-                                 fraction_of_copy=gbs / copy_gbs))
+                rows.append(dict(N=n, C=c, K=k, provider=name, mode=mode, median_ms=ms, rounds=len(times[name]),
+                                 times_ms=times[name], peak_mib=peak, cold_compile_s=cold.get(name),
+                                 model_gb_s=gbs, copy_gb_s=copy_gbs, fraction_of_copy=gbs / copy_gbs,
+                                 **speedups(name, times, medians)))
             torch._dynamo.reset()
         del s, t, y
 
     record = dict(command=" ".join([Path(sys.executable).name] + sys.argv), date=datetime.date.today().isoformat(),
                   device=device_name(device), threads=torch.get_num_threads(), dtype=args.dtype,
                   temperature=TEMPERATURE, alpha=ALPHA, copy_gb_s=copy_gbs,
+                  load_average=dict(before=load_before, after=os.getloadavg()),
                   versions=dict(python=platform.python_version(), torch=torch.__version__, triton=version("triton"),
                                 liger_kernel=version("liger_kernel")),
                   results=rows, notes=notes)
@@ -94,6 +118,7 @@ def main() -> None:
 
 def providers(device: torch.device, k: int, elements: int):
     """(name, fn(s, t, y) -> loss or None, reason when None) for every provider."""
+    yield "eager_formula", eager_formula, ""
     ref = lambda s, t, y: tempered_kl_reference(s, t, y, TEMPERATURE, ALPHA)  # noqa: E731
     yield "reference", ref, ""
     if device.type == "cpu" and elements > CPU_COMPILE_MAX_ELEMENTS:
@@ -108,6 +133,30 @@ def providers(device: torch.device, k: int, elements: int):
         from compressor.kernels.tempered_kl_triton import tempered_kl_triton
         yield "triton", lambda s, t, y: tempered_kl_triton(s, t, y, TEMPERATURE, ALPHA), ""
     yield ("liger",) + liger_provider(device, k)
+
+
+def eager_formula(s, t, y):
+    """The loss as a user writes it by hand in eager PyTorch: the baseline that the fused paths must beat.
+
+    ``s`` (N, C), ``t`` (K, N, C), ``y`` (N,) with -1 for an unlabeled row. Same value as the reference: the
+    hard term ignores y = -1 and, as there, divides by all N rows (a sum over N costs what the mean does).
+    """
+    p = torch.softmax(t / TEMPERATURE, dim=-1).mean(0)  # (N, C) arithmetic mixture of tempered member probs
+    kl = F.kl_div(F.log_softmax(s / TEMPERATURE, -1), p, reduction="batchmean") * TEMPERATURE * TEMPERATURE
+    hard = F.cross_entropy(s, y, ignore_index=-1, reduction="sum") / s.shape[0]
+    return ALPHA * kl + (1 - ALPHA) * hard
+
+
+def speedups(name: str, times: dict, medians: dict) -> dict:
+    """``name``'s speedup over eager_formula and over reference: ratio of medians, and median of per-round ratios."""
+    out = {}
+    for base in ("eager_formula", "reference"):
+        if base in medians and name in medians:
+            out[f"x_vs_{base}"] = medians[base] / medians[name]
+            out[f"x_vs_{base}_paired"] = statistics.median(b / a for a, b in zip(times[name], times[base]))
+        else:
+            out[f"x_vs_{base}"] = out[f"x_vs_{base}_paired"] = None
+    return out
 
 
 def liger_provider(device: torch.device, k: int):
@@ -148,12 +197,33 @@ def time_once(fn, s, t, y, mode, device) -> float:
     return time.perf_counter() - start
 
 
-def median_ms(fn, s, t, y, mode, device, budget_s: float) -> float:
-    """Median of repeated calls after one warm-up; the repetition count fits ``budget_s`` (3 to 50)."""
-    first = time_once(fn, s, t, y, mode, device)  # warm-up (also sizes the repetitions)
-    reps = max(3, min(50, int(budget_s / max(first, 1e-6))))
-    times = sorted(time_once(fn, s, t, y, mode, device) for _ in range(reps))
-    return 1e3 * times[len(times) // 2]
+def interleaved_times(available, s, t, y, mode, device, budget_s: float, min_rounds: int, failed):
+    """Per provider, the ms of each timed call, from rounds that call every provider once in turn.
+
+    Each provider is warmed up once first (torch.compile's first call is its cold compile, returned in the
+    second dict in seconds); the round count fits ``budget_s`` per provider, between ``min_rounds`` and 50.
+    A provider that raises is reported through ``failed(name, error)`` and left out.
+    """
+    live, cold, warm = [], {}, 0.0
+    for name, fn in available:
+        try:
+            if name == "compile":
+                cold[name] = time_once(fn, s, t, y, mode, device)
+            warm += time_once(fn, s, t, y, mode, device)  # warm-up (also sizes the rounds)
+            live.append((name, fn))
+        except Exception as error:
+            failed(name, error)
+    rounds = max(min_rounds, min(50, int(budget_s * len(live) / max(warm, 1e-6))))
+    times = {name: [] for name, _ in live}
+    for _ in range(rounds):
+        for name, fn in list(live):
+            try:
+                times[name].append(1e3 * time_once(fn, s, t, y, mode, device))
+            except Exception as error:
+                failed(name, error)
+                live.remove((name, fn))
+                del times[name]
+    return times, cold
 
 
 def peak_mib(fn, s, t, y, mode, device) -> float:
@@ -215,13 +285,25 @@ def print_table(record: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"tempered KL, {record['device']}, {record['dtype']}, copy {record['copy_gb_s']:.1f} GB/s")
-    for column in ("N, C, K", "mode", "provider", "median ms", "peak MiB", "GB/s", "of copy", "cold compile s"):
+    for column in ("N, C, K", "mode", "provider", "median ms", "vs eager formula", "vs reference", "peak MiB",
+                   "GB/s", "of copy", "cold compile s"):
         table.add_column(column, justify="right")
+    ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in record["results"]:
         cold = "" if r["cold_compile_s"] is None else f"{r['cold_compile_s']:.1f}"
         table.add_row(f"{r['N']}, {r['C']}, {r['K']}", r["mode"], r["provider"], f"{r['median_ms']:.2f}",
-                      f"{r['peak_mib']:.1f}", f"{r['model_gb_s']:.1f}", f"{100 * r['fraction_of_copy']:.0f}%", cold)
-    Console(width=140).print(table)
+                      ratio(r["x_vs_eager_formula"]), ratio(r["x_vs_reference"]), f"{r['peak_mib']:.1f}",
+                      f"{r['model_gb_s']:.1f}", f"{100 * r['fraction_of_copy']:.0f}%", cold)
+    Console(width=160).print(table)
+    for r in record["results"]:
+        if r["provider"] == "cpu" and r["x_vs_eager_formula"] is not None:
+            print(f"cpu at ({r['N']}, {r['C']}, {r['K']}) {r['mode']}: "
+                  f"{r['x_vs_eager_formula']:.2f}x the eager formula "
+                  f"(per-round median {r['x_vs_eager_formula_paired']:.2f}x), {r['x_vs_reference']:.2f}x the reference "
+                  f"({r['x_vs_reference_paired']:.2f}x), {r['rounds']} rounds")
+    load = record["load_average"]
+    print(f"load average (1, 5, 15 min) before {', '.join(f'{v:.2f}' for v in load['before'])}, "
+          f"after {', '.join(f'{v:.2f}' for v in load['after'])}")
     for note in record["notes"]:
         print("note:", note)
 

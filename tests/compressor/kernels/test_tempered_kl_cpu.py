@@ -158,3 +158,108 @@ def test_invalid_inputs_raise_value_errors(bad, match):
 def test_from_log_probs_rejects_member_logits():
     with pytest.raises(ValueError, match=r"expected \(N, C\)"):
         tempered_kl_cpu_from_log_probs(torch.zeros(3, 4), torch.zeros(2, 3, 4), None, 2.0, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("combine", ["arithmetic", "geometric"])
+def test_large_class_count_with_one_and_two_row_chunks(dtype, combine):
+    # C = 40,000 > CHUNK_ELEMENTS / 4: the default gives a few rows per chunk; 1 and 2 rows force many chunks
+    s, t, y = random_case(5, 40_000, 3, dtype, scale=3.0)
+    for chunk_rows in (1, 2, None):
+        x = s.clone().requires_grad_()
+        loss = tempered_kl_cpu(x, t, y, 4.0, 0.7, [0.5, 0.2, 0.3], combine, chunk_rows=chunk_rows)
+        loss.backward(torch.tensor(1.5, dtype=dtype))
+        want_loss, want_grad = oracle(s, t, y, 4.0, 0.7, [0.5, 0.2, 0.3], combine, 1.5)
+        check(loss.detach(), x.grad, want_loss, want_grad, dtype)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_every_label_unlabeled(alpha):
+    s, t, _ = random_case(30, 50, 2, torch.float64)
+    y = torch.full((30,), -1)
+    for labels in (y, None):
+        x = s.clone().requires_grad_()
+        loss = tempered_kl_cpu(x, t, labels, 2.0, alpha, chunk_rows=4)
+        loss.backward(torch.tensor(-0.7, dtype=torch.float64))
+        want_loss, want_grad = oracle(s, t, labels, 2.0, alpha, None, "arithmetic", -0.7)
+        check(loss.detach(), x.grad, want_loss, want_grad, torch.float64)
+        if alpha == 0.0:  # no soft term and no labeled row: the loss and its gradient are exactly 0
+            assert float(loss.detach()) == 0.0 and not x.grad.any()
+
+
+def test_gradient_becomes_dot_grad_without_a_copy(monkeypatch):
+    # The (N, C) gradient written in the forward must be the tensor autograd stores as .grad: a copy would
+    # cost a second (N, C) buffer. Any reference kept to it (e.g. by an idle worker) forces that copy.
+    from compressor.kernels import tempered_kl_cpu as module
+    written = []
+    real = module._loss_and_grad
+
+    def spy(*args):
+        loss, grad = real(*args)
+        written.append(grad.data_ptr())
+        return loss, grad
+    monkeypatch.setattr(module, "_loss_and_grad", spy)
+    s, t, y = random_case(64, 300, 2, torch.float32)
+    x = s.clone().requires_grad_()
+    tempered_kl_cpu(x, t, y, 3.0, 0.5, chunk_rows=8).backward()
+    assert x.grad.data_ptr() == written[0]
+
+
+def test_workers_leave_thread_settings_and_concurrent_calls_alone():
+    import threading
+
+    threads = torch.get_num_threads()
+    s, t, y = random_case(40, 257, 3, torch.float64)
+    want_loss, want_grad = oracle(s, t, y, 4.0, 0.7, None, "arithmetic", 1.0)
+    results = []
+
+    def call():
+        x = s.clone().requires_grad_()
+        loss = tempered_kl_cpu(x, t, y, 4.0, 0.7, chunk_rows=3)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    call()
+    for caller in callers:
+        caller.join()
+    assert len(results) == 4
+    for loss, grad in results:
+        check(loss, grad, want_loss, want_grad, torch.float64)
+    assert torch.get_num_threads() == threads  # the caller's intra-op thread count is unchanged
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert seen == [threads]  # and so is the default a thread started later gets
+
+
+def test_without_workers_the_calling_thread_computes_the_same(monkeypatch):
+    # One intra-op thread, or a parallel backend other than OpenMP: no worker pool, everything inline.
+    from compressor.kernels import tempered_kl_cpu as module
+    monkeypatch.setattr(module, "_workers", lambda: None)
+    for chunk_rows in (None, 6):
+        s, t, y = random_case(41, 300, 3, torch.float64, scale=10.0)
+        x = s.clone().requires_grad_()
+        loss = tempered_kl_cpu(x, t, y, 4.0, 0.7, chunk_rows=chunk_rows)
+        loss.backward(torch.tensor(2.0, dtype=torch.float64))
+        want_loss, want_grad = oracle(s, t, y, 4.0, 0.7, None, "arithmetic", 2.0)
+        check(loss.detach(), x.grad, want_loss, want_grad, torch.float64)
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_the_pool_keeps_working(monkeypatch):
+    from compressor.kernels import tempered_kl_cpu as module
+    s, t, y = random_case(20, 30, 2, torch.float64)
+
+    def broken(*args):
+        raise RuntimeError("chunk failed")
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "_soft_target", broken)
+        with pytest.raises(RuntimeError, match="chunk failed"):
+            tempered_kl_cpu(s, t, y, 2.0, 0.5, chunk_rows=3)
+    x = s.clone().requires_grad_()
+    loss = tempered_kl_cpu(x, t, y, 2.0, 0.5, chunk_rows=3)
+    loss.backward()
+    want_loss, want_grad = oracle(s, t, y, 2.0, 0.5, None, "arithmetic", 1.0)
+    check(loss.detach(), x.grad, want_loss, want_grad, torch.float64)
