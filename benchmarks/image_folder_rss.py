@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compressor import save_ensemble  # noqa: E402
 from compressor.core.fileio import write_json_atomic  # noqa: E402
 from compressor.core.preprocessing import ImageSpec  # noqa: E402
-from compressor.data.datasets import FASHION_MNIST_CLASSES, load_dataset, read_idx  # noqa: E402
+from compressor.data.datasets import FASHION_MNIST_CLASSES, ReadOptions, load_dataset, read_idx  # noqa: E402
 from compressor.data.lazy import LazyInputs  # noqa: E402
 from compressor.teachers import load_ensemble  # noqa: E402
 
@@ -70,7 +68,7 @@ def teachers(folder: Path, work: Path) -> Path:
     path = work / "teachers.pt"
     if path.exists():
         return path
-    data = load_dataset(str(folder), images=ImageSpec(3, 32), cache_root=work / "cache")
+    data = load_dataset(str(folder), read=ReadOptions(ImageSpec(3, 32), work / "cache"))
     x = LazyInputs(data.train.x, None, data.train.scale)
     y = torch.from_numpy(data.train.y)
     members = []
@@ -101,7 +99,7 @@ def peak_rss(command: list[str]) -> tuple[float, float, int]:
 def teacher_throughput(path: Path, folder: Path, work: Path, rows: int) -> dict:
     """Images per second of the whole ensemble on ``rows`` training images, streamed from the cache and in RAM."""
     ensemble = load_ensemble(path)
-    data = load_dataset(str(folder), images=ImageSpec(3, 32), cache_root=work / "cache")
+    data = load_dataset(str(folder), read=ReadOptions(ImageSpec(3, 32), work / "cache"))
     lazy = LazyInputs(data.train.x[:rows], None, data.train.scale)
     dense = lazy[:]
     figures = {}

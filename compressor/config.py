@@ -33,6 +33,8 @@ class RunConfig:
     resize: int | None = None             # image folders: the shorter side resized to this many pixels
     crop: int | None = None               # image folders: then a centred square of this many pixels
     on_bad_image: str = "stop"            # image folders: stop | skip an image that cannot be read
+    input_columns: str | None = None      # hf: / parquet: data: the input column (default: its first Image column)
+    label_column: str | None = None       # hf: / parquet: data: the label column (default: label)
     trust_pickle: bool = False
     resume: bool = False
     batch_sizes: tuple[int, ...] = (1, 64)
@@ -104,4 +106,6 @@ class SpecialistsConfig:
     resize: int | None = None
     crop: int | None = None
     on_bad_image: str = "stop"
+    input_columns: str | None = None
+    label_column: str | None = None
     teacher_cache: Path | None = None

@@ -43,14 +43,18 @@ _INPUT_OPTIONS = [
         click.option("--target", type=click.Choice(TARGET_CHOICES), default="onnxruntime", show_default=True,
                      help="Export target."),
         click.option("--data", default=None,
-                     help="digits | image folder (DIR/train/<class>/*.png) | IDX folder | file.npz (default: the "
-                          "ensemble's hint)."),
+                     help="digits | image folder (DIR/train/<class>/*.png) | hf:DIR (save_to_disk) | "
+                          "parquet:GLOB | IDX folder | file.npz (default: the ensemble's hint)."),
         click.option("--channels", type=click.IntRange(min=1), default=None,
                      help="Image folders: 1 (grayscale) or 3 (RGB) (default: the teachers' input channels)."),
         click.option("--resize", type=int, default=None, metavar="PIXELS",
                      help="Image folders: resize the shorter side to PIXELS (bilinear)."),
         click.option("--crop", type=int, default=None, metavar="PIXELS",
                      help="Image folders: then crop a centred PIXELS x PIXELS square."),
+        click.option("--input-columns", default=None, metavar="COLUMNS",
+                     help="hf: / parquet: data: the image column (default: its first column of Image type)."),
+        click.option("--label-column", default=None, metavar="COLUMN",
+                     help="hf: / parquet: data: the label column (default: label, when there is one)."),
         click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default=RunConfig.on_bad_image,
                      show_default=True, help="Image folders: an image that cannot be read stops the run or is "
                                              "left out (and counted in the report)."),
@@ -148,7 +152,8 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
         max_accuracy_drop=options["max_accuracy_drop"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
         student_weights=options["student_weights"], channels=options["channels"], resize=options["resize"],
-        crop=options["crop"], on_bad_image=options["on_bad_image"],
+        crop=options["crop"], on_bad_image=options["on_bad_image"], input_columns=options["input_columns"],
+        label_column=options["label_column"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
         rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
@@ -170,7 +175,8 @@ _VALUES = {"target": "--target", "data": "--data", "student": "--student", "out"
            "omit_classes": "--omit-classes", "bias_fix": "--bias-fix", "amp": "--amp", "device": "--device",
            "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
            "threads": "--threads", "student_weights": "--student-weights", "channels": "--channels",
-           "resize": "--resize", "crop": "--crop", "on_bad_image": "--on-bad-image"}
+           "resize": "--resize", "crop": "--crop", "on_bad_image": "--on-bad-image", "input_columns": "--input-columns",
+           "label_column": "--label-column"}
 
 
 def command_line(config: RunConfig) -> str:

@@ -74,20 +74,27 @@ def load_image(path: str | Path, spec: ImageSpec, dtype=np.float32) -> np.ndarra
     except ImportError as exc:
         raise CompressorError("reading image files needs Pillow (pip install pillow)") from exc
     with Image.open(path) as image:
-        image = image.convert("L" if spec.channels == 1 else "RGB")
-        if spec.resize is not None:
-            width, height = image.size
-            scale = spec.resize / min(width, height)
-            image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                 Image.Resampling.BILINEAR)
-        if spec.crop is not None:
-            width, height = image.size
-            if spec.crop > min(width, height):
-                raise CompressorError(f"{path}: a {spec.crop}-pixel crop does not fit its {width}×{height} pixels; "
-                                      f"pass --resize at least {spec.crop}")
-            left, top = (width - spec.crop) // 2, (height - spec.crop) // 2
-            image = image.crop((left, top, left + spec.crop, top + spec.crop))
-        pixels = np.asarray(image, dtype=np.uint8)
+        return image_array(image, spec, dtype, str(path))
+
+
+def image_array(image, spec: ImageSpec, dtype=np.float32, name: str = "an image") -> np.ndarray:
+    """A decoded PIL image as the model sees it, as :func:`load_image` says: convert to ``spec.channels``, resize the
+    shorter side, centre-crop, then (C, H, W) uint8 or float32 pixel / 255."""
+    from PIL import Image
+
+    image = image.convert("L" if spec.channels == 1 else "RGB")
+    if spec.resize is not None:
+        width, height = image.size
+        scale = spec.resize / min(width, height)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR)
+    if spec.crop is not None:
+        width, height = image.size
+        if spec.crop > min(width, height):
+            raise CompressorError(f"{name}: a {spec.crop}-pixel crop does not fit its {width}×{height} pixels; pass "
+                                  f"--resize at least {spec.crop}")
+        left, top = (width - spec.crop) // 2, (height - spec.crop) // 2
+        image = image.crop((left, top, left + spec.crop, top + spec.crop))
+    pixels = np.asarray(image, dtype=np.uint8)
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, H, W)
     # pixel × float32(1/255), the very operation the training side applies to the cached uint8 rows
     return pixels if dtype == np.uint8 else pixels.astype(np.float32) * np.float32(1 / 255)

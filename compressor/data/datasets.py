@@ -26,7 +26,9 @@ import numpy as np
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import default_cache_root
 from compressor.core.preprocessing import ImageSpec
-from compressor.data.image_folder import is_image_folder, load_split_arrays, split_listings
+from compressor.data.image_cache import load_split_arrays
+from compressor.data.hf import hf_sources
+from compressor.data.image_folder import is_image_folder, split_listings
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -109,19 +111,37 @@ class Dataset:
         }
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a streamed source (an image folder, ``hf:``, ``parquet:``) is read: the images' decoding, where the data
+    cache lives (default: the teacher cache's root), what an unreadable image does ("stop" or "skip"), and a
+    Hugging Face dataset's columns (default: its first Image column, and ``label``)."""
+
+    images: ImageSpec = field(default_factory=ImageSpec)
+    cache_root: Path | None = None
+    on_bad_image: str = "stop"
+    input_columns: str | None = None
+    label_column: str | None = None
+
+
 def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                 max_train: int | None = None, images: ImageSpec | None = None, cache_root: Path | None = None,
-                 on_bad_image: str = "stop") -> Dataset:
+                 max_train: int | None = None, read: ReadOptions | None = None) -> Dataset:
     """Load ``--data SPEC`` and split it deterministically from ``seed``.
 
     ``val_fraction`` of the training pool becomes validation; ``test_fraction`` of the examples becomes the test
     split unless the source has its own (IDX ``t10k``). ``max_train`` keeps the first ``max_train`` training
-    examples of the seeded permutation (val and test are capped at the same number), for quick runs. An image
-    folder is decoded as ``images`` says (default: RGB, sizes as stored) into ``cache_root`` (default: the
-    teacher cache's root), and ``on_bad_image`` ("stop" or "skip") says what an unreadable image does.
+    examples of the seeded permutation (val and test are capped at the same number), for quick runs. Streamed
+    sources are read as ``read`` says.
     """
+    read = read or ReadOptions()
+    if read.on_bad_image not in ("stop", "skip"):
+        raise CompressorError(f"--on-bad-image {read.on_bad_image}: choose stop or skip")
     if spec == "digits":
         dataset = _load_digits(seed, val_fraction, test_fraction)
+    elif spec.startswith(("hf:", "parquet:")):
+        sources, classes, info = hf_sources(spec, read.input_columns, read.label_column, seed, val_fraction,
+                                            test_fraction)
+        dataset = _streamed(spec, Path(spec.partition(":")[2]).name or spec, sources, classes, info, read)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -129,8 +149,8 @@ def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fract
                 f"--data {spec}: no such file or directory; pass 'digits', a folder of MNIST-format IDX files "
                 f"(e.g. /usr/share/datasets/fashion-mnist after 'apt-get install -y dataset-fashion-mnist') or an .npz file")
         if path.is_dir() and is_image_folder(path):
-            dataset = _load_image_folder(path, seed, val_fraction, test_fraction, images or ImageSpec(),
-                                         cache_root, on_bad_image)
+            sources, classes, info = split_listings(path, seed, val_fraction, test_fraction)
+            dataset = _streamed(str(path), path.name, sources, classes, info, read)
         elif path.is_dir():
             dataset = _load_idx_dir(path, seed, val_fraction)
         elif path.suffix == ".npz":
@@ -246,17 +266,17 @@ def _load_idx_dir(folder: Path, seed: int, val_fraction: float) -> Dataset:
                    Split(x_test[test_order], y_test[test_order]), info)
 
 
-def _load_image_folder(folder: Path, seed: int, val_fraction: float, test_fraction: float, images: ImageSpec,
-                       cache_root: Path | None, on_bad_image: str) -> Dataset:
-    if on_bad_image not in ("stop", "skip"):
-        raise CompressorError(f"--on-bad-image {on_bad_image}: choose stop or skip")
-    listings, classes, info = split_listings(folder, seed, val_fraction, test_fraction)
-    splits, meta = load_split_arrays(folder, listings, images, cache_root or default_cache_root(), on_bad_image)
+def _streamed(what: str, name: str, sources: dict, classes: list[str] | None, info: dict,
+              read: ReadOptions) -> Dataset:
+    """A dataset whose images are decoded once into the data cache and read lazily (pixel / 255)."""
+    images = read.images
+    splits, meta = load_split_arrays(what, sources, images, read.cache_root or default_cache_root(), read.on_bad_image,
+                                     {k: info.get(k) for k in ("input_column", "label_column")})
     info["skipped_images"] = {split: len(bad) for split, bad in meta["bad"].items()}
     preprocessing = (f"images decoded with Pillow ({'grayscale' if images.channels == 1 else 'RGB'}"
                      f"{f', shorter side resized to {images.resize} px (bilinear)' if images.resize else ''}"
                      f"{f', centre crop {images.crop} px' if images.crop else ''}), pixel / 255 -> float32 in "
                      f"[0, 1], shape {meta['shape']}")
     parts = {split: Split(x, y, 1 / 255, streamed=True) for split, (x, y) in splits.items()}
-    return Dataset(folder.name, str(folder), preprocessing, classes, parts["train"], parts["val"], parts["test"],
-                   info, digest=meta["key"], image_spec=images.describe())
+    return Dataset(name, what, preprocessing, classes, parts["train"], parts["val"], parts["test"], info,
+                   digest=meta["key"], image_spec=images.describe())

@@ -12,7 +12,7 @@ import torch
 from compressor.config import RunConfig
 from compressor.core.errors import CompressorError
 from compressor.core.preprocessing import ImageSpec, apply_normalisation
-from compressor.data.datasets import Dataset, load_dataset
+from compressor.data.datasets import Dataset, ReadOptions, load_dataset
 from compressor.data.lazy import LazyInputs
 
 if TYPE_CHECKING:  # the data layer reads an ensemble's metadata, never runs it
@@ -34,8 +34,9 @@ class Tensors:
 def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | None]:
     """Load ``--data`` (or the ensemble's dataset hint) and decide the normalisation; check it fits the teachers."""
     spec = config.data or ensemble.metadata.get("dataset") or "digits"
-    dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train, images=image_spec(config, ensemble),
-                           cache_root=config.teacher_cache, on_bad_image=config.on_bad_image)
+    read = ReadOptions(image_spec(config, ensemble), config.teacher_cache, config.on_bad_image, config.input_columns,
+                       config.label_column)
+    dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train, read=read)
     if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
         raise CompressorError(
             f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "

@@ -15,7 +15,7 @@ from PIL import Image
 from compressor.cli import main
 from compressor.core.errors import CompressorError
 from compressor.core.preprocessing import ImageSpec, apply_normalisation, load_image
-from compressor.data.datasets import load_dataset
+from compressor.data.datasets import ReadOptions, load_dataset
 from compressor.data.lazy import LazyInputs
 from targets.bundle import load_bundle
 
@@ -42,7 +42,7 @@ def folder(tmp_path_factory, digits_data) -> Path:
 
 def test_a_folder_is_decoded_once_into_the_cache_and_read_back_lazily(folder, tmp_path):
     spec = ImageSpec(channels=1)
-    data = load_dataset(str(folder), seed=0, images=spec, cache_root=tmp_path)
+    data = load_dataset(str(folder), seed=0, read=ReadOptions(spec, tmp_path))
     assert data.class_names == [str(c) for c in range(10)] and data.input_shape == (1, 8, 8)
     assert isinstance(data.train.x, np.memmap) and data.train.x.dtype == np.uint8  # on disk, not in RAM
     assert len(data.test) == len(list((folder / "test").rglob("*.png")))  # the folder's own test split
@@ -50,10 +50,10 @@ def test_a_folder_is_decoded_once_into_the_cache_and_read_back_lazily(folder, tm
     records = list((tmp_path / "images").glob("*/images.json"))
     assert len(records) == 1
     before = records[0].stat().st_mtime_ns
-    again = load_dataset(str(folder), seed=0, images=spec, cache_root=tmp_path)
+    again = load_dataset(str(folder), seed=0, read=ReadOptions(spec, tmp_path))
     assert records[0].stat().st_mtime_ns == before  # read back, not decoded again
     assert again.fingerprint() == data.fingerprint()
-    assert load_dataset(str(folder), seed=1, images=spec, cache_root=tmp_path).fingerprint() != data.fingerprint()
+    assert load_dataset(str(folder), seed=1, read=ReadOptions(spec, tmp_path)).fingerprint() != data.fingerprint()
     # a row read from the cache is the file decoded by the bundle's function
     row = np.asarray(data.test.x[0], dtype=np.float32) * data.test.scale
     first = sorted((folder / "test").rglob("*.png"))
@@ -95,11 +95,11 @@ def test_bad_folders_stop_with_the_folder_named(digits_data, tmp_path):
     empty = tmp_path / "empty"
     (empty / "train" / "cat").mkdir(parents=True)
     with pytest.raises(CompressorError, match="holds no images"):
-        load_dataset(str(empty), cache_root=tmp_path)
+        load_dataset(str(empty), read=ReadOptions(cache_root=tmp_path))
     odd = write_folder(tmp_path / "odd", digits_data)
     os.rename(odd / "test" / "9", odd / "test" / "nine")
     with pytest.raises(CompressorError, match="classes of .*test differ"):
-        load_dataset(str(odd), cache_root=tmp_path)
+        load_dataset(str(odd), read=ReadOptions(cache_root=tmp_path))
 
 
 def test_an_unreadable_image_stops_or_is_skipped(digits_data, tmp_path, digits_ensemble, capsys):
@@ -107,8 +107,8 @@ def test_an_unreadable_image_stops_or_is_skipped(digits_data, tmp_path, digits_e
     bad = broken / "train" / "3" / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(CompressorError, match="bad.png"):
-        load_dataset(str(broken), images=ImageSpec(1), cache_root=tmp_path)
-    data = load_dataset(str(broken), images=ImageSpec(1), cache_root=tmp_path, on_bad_image="skip")
+        load_dataset(str(broken), read=ReadOptions(ImageSpec(1), tmp_path))
+    data = load_dataset(str(broken), read=ReadOptions(ImageSpec(1), tmp_path, "skip"))
     assert sum(data.split_info["skipped_images"].values()) == 1
     assert main(["--teacher", str(digits_ensemble), "--data", str(broken), "--out", str(tmp_path / "run"),
                  *QUICK]) == 1

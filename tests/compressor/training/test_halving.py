@@ -546,7 +546,7 @@ def test_an_interrupted_search_resumes_its_finished_trials(tuned_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_search_sized_by_its_budget_resumes_with_the_same_choices(digits_ensemble, tmp_path):
-    args = [str(a) for a in ("--teacher", digits_ensemble, "--recipe", "auto", "--tune", "0.1", "--out",
+    args = [str(a) for a in ("--teacher", digits_ensemble, "--recipe", "auto", "--tune", "0.2", "--out",
                              tmp_path / "first", *QUICK)]
     assert main(args) == 0
     first = json.loads((tmp_path / "first" / "report.json").read_text())["tuning"]
