@@ -34,13 +34,16 @@ class Exported:
     parity: ParityResult
     ensemble_runner: object
     ensemble_export: dict
+    member_runner: object = None     # the best single member on the target (None when it could not be exported)
+    member_export: dict | None = None
 
 
 def export_all(ctx: RunContext, student: torch.nn.Module) -> Exported:
-    """Export the student (checking parity) and the ensemble to ``--target``."""
+    """Export the student (checking parity), the ensemble and its best single member to ``--target``."""
     artifact, runner, parity = export_student(ctx, student)
     ensemble_runner, ensemble_export = export_ensemble(ctx)
-    return Exported(artifact, runner, parity, ensemble_runner, ensemble_export)
+    member_runner, member_export = export_best_member(ctx)
+    return Exported(artifact, runner, parity, ensemble_runner, ensemble_export, member_runner, member_export)
 
 
 def export_student(ctx: RunContext, student: torch.nn.Module):
@@ -91,6 +94,45 @@ def export_ensemble(ctx: RunContext):
     reference = ensemble.log_probs(ctx.teacher.test[:, :PARITY_ROWS]).numpy()
     parity = check_parity(reference, runner.infer(x.numpy()), "fp32")
     summary = {"exported": True, "artifact": artifact.to_dict(), "parity": parity.to_dict()}
+    return (runner if parity.passed else None), summary
+
+
+def best_member(ctx: RunContext) -> tuple[int, float] | None:
+    """The member with the best validation top-1, and that accuracy: what a deployer would ship instead of the
+    student. None for a specialist ensemble (its members are not standalone classifiers) or without labels."""
+    labelled = ctx.tensors.y_val >= 0
+    if ctx.ensemble.specialist_subsets is not None or not bool(labelled.any()):
+        return None
+    hits = ctx.teacher.val[:, labelled].argmax(-1) == ctx.tensors.y_val[labelled]  # (K, n)
+    accuracy = hits.double().mean(1)  # (K,)
+    return int(accuracy.argmax()), float(accuracy.max())
+
+
+def export_best_member(ctx: RunContext):
+    """The best single member exported to the target (fp32, parity-checked against its PyTorch logits), so the
+    report answers the deployer's question: does the student beat shipping that member alone? Returns (runner,
+    summary), or (None, summary with the reason)."""
+    chosen = best_member(ctx)
+    if chosen is None:
+        return None, None
+    k, val_accuracy = chosen
+    member, config = ctx.ensemble.members[k], ctx.config
+    summary = {"member": member.name, "val_accuracy": val_accuracy, "exported": False}
+    if not isinstance(member.forward, torch.nn.Module):
+        return None, {**summary, "reason": f"member {member.name} is an ONNX file run by onnxruntime, not exported"}
+    example = ctx.tensors.x_test[:2]
+    try:
+        with ctx.console.status(f"exporting the best member ({member.name}) to {config.target}"):
+            artifact = get_target(config.target).export(member.forward, example,
+                                                        config.output_dir() / "member-export", "fp32",
+                                                        **export_options(config))
+            runner = get_target(config.target).load(artifact, threads=config.threads, **runner_options(config))
+    except CompressorError as exc:
+        return None, {**summary, "reason": str(exc)}
+    x = ctx.tensors.x_test[:PARITY_ROWS]
+    reference = (ctx.teacher.test[k, :PARITY_ROWS] * member.temperature).numpy()  # its raw logits
+    parity = check_parity(reference, runner.infer(x.numpy()), "fp32")
+    summary.update(exported=True, artifact=artifact.to_dict(), parity=parity.to_dict())
     return (runner if parity.passed else None), summary
 
 

@@ -18,7 +18,7 @@ from compressor.core.inference import parameter_count, predict_logits
 from compressor.core.metrics import paired_bootstrap
 from compressor.core.progress import progress_bar
 from compressor.deployment.export import Exported, fp32_runner
-from compressor.deployment.rows import EAGER, Row, eager_device, ensemble_rows, student_rows
+from compressor.deployment.rows import EAGER, Row, eager_device, ensemble_rows, infer_rows, runner_row, student_rows
 from compressor.deployment.verdict import headline, verdict
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.context import RunContext
@@ -53,6 +53,10 @@ def benchmark(ctx: RunContext, students: Students, exported: Exported) -> Benchm
     device = eager_device(ctx.ensemble)
     rows = ensemble_rows(ctx.ensemble, ctx.teacher.test, pool, device, config.target, exported.ensemble_runner,
                          x_test)
+    if exported.member_runner is not None:  # the best member alone on the target: what a deployer might ship
+        member = next(m for m in ctx.ensemble.members if m.name == exported.member_export["member"])
+        rows.append(runner_row(f"member {member.name}", "member", config.target, "fp32", member.parameters,
+                               infer_rows(exported.member_runner, x_test), exported.member_runner, pool))
     for kind, trained, label in (("baseline", students.baseline, None),
                                  ("generalist-student", students.from_generalist, "student from generalist")):
         if trained is not None:
@@ -98,7 +102,7 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
     and of the baseline, and ``seconds_total``."""
     config = students.config
     transfer = students.transfer
-    warnings_ = report_warnings(config, diagnostics, exported.ensemble_export, bench)
+    warnings_ = report_warnings(config, diagnostics, exported, bench)
     pareto = _draw_pareto(ctx, bench.measured, warnings_)
     text = headline(bench.measured, config.target, students.training, config.epochs, config.precision, bench.gain,
                     diagnostics.get("warnings"))
@@ -136,6 +140,7 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
         "runner": {"name": exported.runner.name, **exported.runner.info},
         "parity": exported.parity.to_dict(),
         "ensemble_export": exported.ensemble_export,
+        "best_member_export": exported.member_export,
         "benchmark": {"device": bench.device, "batch_sizes": list(config.batch_sizes), "warmup_s": config.warmup_s,
                       "duration_s": config.duration_s, "rounds": config.rounds, "pool": bench.pool,
                       "split": "test", "examples": len(y_test)},
@@ -148,16 +153,24 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
     }
 
 
-def report_warnings(config: RunConfig, diagnostics: dict, ensemble_export: dict | None, bench: Benchmark) -> list[str]:
-    """Everything a reader should doubt: the diagnostics' warnings, an ensemble not run on the target, timings not
-    to trust, a reduced precision slower than fp32, and an ensemble within the noise of its baseline."""
+def report_warnings(config: RunConfig, diagnostics: dict, exported: Exported, bench: Benchmark) -> list[str]:
+    """Everything a reader should doubt: the diagnostics' warnings, an ensemble or best member not run on the target,
+    timings not to trust, a reduced precision slower than fp32, and an ensemble within the noise of its baseline."""
     warnings_ = list(diagnostics.get("warnings", []))
+    ensemble_export = exported.ensemble_export
     if ensemble_export and not ensemble_export["exported"]:
         warnings_.append(f"the ensemble was not run on {config.target} ({ensemble_export['reason']}), so the "
                          f"headline compares with the ensemble in PyTorch eager only")
     elif ensemble_export and not ensemble_export["parity"]["passed"]:
         warnings_.append(f"the ensemble's {config.target} export failed its parity check "
                          f"({'; '.join(ensemble_export['parity']['failures'])}); its row is left out")
+    member = exported.member_export
+    if member and not member["exported"]:
+        warnings_.append(f"the best member ({member['member']}) was not run on {config.target} ({member['reason']}), "
+                         f"so the report cannot say whether the student beats shipping it alone")
+    elif member and not member["parity"]["passed"]:
+        warnings_.append(f"the best member's {config.target} export failed its parity check "
+                         f"({'; '.join(member['parity']['failures'])}); its row is left out")
     warnings_ += timing_warnings(bench.measured, config.rounds) + precision_warnings(bench.measured, config.target,
                                                                                     config.precision)
     gain = bench.gain

@@ -85,6 +85,9 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
     text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
              f"({student_acc:.2%} vs {ensemble_acc:.2%})")
     text += _baseline_clause(baseline, student_acc, ensemble_acc, gain, causes) if baseline else "."
+    member = next((row for row in rows if row["kind"] == "member" and row["backend"] == target), None)
+    if member is not None and member["accuracy"]["top1"] is not None:
+        text += _member_clause(member, student_acc, median(member) / median(student), target, batch)
     drop = 100 * (ensemble_acc - student_acc)
     if drop > 1.0:
         if training.best_epoch == epochs:
@@ -127,3 +130,16 @@ def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float, ve
                        "a temperature or alpha that does not suit this student (--tune searches them), or an "
                        "ensemble with little to teach beyond the labels.")
     return clause
+
+
+def _member_clause(member: dict, student_acc: float, speed_up: float, target: str, batch: str) -> str:
+    """The deployer's alternative: ship the best single member instead of the student. ``speed_up`` is the member's
+    batch latency over the student's on the same backend."""
+    points = 100 * (student_acc - member["accuracy"]["top1"])
+    faster = f"{speed_up:.1f}× faster than" if speed_up >= 1 else f"{1 / speed_up:.1f}× SLOWER than"
+    text = (f" Against shipping the best single {member['model']} on {target} instead: the student is {faster} it "
+            f"at batch {batch} and {abs(points):.2f} points {'more' if points >= 0 else 'LESS'} accurate "
+            f"({student_acc:.2%} vs {member['accuracy']['top1']:.2%})")
+    if points < 0 or speed_up < 1:
+        return text + ", so shipping that member alone is worth weighing."
+    return text + "."

@@ -27,10 +27,18 @@ def test_digits_main_job(tmp_path, digits_ensemble):
     assert report["schema_version"] == 2 and report["seed"] == 0
     assert report["command"].startswith("compress --teacher")
     assert report["parity"]["passed"] and report["parity"]["precision"] == "fp32"
+    best = report["best_member_export"]["member"]  # the member with the best validation top-1, on the target
     assert [(r["model"], r["backend"]) for r in report["rows"]] == [
         ("ensemble", "PyTorch eager"), ("ensemble", "onnxruntime"), ("member mlp", "PyTorch eager"),
-        ("member cnn", "PyTorch eager"), ("student", "PyTorch eager"), ("student", "onnxruntime")]
-    assert [r["kind"] for r in report["rows"]] == ["ensemble", "ensemble", "member", "member", "student", "student"]
+        ("member cnn", "PyTorch eager"), (f"member {best}", "onnxruntime"), ("student", "PyTorch eager"),
+        ("student", "onnxruntime")]
+    assert [r["kind"] for r in report["rows"]] == ["ensemble", "ensemble", "member", "member", "member", "student",
+                                                   "student"]
+    assert report["best_member_export"]["parity"]["passed"]
+    rows = {(r["model"], r["backend"]): r for r in report["rows"]}
+    assert rows[(f"member {best}", "onnxruntime")]["accuracy"]["top1"] == rows[(f"member {best}", "PyTorch eager")][
+        "accuracy"]["top1"]
+    assert f"best single member {best} on onnxruntime" in report["headline"]
     # each member's row scores what that member alone predicts on the test split
     members = load_ensemble(digits_ensemble).member_logits(torch.from_numpy(load_dataset("digits").test.x))
     for k, row in enumerate(report["rows"][2:4]):
@@ -114,8 +122,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(report["teacher"]["members"]) == 3 and report["parity"]["passed"]
 
 
-def _row(kind, backend, top1, median_ms, parameters):
-    return {"model": kind, "kind": kind, "backend": backend, "precision": "fp32", "parameters": parameters,
+def _row(kind, backend, top1, median_ms, parameters, model=None):
+    return {"model": model or kind, "kind": kind, "backend": backend, "precision": "fp32", "parameters": parameters,
             "accuracy": {"top1": top1},
             "latency": {"1": {"median_ms": median_ms}}}
 
@@ -141,6 +149,12 @@ def test_headline_compares_like_with_like_and_says_plainly_when_the_student_lose
     assert "too small" in peaked and "5,000" in peaked and "1,500,000" in peaked
     slower = headline([eager, on_target, student(0.91, 0.6)], "onnxruntime", TrainResult(4, 0.8), 10)
     assert "2.0× SLOWER than the ensemble on onnxruntime" in slower
+    member = _row("member", "onnxruntime", 0.90, 0.2, 500_000, model="member cnn")
+    beats = headline([eager, on_target, member, student(0.905, 0.05)], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "best single member cnn on onnxruntime instead: the student is 4.0× faster than it" in beats
+    assert "0.50 points more accurate" in beats and "worth weighing" not in beats
+    loses = headline([eager, on_target, member, student(0.89, 0.05)], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "1.00 points LESS accurate" in loses and "shipping that member alone is worth weighing" in loses
 
 
 def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline():
