@@ -157,20 +157,16 @@ def report_warnings(config: RunConfig, diagnostics: dict, exported: Exported, be
     """Everything a reader should doubt: the diagnostics' warnings, an ensemble or best member not run on the target,
     timings not to trust, a reduced precision slower than fp32, and an ensemble within the noise of its baseline."""
     warnings_ = list(diagnostics.get("warnings", []))
-    ensemble_export = exported.ensemble_export
-    if ensemble_export and not ensemble_export["exported"]:
-        warnings_.append(f"the ensemble was not run on {config.target} ({ensemble_export['reason']}), so the "
-                         f"headline compares with the ensemble in PyTorch eager only")
-    elif ensemble_export and not ensemble_export["parity"]["passed"]:
-        warnings_.append(f"the ensemble's {config.target} export failed its parity check "
-                         f"({'; '.join(ensemble_export['parity']['failures'])}); its row is left out")
     member = exported.member_export
-    if member and not member["exported"]:
-        warnings_.append(f"the best member ({member['member']}) was not run on {config.target} ({member['reason']}), "
-                         f"so the report cannot say whether the student beats shipping it alone")
-    elif member and not member["parity"]["passed"]:
-        warnings_.append(f"the best member's {config.target} export failed its parity check "
-                         f"({'; '.join(member['parity']['failures'])}); its row is left out")
+    for summary, what, without in ((exported.ensemble_export, "the ensemble",
+                                    "the headline compares with the ensemble in PyTorch eager only"),
+                                   (member, f"the best member ({member['member']})" if member else "",
+                                    "the report cannot say whether the student beats shipping it alone")):
+        if summary and not summary["exported"]:
+            warnings_.append(f"{what} was not run on {config.target} ({summary['reason']}), so {without}")
+        elif summary and not summary["parity"]["passed"]:
+            warnings_.append(f"{what}'s {config.target} export failed its parity check "
+                             f"({'; '.join(summary['parity']['failures'])}); its row is left out")
     warnings_ += timing_warnings(bench.measured, config.rounds) + precision_warnings(bench.measured, config.target,
                                                                                     config.precision)
     gain = bench.gain

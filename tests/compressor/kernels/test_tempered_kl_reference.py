@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.kernels import IMPLS, ensemble_log_probs, resolve_impl, tempered_kl, tempered_kl_reference
+from compressor.kernels import (AUTO_CPU_MIN_ELEMENTS, IMPLS, ensemble_log_probs, resolve_impl, tempered_kl,
+                                tempered_kl_reference)
 
 
 # ---------------------------------------------------------------------------------------------- the oracle
@@ -244,6 +245,8 @@ def test_bad_weights_raise(weights, message):
 def test_auto_resolves_once_per_device_and_every_impl_matches_the_reference(rng):
     assert IMPLS == ("auto", "reference", "cpu", "triton")
     assert resolve_impl("auto", torch.device("cpu")) == "cpu"
+    assert resolve_impl("auto", "cpu", elements=AUTO_CPU_MIN_ELEMENTS) == "cpu"
+    assert resolve_impl("auto", "cpu", elements=128 * 10 * 3) == "reference"  # a training batch: set-up dominates
     assert resolve_impl("auto", "cpu", teacher_requires_grad=True) == "reference"  # fused paths: student grad only
     assert resolve_impl("auto", "meta") == "reference"
     assert resolve_impl("reference", "cpu") == "reference"
