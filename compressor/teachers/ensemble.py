@@ -9,7 +9,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -89,36 +89,45 @@ class Ensemble:
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor, batch_size: int = 1024,
                       on_batch: Callable[[int], None] | None = None, device: str = "cpu") -> torch.Tensor:
-        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits on the CPU, checked finite.
+        """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits on the CPU, checked finite
+        (:meth:`iter_member_logits`, gathered)."""
+        chunks = [logits for _, logits in self.iter_member_logits(x, batch_size, on_batch, device)]
+        return torch.cat(chunks, dim=1)  # (K, N, C)
+
+    def iter_member_logits(self, x, batch_size: int = 1024, on_batch: Callable[[int], None] | None = None,
+                           device: str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, (K, B, C) float32 logits on the CPU) for each batch of ``x`` (N, ...), so a caller can write
+        them to disk as they come (the teacher cache) instead of holding (K, N, C) in RAM.
 
         Each batch is read once (a streamed split decodes it once) and every member runs on it, on ``device``: a
         PyTorch member is moved there for the pass and back after it (an ONNX member keeps its own provider).
-        ``on_batch(rows)`` is called after each member's batch (for a progress bar over K × N rows).
+        ``on_batch(rows)`` is called after each member's batch (for a progress bar over K × N rows). NaN or Inf
+        logits stop the pass with the member named.
         """
         modules = [member.forward for member in self.members if isinstance(member.forward, torch.nn.Module)]
-        chunks: list[list[torch.Tensor]] = [[] for _ in self.members]
         try:
             for module in modules:
                 module.to(device)
             with torch.no_grad():  # not inference_mode: a TorchScript member that ran outside it fails inside it
                 for i in range(0, len(x), batch_size):
                     xb = x[i:i + batch_size]  # (B, ...)
-                    for k, member in enumerate(self.members):
+                    outputs = []
+                    for member in self.members:
                         on_module = isinstance(member.forward, torch.nn.Module)
-                        chunks[k].append(self._run_member(member, xb.to(device) if on_module else xb).cpu())
+                        logits = self._run_member(member, xb.to(device) if on_module else xb).cpu()  # (B, C)
+                        if not torch.isfinite(logits).all():
+                            bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+                            raise CompressorError(
+                                f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {bad} "
+                                f"of the {len(xb)} inputs at rows {i}-{i + len(xb) - 1}; check that member (its "
+                                f"weights, or the input normalisation it expects)")
+                        outputs.append(logits)
                         if on_batch is not None:
                             on_batch(len(xb))
+                    yield i, torch.stack(outputs)  # (K, B, C)
         finally:
             for module in modules:
                 module.to("cpu")
-        outputs = [torch.cat(member_chunks) for member_chunks in chunks]
-        for member, logits in zip(self.members, outputs):
-            if not torch.isfinite(logits).all():
-                bad = int((~torch.isfinite(logits)).any(dim=1).sum())
-                raise CompressorError(
-                    f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {bad} of {len(x)} "
-                    f"inputs; check that member (its weights, or the input normalisation it expects)")
-        return torch.stack(outputs)  # (K, N, C)
 
     @property
     def specialist_subsets(self) -> list[tuple[int, ...]] | None:

@@ -26,7 +26,9 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -87,6 +89,16 @@ class CachedLogits:
         return self.take(torch.arange(self.shape[1]))
 
 
+@dataclass
+class StreamedLogits:
+    """A split's member logits as the teachers produce them, batch by batch: ``rows`` N and ``batches``, an iterable
+    of (first row, (K, B, C) float32 tensor). :meth:`TeacherCache.store` writes them to disk as they come, so the
+    split's (K, N, C) logits are never in RAM whole."""
+
+    rows: int
+    batches: Iterable[tuple[int, Tensor]]
+
+
 class TeacherCache:
     """One cache entry: ``load()`` it if it exists and is whole, ``store()`` it after computing the logits."""
 
@@ -144,12 +156,16 @@ class TeacherCache:
         try:
             arrays = {}
             for split in SPLITS:
-                values = logits[split].detach().cpu().float().numpy()  # (K, N, C)
-                small = split == "train" and (values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX)
-                array = values.astype(np.float16) if small else values
                 file = scratch / f"{split}.npy"
-                np.save(file, array, allow_pickle=False)
-                arrays[split] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256_file(file)}
+                if isinstance(logits[split], StreamedLogits):
+                    shape, dtype = _write_streamed(file, logits[split], float16=split == "train")
+                else:
+                    values = logits[split].detach().cpu().float().numpy()  # (K, N, C)
+                    small = split == "train" and (values.size == 0 or float(np.abs(values).max()) < FLOAT16_SAFE_MAX)
+                    array = values.astype(np.float16) if small else values
+                    np.save(file, array, allow_pickle=False)
+                    shape, dtype = array.shape, array.dtype
+                arrays[split] = {"shape": list(shape), "dtype": str(dtype), "sha256": sha256_file(file)}
             record = {"key": self.key, "arrays": arrays}
             (scratch / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
             os.chmod(scratch, directory_mode())  # mkdtemp makes 0700; other users of a shared cache must read it
@@ -186,3 +202,36 @@ class TeacherCache:
     def _stale(self, why: str) -> CompressorError:
         return CompressorError(f"teacher cache {self.path} cannot be used: {why}; delete that folder or rerun with "
                                f"--refresh-teacher-cache (or --no-cache to run the teachers on every batch)")
+
+
+CONVERT_ROWS = 65536  # rows converted from the float32 scratch file to float16 at a time
+
+
+def _write_streamed(file: Path, logits: StreamedLogits, float16: bool) -> tuple[tuple[int, ...], np.dtype]:
+    """Write ``logits`` into ``file`` through a memory map, batch by batch, in float32; then, when ``float16`` and
+    every value fits it, convert the file to float16 chunk by chunk. Returns the stored shape and dtype."""
+    scratch = file.with_suffix(".float32.npy")
+    array, peak = None, 0.0
+    for start, batch in logits.batches:
+        values = batch.numpy()  # (K, B, C)
+        if array is None:
+            array = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32,
+                                              shape=(values.shape[0], logits.rows, values.shape[2]))
+        array[:, start:start + values.shape[1]] = values
+        peak = max(peak, float(np.abs(values).max()) if values.size else 0.0)
+    if array is None:
+        raise CompressorError(f"no teacher logits to cache for {file.name}: the split is empty")
+    shape = array.shape
+    array.flush()
+    del array
+    if not (float16 and peak < FLOAT16_SAFE_MAX):
+        os.replace(scratch, file)
+        return shape, np.dtype(np.float32)
+    source = np.load(scratch, mmap_mode="r")
+    target = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
+    for start in range(0, shape[1], CONVERT_ROWS):
+        target[:, start:start + CONVERT_ROWS] = source[:, start:start + CONVERT_ROWS]
+    target.flush()
+    del target, source
+    scratch.unlink()
+    return shape, np.dtype(np.float16)

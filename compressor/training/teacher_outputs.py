@@ -13,7 +13,7 @@ from compressor.teachers.diagnostics import diagnose, transfer_sample
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.context import RunContext, TeacherOutputs
 from compressor.training.distributed import barrier
-from compressor.training.teacher_cache import CachedLogits, TeacherCache, cache_key
+from compressor.training.teacher_cache import CachedLogits, StreamedLogits, TeacherCache, cache_key
 from compressor.core.fileio import default_cache_root
 
 
@@ -21,11 +21,28 @@ def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: 
                  device: str = "cpu") -> dict[str, torch.Tensor]:
     """Run every member once over each split's inputs on ``device`` (the run's: CUDA when it trains there): (K, N, C)
     logits per split on the CPU, with a progress bar."""
-    total = len(ensemble.members) * sum(len(x) for x in splits.values())
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"teachers ({len(ensemble.members)} members)", total=total)
+        task = bar.add_task(f"teachers ({len(ensemble.members)} members)",
+                            total=len(ensemble.members) * sum(len(x) for x in splits.values()))
         return {name: ensemble.member_logits(x, on_batch=lambda rows: bar.advance(task, rows), device=device)
                 for name, x in splits.items()}
+
+
+def store_teachers(cache: TeacherCache, ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool,
+                   device: str, replace: bool) -> dict[str, CachedLogits]:
+    """Run the teachers over every split and store their logits in ``cache``: the held-out splits' in RAM first,
+    then the transfer set's written to disk batch by batch as they come (never (K, N, C) in RAM)."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"teachers ({len(ensemble.members)} members)",
+                            total=len(ensemble.members) * sum(len(x) for x in splits.values()))
+
+        def advance(rows: int) -> None:
+            bar.advance(task, rows)
+        logits = {name: ensemble.member_logits(splits[name], on_batch=advance, device=device)
+                  for name in ("val", "test")}
+        logits["train"] = StreamedLogits(len(splits["train"]), ensemble.iter_member_logits(
+            splits["train"], on_batch=advance, device=device))
+        return cache.store(logits, replace=replace)
 
 
 def teacher_outputs(ctx: RunContext) -> TeacherOutputs:
@@ -52,8 +69,8 @@ def teacher_outputs(ctx: RunContext) -> TeacherOutputs:
         if hit:
             ctx.console.print(f"[bold]teacher cache[/] reusing {cache.path}")
         else:
-            entries = cache.store(run_teachers(ensemble, splits, config.progress, ctx.world.device),
-                                  replace=config.refresh_teacher_cache)
+            entries = store_teachers(cache, ensemble, splits, config.progress, ctx.world.device,
+                                     config.refresh_teacher_cache)
             ctx.console.print(f"[bold]teacher cache[/] stored {cache.path}")
     barrier(ctx.world)
     if not ctx.world.is_main:

@@ -22,7 +22,8 @@ import torch
 from compressor import save_ensemble
 from compressor.cli import main
 from compressor.core.errors import CompressorError
-from compressor.training.teacher_cache import ENTRY_FILE, CachedLogits, TeacherCache, cache_key, key_digest
+from compressor.training.teacher_cache import (ENTRY_FILE, CachedLogits, StreamedLogits, TeacherCache, cache_key,
+                                               key_digest)
 from compressor.core.fileio import default_cache_root
 from compressor.teachers.formats import load_ensemble
 from tests.conftest import digits_members
@@ -53,6 +54,21 @@ def stored(root: Path) -> tuple[TeacherCache, dict[str, torch.Tensor]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # One entry on disk
+
+
+@pytest.mark.parametrize("scale", [8.0, 300.0], ids=["fits-float16", "beyond-float16"])
+def test_logits_streamed_batch_by_batch_are_stored_as_whole_ones_are(tmp_path, scale):
+    logits = {split: values * scale / 8 for split, values in member_logits().items()}
+    whole = TeacherCache(tmp_path / "whole", a_key()).store(logits)
+    batches = [(start, logits["train"][:, start:start + 7]) for start in range(0, logits["train"].shape[1], 7)]
+    streamed = TeacherCache(tmp_path / "streamed", a_key()).store(
+        {**logits, "train": StreamedLogits(logits["train"].shape[1], iter(batches))})
+    for split in ("train", "val", "test"):
+        assert streamed[split].array.dtype == whole[split].array.dtype
+        assert np.array_equal(np.asarray(streamed[split].array), np.asarray(whole[split].array))
+    assert streamed["train"].array.dtype == (np.float16 if scale < 128 else np.float32)
+    assert not list((tmp_path / "streamed").rglob("*.float32.npy"))  # the float32 scratch file is gone
+    assert TeacherCache(tmp_path / "streamed", a_key()).load() is not None  # checksums recorded as for any entry
 
 
 def test_round_trip_keeps_train_in_float16_and_the_held_out_splits_exact(tmp_path):
