@@ -177,9 +177,9 @@ def _run_and_summarise(config: RunConfig) -> None:
     stdout.print(table)
     stdout.print(report["headline"])
     for warning in report["warnings"]:
-        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     stdout.print(f"artifacts in {config.output_dir()}: report.md, report.json, pareto.png, student.pt, export/, "
-                 f"ensemble-export/, bundle/")
+                 f"ensemble-export/, member-export/, bundle/")
 
 
 def _percent(value: float | None) -> str:
