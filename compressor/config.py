@@ -42,6 +42,7 @@ class RunConfig:
     duration_s: float = 1.0               # benchmark measurement per row and batch size, over all rounds
     rounds: int = 2                       # interleaved benchmark rounds; their medians must agree within 10%
     baseline: bool = False                # also train the student's architecture on hard labels alone
+    teachers_saw_val: bool = False        # the teachers trained on the validation rows: diagnose on half of test
     teacher_cache: Path | None = None     # teacher-logit cache folder; None = $COMPRESSOR_CACHE_DIR or ~/.cache/...
     no_cache: bool = False                # run the teachers on every training batch instead of reading the cache
     refresh_teacher_cache: bool = False   # recompute and replace this run's cache entry

@@ -117,6 +117,9 @@ _OTHER_OPTIONS = [
         click.option("--tune-trials", type=click.IntRange(min=1), default=None, metavar="N",
                      help="With --tune or --recipe auto: N configurations per family instead of as many as the "
                           "budget fits, so the search itself is the same on any machine."),
+        click.option("--teachers-saw-val", is_flag=True,
+                     help="The teachers trained on the validation rows (e.g. on a whole official training set): fit "
+                          "and judge them on half of the test split (detected when validation beats test clearly)."),
         click.option("--unlabeled", is_flag=True,
                      help="Ignore the transfer set's labels: train on the soft targets alone (alpha 1)."),
         click.option("--omit-classes", default=None, metavar="CLASSES",
@@ -157,7 +160,8 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
         rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
-        unlabeled=options["unlabeled"], omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
+        unlabeled=options["unlabeled"], teachers_saw_val=options["teachers_saw_val"],
+        omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
         amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
         recipe=options["recipe"], tune=options["tune"], tune_trials=options["tune_trials"],
         threads=options["threads"], progress=not options["no_progress"],
@@ -166,7 +170,8 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
 
 # RunConfig field -> its ``compress`` option, for command_line; fields a user cannot set there are absent
 _FLAGS = {"trust_pickle": "--trust-pickle", "resume": "--resume", "baseline": "--baseline", "no_cache": "--no-cache",
-          "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled"}
+          "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled",
+          "teachers_saw_val": "--teachers-saw-val"}
 _VALUES = {"target": "--target", "data": "--data", "student": "--student", "out": "--out",
            "temperature": "--temperature", "alpha": "--alpha", "epochs": "--epochs", "batch_size": "--batch-size",
            "lr": "--lr", "precision": "--precision", "max_accuracy_drop": "--max-accuracy-drop", "seed": "--seed",

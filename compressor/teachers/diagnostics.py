@@ -13,9 +13,13 @@ distillation cannot pay:
   undertrained, and their soft targets carry little the labels do not;
 - **the fit**: member weights and one temperature chosen to minimise the mixture's NLL on validation (L-BFGS in
   float64), with NLL and ECE before and after. It is recorded, not applied: the run distils the ensemble as given,
-  and the fit tells whether the members are badly weighted or over-confident.
+  and the fit tells whether the members are badly weighted or over-confident;
+- **seen validation rows**: teachers trained on a whole official training set have seen the validation rows carved
+  from it, so their validation accuracy stands above their test accuracy. Then (or with ``--teachers-saw-val``)
+  the fit and the transfer-set check are made on half of the test split instead, and a note says why, rather
+  than a false "undertrained" alarm.
 
-ECE and the other metrics come from ``targets.benchmark.classification_metrics``, the function the report's rows
+ECE and the other metrics come from ``compressor.core.metrics.classification_metrics``, the function the report's rows
 use, so the figures here and there are computed the same way.
 """
 
@@ -32,16 +36,30 @@ from compressor.core.metrics import classification_metrics
 TRANSFER_SAMPLE = 10_000     # transfer rows scored (seeded sample): enough for a 1-point estimate, cheap at any N
 MAX_TRANSFER_ERROR = 0.05    # teachers wrong on more than this share of transfer rows: their errors are taught
 MIN_FIT_GAP = 0.01           # transfer accuracy must beat validation accuracy by this much, or the teachers underfit
+SEEN_GAP = 0.01              # validation above test by more than this (and than 2 standard errors): val was seen
 
 
 def diagnose(ensemble: Ensemble, member_logits: torch.Tensor, labels: torch.Tensor, split: str = "val",
-             transfer_logits: torch.Tensor | None = None, transfer_labels: torch.Tensor | None = None) -> dict:
+             transfer_logits: torch.Tensor | None = None, transfer_labels: torch.Tensor | None = None,
+             test_logits: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
+             teachers_saw_val: bool = False) -> dict:
     """Score the teachers on the labelled rows of ``split`` and, when given, on the transfer set; fit weights and a
     temperature; collect plain-word warnings.
 
     ``member_logits`` (K, N, C) with ``labels`` (N,) are the held-out split; ``transfer_logits`` (K, S, C) with
     ``transfer_labels`` (S,) are the transfer rows picked by :func:`transfer_sample`. -1 marks an unlabeled row.
+    With the test split's ``test_logits`` and ``test_labels``, teachers that score clearly better on ``split`` than
+    on test (or ``teachers_saw_val``, the user's word) are taken to have trained on it, as teachers trained on a
+    whole official training set have: the fit and the under-training check then use half of the test split.
     """
+    seen = seen_validation(ensemble, member_logits, labels, test_logits, test_labels, teachers_saw_val)
+    if seen is not None and seen["seen"]:
+        half = torch.arange(0, len(test_labels), 2)  # every other test row: the half they surely did not see
+        result = diagnose(ensemble, test_logits[:, half], test_labels[half], "half of the test split",
+                          transfer_logits, transfer_labels)
+        result["seen_validation"] = seen
+        result["warnings"].insert(0, seen["note"])
+        return result
     keep = labels >= 0
     if not bool(keep.any()):
         return {"members": [], "mixture": None, "warnings": [f"the {split} split has no labels: accuracy unknown"]}
@@ -57,7 +75,7 @@ def diagnose(ensemble: Ensemble, member_logits: torch.Tensor, labels: torch.Tens
     result = {"split": split, "examples": int(keep.sum()), "members": members, "mixture": mixture,
               "best_member": best["name"], "disagreement": disagreement(classifiers),
               "fit": fit_ensemble(member_logits, labels, ensemble.combine) if classifiers is member_logits else None,
-              "transfer": None, "warnings": []}
+              "transfer": None, "seen_validation": seen, "warnings": []}
     if len(member_logits) > 1 and mixture["accuracy"] <= best["accuracy"]:
         result["warnings"].append(
             f"the ensemble ({mixture['accuracy']:.2%}) does not beat its best member '{best['name']}' "
@@ -112,6 +130,33 @@ def fit_ensemble(member_logits: torch.Tensor, labels: torch.Tensor, combine: str
             "nll_before": scored_before["nll"], "nll_after": scored_after["nll"],
             "ece_before": scored_before["ece"], "ece_after": scored_after["ece"],
             "accuracy_after": scored_after["accuracy"]}
+
+
+def seen_validation(ensemble: Ensemble, val_logits: torch.Tensor, val_labels: torch.Tensor,
+                    test_logits: torch.Tensor | None, test_labels: torch.Tensor | None, flagged: bool) -> dict | None:
+    """Whether the teachers trained on the validation rows: the mixture's top-1 on validation above its top-1 on
+    test by more than SEEN_GAP and two standard errors of the difference, or the user says so. None without labels
+    on both splits."""
+    if test_logits is None or test_labels is None:
+        return None
+    accuracy = {}
+    for name, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
+        keep = labels >= 0
+        if not bool(keep.any()):
+            return None
+        right = ensemble.log_probs(logits[:, keep].double()).argmax(1) == labels[keep]  # (n,)
+        accuracy[name] = (float(right.double().mean()), int(keep.sum()))
+    (p_val, n_val), (p_test, n_test) = accuracy["val"], accuracy["test"]
+    error = 2 * float(np.sqrt(p_val * (1 - p_val) / n_val + p_test * (1 - p_test) / n_test))
+    gap = p_val - p_test
+    detected = gap > max(SEEN_GAP, error)
+    why = ("--teachers-saw-val says so" if flagged else
+           f"{p_val:.2%} on validation against {p_test:.2%} on test, {gap:.1%} apart (more than 2 standard errors)")
+    note = (f"the teachers most likely trained on the validation rows ({why}), as teachers trained on a whole "
+            f"official training set have: the fit of weights and temperature and the under-training check use half "
+            f"of the test split instead, and validation accuracy only chooses the student's best epoch")
+    return {"seen": flagged or detected, "flagged": flagged, "detected": detected, "val_accuracy": p_val,
+            "test_accuracy": p_test, "gap": gap, "two_standard_errors": error, "note": note}
 
 
 def transfer_sample(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:

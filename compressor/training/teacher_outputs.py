@@ -87,7 +87,8 @@ def diagnose_teachers(ctx: RunContext) -> dict:
     rows = transfer_sample(ctx.tensors.y_train, ctx.config.seed)  # (S,)
     transfer = ctx.teacher.take_train(rows, ctx.tensors.x_train)  # (K, S, C): only the sampled rows are read
     return diagnose(ctx.ensemble, ctx.teacher.val, ctx.tensors.y_val, transfer_logits=transfer,
-                    transfer_labels=ctx.tensors.y_train[rows])
+                    transfer_labels=ctx.tensors.y_train[rows], test_logits=ctx.teacher.test,
+                    test_labels=ctx.tensors.y_test, teachers_saw_val=ctx.config.teachers_saw_val)
 
 
 def transfer_fit(model: torch.nn.Module, ctx: RunContext) -> dict:
