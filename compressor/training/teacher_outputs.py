@@ -4,8 +4,11 @@ model imitates them there."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from compressor.core.fileio import default_cache_root
 from compressor.core.inference import predict_logits
 from compressor.core.metrics import classification_metrics
 from compressor.core.progress import progress_bar
@@ -14,30 +17,30 @@ from compressor.teachers.ensemble import Ensemble
 from compressor.training.context import RunContext, TeacherOutputs
 from compressor.training.distributed import barrier
 from compressor.training.teacher_cache import CachedLogits, StreamedLogits, TeacherCache, cache_key
-from compressor.core.fileio import default_cache_root
+
+
+@contextlib.contextmanager
+def _teachers_progress(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool):
+    """A progress bar over every member's pass over ``splits``; yields the ``on_batch(rows)`` that advances it."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"teachers ({len(ensemble.members)} members)",
+                            total=len(ensemble.members) * sum(len(x) for x in splits.values()))
+        yield lambda rows: bar.advance(task, rows)
 
 
 def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool,
                  device: str = "cpu") -> dict[str, torch.Tensor]:
     """Run every member once over each split's inputs on ``device`` (the run's: CUDA when it trains there): (K, N, C)
     logits per split on the CPU, with a progress bar."""
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"teachers ({len(ensemble.members)} members)",
-                            total=len(ensemble.members) * sum(len(x) for x in splits.values()))
-        return {name: ensemble.member_logits(x, on_batch=lambda rows: bar.advance(task, rows), device=device)
-                for name, x in splits.items()}
+    with _teachers_progress(ensemble, splits, progress) as advance:
+        return {name: ensemble.member_logits(x, on_batch=advance, device=device) for name, x in splits.items()}
 
 
 def store_teachers(cache: TeacherCache, ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool,
                    device: str, replace: bool) -> dict[str, CachedLogits]:
     """Run the teachers over every split and store their logits in ``cache``: the held-out splits' in RAM first,
     then the transfer set's written to disk batch by batch as they come (never (K, N, C) in RAM)."""
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"teachers ({len(ensemble.members)} members)",
-                            total=len(ensemble.members) * sum(len(x) for x in splits.values()))
-
-        def advance(rows: int) -> None:
-            bar.advance(task, rows)
+    with _teachers_progress(ensemble, splits, progress) as advance:
         logits = {name: ensemble.member_logits(splits[name], on_batch=advance, device=device)
                   for name in ("val", "test")}
         logits["train"] = StreamedLogits(len(splits["train"]), ensemble.iter_member_logits(
