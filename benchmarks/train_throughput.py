@@ -31,7 +31,7 @@ from compressor.data.datasets import load_dataset  # noqa: E402
 from compressor.students import create_student  # noqa: E402
 from compressor.training.loop import TrainConfig, train_student  # noqa: E402
 from compressor.training.losses import DistillationLoss  # noqa: E402
-from compressor.training.teacher_cache import CachedLogits  # noqa: E402
+from compressor.training.cached_logits import CachedLogits  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 RESULTS = Path(__file__).parent / "results"

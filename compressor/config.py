@@ -46,6 +46,7 @@ class RunConfig:
     teacher_cache: Path | None = None     # teacher-logit cache folder; None = $COMPRESSOR_CACHE_DIR or ~/.cache/...
     no_cache: bool = False                # run the teachers on every training batch instead of reading the cache
     refresh_teacher_cache: bool = False   # recompute and replace this run's cache entry
+    cache_top_k: int | None = None        # cache only each member's K largest transfer-set logits (large C)
     unlabeled: bool = False               # ignore the transfer set's labels: soft targets only (alpha 1)
     omit_classes: str | None = None       # classes left out of the transfer set, e.g. "3" or "dress,coat"
     bias_fix: str = "auto"                # auto | none | FLOAT: raise the omitted classes' output biases

@@ -177,6 +177,9 @@ def _check_config(config: RunConfig) -> None:
         raise CompressorError(f"--tune {config.tune:g}: give the search's budget in minutes, more than 0")
     if config.no_cache and config.refresh_teacher_cache:
         raise CompressorError("--no-cache and --refresh-teacher-cache contradict each other; pass one of them")
+    if config.no_cache and config.cache_top_k is not None:
+        raise CompressorError("--no-cache and --cache-top-k contradict each other: --cache-top-k says how the "
+                              "cache stores logits; pass one of them")
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -16,7 +16,7 @@ from compressor.data.datasets import Dataset
 from compressor.data.loading import Tensors
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.distributed import World
-from compressor.training.teacher_cache import CachedLogits
+from compressor.training.cached_logits import CachedLogits
 
 
 @dataclass

@@ -13,6 +13,11 @@ An entry is a folder ``<root>/<key digest>/``:
 - ``val.npy``, ``test.npy`` — the held-out splits in float32, so the report's ensemble accuracy is exact;
 - ``entry.json`` — the key and the sha256, shape and dtype of each array.
 
+With ``--cache-top-k K`` (part of the key) the transfer set is stored instead as ``train.values.npy`` (K largest
+logits per member and row, float32), ``train.indices.npy`` (their classes) and ``train.tail.npy`` (the rest's
+log-sum-exp), written batch by batch, and the record gains the tail's share of probability at T = 1
+(:mod:`compressor.training.cached_logits`).
+
 It is written in a temporary folder and renamed into place, so it exists whole or not at all. An entry whose
 record does not match its key or its files (edited, truncated, copied from elsewhere) is refused with a message
 naming the folder and the fix, never used. Member logits, not the mixture at one temperature, are stored, so
@@ -31,11 +36,12 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import directory_mode, remove_folder_atomically, sha256_file
+from compressor.training.cached_logits import (CachedLogits, TopKLogits, check_top_k, index_dtype, reduce_top_k,
+                                               tail_mass)
 
 CACHE_FORMAT = "compressor.teacher-cache/1"
 ENTRY_FILE = "entry.json"
@@ -45,48 +51,17 @@ SPLITS = ("train", "val", "test")
 FLOAT16_SAFE_MAX = 128.0
 
 
-def cache_key(teacher_sha256: str, data_sha256: str, preprocessing: dict) -> dict:
-    """What the member logits depend on: the teacher files, the data, and how the data was prepared."""
-    return {"format": CACHE_FORMAT, "teacher_sha256": teacher_sha256, "data_sha256": data_sha256,
-            "preprocessing": json.loads(json.dumps(preprocessing, sort_keys=True))}
+def cache_key(teacher_sha256: str, data_sha256: str, preprocessing: dict, top_k: int | None = None) -> dict:
+    """What the member logits depend on: the teacher files, the data, and how the data was prepared; and how they
+    are stored (``top_k``: only the K largest per row, absent for a dense entry)."""
+    key = {"format": CACHE_FORMAT, "teacher_sha256": teacher_sha256, "data_sha256": data_sha256,
+           "preprocessing": json.loads(json.dumps(preprocessing, sort_keys=True))}
+    return key if top_k is None else {**key, "top_k": int(top_k)}
 
 
 def key_digest(key: dict) -> str:
     """The entry's folder name: sha256 of the key's canonical JSON."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-class CachedLogits:
-    """Member logits (K, N, C) held in a (memory-mapped) array, optionally seen through a subset of its rows.
-
-    ``take(idx)`` returns rows ``idx`` of the (subset) view as a float32 tensor (K, B, C); the training loop calls
-    it once per batch, so only those rows are read from disk.
-    """
-
-    def __init__(self, array: np.ndarray, rows: np.ndarray | None = None):
-        self.array = array  # (K, N_all, C)
-        self.rows = rows    # (N,) int64 indices into N_all, or None for all rows
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        k, n, c = self.array.shape
-        return k, (n if self.rows is None else len(self.rows)), c
-
-    def subset(self, rows: np.ndarray) -> "CachedLogits":
-        """The same logits seen through ``rows`` (indices into this view)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return CachedLogits(self.array, rows if self.rows is None else self.rows[rows])
-
-    def take(self, idx: Tensor) -> Tensor:
-        """Rows ``idx`` (B,) of this view as float32 (K, B, C)."""
-        picked = idx.cpu().numpy()
-        if self.rows is not None:
-            picked = self.rows[picked]
-        return torch.from_numpy(np.asarray(self.array[:, picked], dtype=np.float32))
-
-    def to_tensor(self) -> Tensor:
-        """Every row of this view as one float32 tensor (K, N, C)."""
-        return self.take(torch.arange(self.shape[1]))
 
 
 @dataclass
@@ -107,6 +82,7 @@ class TeacherCache:
         self.key = key
         self.digest = key_digest(key)
         self.path = self.root / self.digest
+        self.top_k_record: dict | None = None  # --cache-top-k: K and the tail's mass, once loaded or stored
 
     def exists(self) -> bool:
         """Whether an entry (whole or not) is present under this key."""
@@ -124,22 +100,35 @@ class TeacherCache:
         if not isinstance(record, dict) or record.get("key") != self.key:
             raise self._stale("its record was written for other teachers, data or preprocessing")
         arrays = record.get("arrays")
-        out = {}
-        for split in SPLITS:
-            info = arrays.get(split) if isinstance(arrays, dict) else None
-            file = self.path / f"{split}.npy"
-            if not isinstance(info, dict) or not {"sha256", "shape", "dtype"} <= set(info):
-                raise self._stale(f"{ENTRY_FILE} has no complete record of {file.name}")
-            if not file.is_file():
-                raise self._stale(f"{file.name} is missing")
-            if sha256_file(file) != info["sha256"]:
-                raise self._stale(f"{file.name} does not match the checksum recorded when it was written")
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-            if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
-                raise self._stale(f"{file.name} has shape {list(array.shape)} {array.dtype}, recorded "
-                                  f"{info['shape']} {info['dtype']}")
-            out[split] = CachedLogits(array)
+        read = {name: self._checked_array(name, arrays) for name in self._array_names()}
+        self.top_k_record = record.get("top_k")
+        return self._entries(read, int(read["test"].shape[2]))
+
+    def _array_names(self) -> list[str]:
+        top_k = ["train.values", "train.indices", "train.tail"] if "top_k" in self.key else ["train"]
+        return top_k + ["val", "test"]
+
+    def _entries(self, arrays: dict[str, np.ndarray], num_classes: int) -> dict[str, CachedLogits]:
+        out = {split: CachedLogits(arrays[split]) for split in ("val", "test")}
+        out["train"] = (TopKLogits(arrays["train.values"], arrays["train.indices"], arrays["train.tail"], num_classes)
+                        if "top_k" in self.key else CachedLogits(arrays["train"]))
         return out
+
+    def _checked_array(self, name: str, arrays) -> np.ndarray:
+        """``name``.npy memory-mapped, after its checksum, shape and dtype matched the record."""
+        info = arrays.get(name) if isinstance(arrays, dict) else None
+        file = self.path / f"{name}.npy"
+        if not isinstance(info, dict) or not {"sha256", "shape", "dtype"} <= set(info):
+            raise self._stale(f"{ENTRY_FILE} has no complete record of {file.name}")
+        if not file.is_file():
+            raise self._stale(f"{file.name} is missing")
+        if sha256_file(file) != info["sha256"]:
+            raise self._stale(f"{file.name} does not match the checksum recorded when it was written")
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+            raise self._stale(f"{file.name} has shape {list(array.shape)} {array.dtype}, recorded "
+                              f"{info['shape']} {info['dtype']}")
+        return array
 
     def store(self, logits: dict[str, Tensor], replace: bool = False) -> dict[str, CachedLogits]:
         """Write ``logits[split]`` (K, N, C) for every split as a new entry, atomically, and return it loaded.
@@ -154,9 +143,12 @@ class TeacherCache:
             raise CompressorError(f"cannot create the teacher cache in {self.root} ({exc.strerror or exc}); choose "
                                   f"another --teacher-cache or pass --no-cache") from exc
         try:
-            arrays = {}
+            arrays, record = {}, {"key": self.key}
             for split in SPLITS:
                 file = scratch / f"{split}.npy"
+                if split == "train" and "top_k" in self.key:
+                    record["top_k"] = _write_top_k(scratch, _as_stream(logits[split]), self.key["top_k"], arrays)
+                    continue
                 if isinstance(logits[split], StreamedLogits):
                     shape, dtype = _write_streamed(file, logits[split], float16=split == "train")
                 else:
@@ -166,7 +158,8 @@ class TeacherCache:
                     np.save(file, array, allow_pickle=False)
                     shape, dtype = array.shape, array.dtype
                 arrays[split] = {"shape": list(shape), "dtype": str(dtype), "sha256": sha256_file(file)}
-            record = {"key": self.key, "arrays": arrays}
+            record["arrays"] = arrays
+            self.top_k_record = record.get("top_k")
             (scratch / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
             os.chmod(scratch, directory_mode())  # mkdtemp makes 0700; other users of a shared cache must read it
             if replace and self.path.exists():
@@ -187,8 +180,9 @@ class TeacherCache:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         if ours:  # just written and checksummed: open it without reading every byte back
-            return {split: CachedLogits(np.load(self.path / f"{split}.npy", mmap_mode="r", allow_pickle=False))
-                    for split in SPLITS}
+            written = {name: np.load(self.path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                       for name in self._array_names()}
+            return self._entries(written, int(written["test"].shape[2]))
         loaded = self.load()
         if loaded is None:
             raise CompressorError(f"teacher cache {self.path} vanished right after it was stored (another run "
@@ -196,8 +190,9 @@ class TeacherCache:
         return loaded
 
     def describe(self, hit: bool) -> dict:
-        """JSON-safe summary for the report."""
-        return {"enabled": True, "path": str(self.path), "hit": hit, "key": self.key}
+        """JSON-safe summary for the report (with ``top_k``: K and the tail's share of probability at T = 1)."""
+        summary = {"enabled": True, "path": str(self.path), "hit": hit, "key": self.key}
+        return summary if self.top_k_record is None else {**summary, "top_k": self.top_k_record}
 
     def _stale(self, why: str) -> CompressorError:
         return CompressorError(f"teacher cache {self.path} cannot be used: {why}; delete that folder or rerun with "
@@ -235,3 +230,38 @@ def _write_streamed(file: Path, logits: StreamedLogits, float16: bool) -> tuple[
     del target, source
     scratch.unlink()
     return shape, np.dtype(np.float16)
+
+
+def _as_stream(logits) -> StreamedLogits:
+    return logits if isinstance(logits, StreamedLogits) else StreamedLogits(logits.shape[1], [(0, logits.cpu())])
+
+
+def _write_top_k(folder: Path, logits: StreamedLogits, k: int, arrays: dict) -> dict:
+    """Write the transfer set's top-``k`` values, indices and tail log-sum-exp into ``folder`` batch by batch
+    (recording each file in ``arrays``); return K and the tail's mean and largest share of probability at T = 1."""
+    files, total_mass, largest, rows_seen = {}, 0.0, 0.0, 0
+    for start, batch in logits.batches:
+        members, rows, classes = batch.shape[0], logits.rows, batch.shape[2]
+        check_top_k(k, classes)
+        if not files:
+            files = {"values": np.lib.format.open_memmap(folder / "train.values.npy", mode="w+", dtype=np.float32,
+                                                         shape=(members, rows, k)),
+                     "indices": np.lib.format.open_memmap(folder / "train.indices.npy", mode="w+",
+                                                          dtype=index_dtype(classes), shape=(members, rows, k)),
+                     "tail": np.lib.format.open_memmap(folder / "train.tail.npy", mode="w+", dtype=np.float32,
+                                                       shape=(members, rows))}
+        values, indices, tail = reduce_top_k(batch, k)
+        stop = start + batch.shape[1]
+        files["values"][:, start:stop] = values.numpy()
+        files["indices"][:, start:stop] = indices.numpy()
+        files["tail"][:, start:stop] = tail.numpy()
+        mass = tail_mass(values, tail)
+        total_mass, largest = total_mass + float(mass.sum()), max(largest, float(mass.max()) if mass.numel() else 0)
+        rows_seen += mass.numel()
+    if not files:
+        raise CompressorError("no teacher logits to cache for the transfer set: the split is empty")
+    for name, array in files.items():
+        array.flush()
+        file = folder / f"train.{name}.npy"
+        arrays[f"train.{name}"] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256_file(file)}
+    return {"k": k, "tail_mass_mean": total_mass / max(rows_seen, 1), "tail_mass_max": largest}

@@ -16,7 +16,8 @@ from compressor.teachers.diagnostics import diagnose, transfer_sample
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.context import RunContext, TeacherOutputs
 from compressor.training.distributed import barrier
-from compressor.training.teacher_cache import CachedLogits, StreamedLogits, TeacherCache, cache_key
+from compressor.training.cached_logits import CachedLogits, check_top_k
+from compressor.training.teacher_cache import StreamedLogits, TeacherCache, cache_key
 
 
 @contextlib.contextmanager
@@ -62,8 +63,11 @@ def teacher_outputs(ctx: RunContext) -> TeacherOutputs:
         held_out = run_teachers(ensemble, {"val": splits["val"], "test": splits["test"]}, config.progress,
                                 ctx.world.device)
         return TeacherOutputs(online, held_out["val"], held_out["test"], {"enabled": False}, online)
+    if config.cache_top_k is not None:
+        check_top_k(config.cache_top_k, ensemble.num_classes)
     key = cache_key(ensemble.fingerprint(), ctx.dataset.fingerprint(),
-                    {"preprocessing": ctx.dataset.preprocessing, "normalisation": ctx.normalisation})
+                    {"preprocessing": ctx.dataset.preprocessing, "normalisation": ctx.normalisation},
+                    top_k=config.cache_top_k)
     cache = TeacherCache(config.teacher_cache or default_cache_root(), key)
     entries, hit = None, False
     if ctx.world.is_main:

@@ -17,7 +17,7 @@ from compressor.core.inference import predict_logits
 from compressor.training.context import RunContext
 from compressor.training.omitted_classes import apply_bias_shift, fit_bias_shift, keep_rows
 from compressor.training.recipes import Recipe, make_recipe
-from compressor.training.teacher_cache import CachedLogits
+from compressor.training.cached_logits import CachedLogits
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.view_cache import VariantLogits, ViewLogits, open_view_cache
 
@@ -111,7 +111,7 @@ def specialist_sources(ensemble: Ensemble, source) -> tuple[object, object]:
         n = source.shape[1]
         combined = torch.cat([ensemble.log_probs(source.take(torch.arange(i, min(i + COMBINE_ROWS, n))))
                               for i in range(0, n, COMBINE_ROWS)])  # (N, C)
-        return CachedLogits(combined[None].numpy()), CachedLogits(source.array[:1], source.rows)
+        return CachedLogits(combined[None].numpy()), source.first_member()
     return (lambda xb: ensemble.log_probs(source(xb))[None]), (lambda xb: source(xb)[:1])
 
 

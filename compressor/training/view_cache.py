@@ -47,7 +47,8 @@ from torch import Tensor
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import directory_mode, remove_folder_atomically, sha256_file
-from compressor.training.teacher_cache import ENTRY_FILE, FLOAT16_SAFE_MAX, CachedLogits, key_digest
+from compressor.training.cached_logits import CachedLogits
+from compressor.training.teacher_cache import ENTRY_FILE, FLOAT16_SAFE_MAX, key_digest
 
 VIEW_CACHE_FORMAT = "compressor.view-cache/1"
 

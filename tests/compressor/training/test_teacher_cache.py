@@ -22,8 +22,8 @@ import torch
 from compressor import save_ensemble
 from compressor.cli import main
 from compressor.core.errors import CompressorError
-from compressor.training.teacher_cache import (ENTRY_FILE, CachedLogits, StreamedLogits, TeacherCache, cache_key,
-                                               key_digest)
+from compressor.training.cached_logits import CachedLogits
+from compressor.training.teacher_cache import ENTRY_FILE, StreamedLogits, TeacherCache, cache_key, key_digest
 from compressor.core.fileio import default_cache_root
 from compressor.teachers.formats import load_ensemble
 from tests.conftest import digits_members

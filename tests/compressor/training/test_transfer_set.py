@@ -15,7 +15,7 @@ from compressor.training.loop import TrainConfig, train_student
 from compressor.core.inference import evaluate_accuracy
 from compressor.core.errors import CompressorError
 from compressor.training.losses import DistillationLoss
-from compressor.training.teacher_cache import CachedLogits
+from compressor.training.cached_logits import CachedLogits
 
 QUICK = ["--data", "digits", "--student", "mlp:64x64", "--warmup", "0.01", "--duration", "0.02", "--rounds", "1",
          "--batch-sizes", "1", "--no-progress"]

@@ -9,7 +9,7 @@ import torch
 
 from compressor.data.augment import Shift
 from compressor.training.tuning import reached_at, views_ahead
-from compressor.training.teacher_cache import CachedLogits
+from compressor.training.cached_logits import CachedLogits
 from compressor.training.view_cache import ViewLogits
 
 

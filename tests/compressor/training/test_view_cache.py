@@ -20,7 +20,7 @@ from compressor.data.augment import Mixup, Shift
 from compressor.training.loop import TrainConfig, train_student
 from compressor.core.errors import CompressorError
 from compressor.training.losses import DistillationLoss, HardLabelLoss
-from compressor.training.teacher_cache import CachedLogits
+from compressor.training.cached_logits import CachedLogits
 from compressor.training.view_cache import VariantLogits, ViewLogits, open_view_cache
 
 N, K, C = 40, 2, 10
