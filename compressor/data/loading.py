@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from compressor.config import RunConfig
@@ -41,6 +42,7 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
         raise CompressorError(
             f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
             f"expect {list(ensemble.input_shape)}; pass the data the teachers were trained on")
+    align_classes(dataset, ensemble.class_names)
     classes = dataset.num_classes
     if classes is not None and ensemble.num_classes is not None and classes > ensemble.num_classes:
         raise CompressorError(
@@ -60,6 +62,33 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
         if any(s <= 0 for s in normalisation["std"]):
             raise CompressorError("normalisation std must be positive")
     return dataset, normalisation
+
+
+def _name_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def align_classes(dataset: Dataset, teacher_names: list[str] | None) -> None:
+    """Put the data's labels in the teachers' class order when both name the same classes in another order.
+
+    An image folder's classes are its sorted sub-folder names (as torchvision's ImageFolder orders them), while the
+    teachers' ``class_names`` follow whatever order they were trained with ("t-shirt/top" saved as the folder
+    "t-shirt-top", say). Names are matched ignoring case and punctuation. When they are the same set, every
+    split's labels are renumbered to the teachers' order and the data takes the teachers' names; when they are not
+    (synset ids against words), labels stay by position and ``split_info["class_order"]`` says so."""
+    names = dataset.class_names
+    if not names or not teacher_names or list(names) == list(teacher_names):
+        return
+    position = {_name_key(name): k for k, name in enumerate(teacher_names)}
+    if len(position) != len(teacher_names) or sorted(position) != sorted(map(_name_key, names)):
+        dataset.split_info["class_order"] = (f"the data's classes ({', '.join(names[:5])}, ...) are not the "
+                                             f"teachers' class_names; labels are taken by position")
+        return
+    renumber = np.array([position[_name_key(name)] for name in names], dtype=np.int64)
+    for split in (dataset.train, dataset.val, dataset.test):
+        split.y = np.where(split.y >= 0, renumber[np.maximum(split.y, 0)], split.y)
+    dataset.class_names = list(teacher_names)
+    dataset.split_info["class_order"] = "the data's classes renumbered to the teachers' class_names order"
 
 
 def image_spec(config: RunConfig, ensemble: Ensemble) -> ImageSpec:

@@ -15,7 +15,8 @@ from PIL import Image
 from compressor.cli import main
 from compressor.core.errors import CompressorError
 from compressor.core.preprocessing import ImageSpec, apply_normalisation, load_image
-from compressor.data.datasets import ReadOptions, load_dataset
+from compressor.data.datasets import Dataset, ReadOptions, Split, load_dataset
+from compressor.data.loading import align_classes
 from compressor.data.lazy import LazyInputs
 from targets.bundle import load_bundle
 
@@ -113,3 +114,28 @@ def test_an_unreadable_image_stops_or_is_skipped(digits_data, tmp_path, digits_e
     assert main(["--teacher", str(digits_ensemble), "--data", str(broken), "--out", str(tmp_path / "run"),
                  *QUICK]) == 1
     assert "--on-bad-image skip" in capsys.readouterr().err
+
+
+def _labelled(names: list[str], labels: list[int]) -> Dataset:
+    split = Split(np.zeros((len(labels), 1, 2, 2), np.float32), np.array(labels, dtype=np.int64))
+    return Dataset("folder", "DIR", "Pillow", list(names), split, Split(split.x, split.y.copy()),
+                   Split(split.x[:1], np.array([-1])))
+
+
+def test_folder_classes_in_another_order_than_the_teachers_are_renumbered_to_theirs():
+    # sorted folder names (ImageFolder's order) against the teachers' own order, "/" saved as "-" on disk
+    data = _labelled(["ankle boot", "bag", "t-shirt-top"], [0, 1, 2, 2])
+    align_classes(data, ["t-shirt/top", "Bag", "ankle boot"])
+    assert data.train.y.tolist() == [2, 1, 0, 0] and data.val.y.tolist() == [2, 1, 0, 0]
+    assert data.test.y.tolist() == [-1]  # unlabeled rows stay unlabeled
+    assert data.class_names == ["t-shirt/top", "Bag", "ankle boot"] and "renumbered" in data.split_info["class_order"]
+
+
+def test_folder_classes_named_otherwise_than_the_teachers_keep_their_positions_and_say_so():
+    data = _labelled(["n01", "n02"], [0, 1])
+    align_classes(data, ["cat", "dog"])
+    assert data.train.y.tolist() == [0, 1] and data.class_names == ["n01", "n02"]
+    assert "by position" in data.split_info["class_order"]
+    same = _labelled(["cat", "dog"], [0, 1])
+    align_classes(same, ["cat", "dog"])
+    assert same.split_info == {}
