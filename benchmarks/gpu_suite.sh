@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU- and TensorRT-marked tests of the whole suite (the TensorRT ones skip where
-# TensorRT is absent), the tempered-KL benchmark on CUDA, and the demo's main job with its PyTorch rows timed on
-# CUDA (host latency beside H2D / compute / D2H CUDA events).
+# TensorRT is absent), the tempered-KL benchmark on CUDA, the teachers' inference throughput on CPU and CUDA (fp32
+# and bf16), and the demo's main job with its PyTorch rows timed on CUDA (host latency beside H2D / compute / D2H
+# CUDA events).
 # Assumes `pip install --no-deps -e .` (plus the dev extras) is done. Results go to $OUT when set, else
 # benchmarks/results/; the summary file is gpu_suite-summary.txt there.
 set -uo pipefail
@@ -14,6 +15,8 @@ tests_rc=${PIPESTATUS[0]}
 python benchmarks/bench_tempered_kl.py --device cuda --json "$dest/bench_tempered_kl-cuda.json" 2>&1 \
     | tee "$dest/bench_tempered_kl-cuda.txt"
 bench_rc=${PIPESTATUS[0]}
+python benchmarks/teacher_throughput.py --json "$dest/teacher_throughput.json" 2>&1 | tee "$dest/teacher_throughput.txt"
+teachers_rc=${PIPESTATUS[0]}
 if python -c "import onnxruntime, matplotlib" 2>/dev/null; then
     python -m compressor demo --out "$dest/demo-cuda" --batch-sizes 1,8,64,256 --no-progress 2>&1 \
         | tee "$dest/demo-cuda.txt"
@@ -28,7 +31,8 @@ fi
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
     echo "pytest -m gpu (exit $tests_rc): $(tail -n 1 "$dest/pytest-gpu.log")"
     echo "benchmark (exit $bench_rc): $dest/bench_tempered_kl-cuda.json"
+    echo "teacher throughput, CPU and CUDA, fp32 and bf16 (exit $teachers_rc): $dest/teacher_throughput.json"
     echo "$demo_line"
 } > "$summary"
 cat "$summary"
-exit $(( tests_rc != 0 || bench_rc != 0 || demo_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || teachers_rc != 0 || demo_rc != 0 ))

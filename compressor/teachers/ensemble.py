@@ -5,6 +5,7 @@ Its files are read and written by :mod:`compressor.teachers.formats`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass, field
@@ -87,20 +88,22 @@ class Ensemble:
         return sum(member.parameters for member in self.members)
 
     @torch.no_grad()
-    def member_logits(self, x: torch.Tensor, batch_size: int = 1024,
-                      on_batch: Callable[[int], None] | None = None, device: str = "cpu") -> torch.Tensor:
+    def member_logits(self, x: torch.Tensor, batch_size: int = 1024, on_batch: Callable[[int], None] | None = None,
+                      device: str = "cpu", precision: str = "fp32") -> torch.Tensor:
         """Run every member on ``x`` (N, ...) in batches; returns (K, N, C) float32 logits on the CPU, checked finite
         (:meth:`iter_member_logits`, gathered)."""
-        chunks = [logits for _, logits in self.iter_member_logits(x, batch_size, on_batch, device)]
+        chunks = [logits for _, logits in self.iter_member_logits(x, batch_size, on_batch, device, precision)]
         return torch.cat(chunks, dim=1)  # (K, N, C)
 
     def iter_member_logits(self, x, batch_size: int = 1024, on_batch: Callable[[int], None] | None = None,
-                           device: str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+                           device: str = "cpu", precision: str = "fp32") -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, (K, B, C) float32 logits on the CPU) for each batch of ``x`` (N, ...), so a caller can write
         them to disk as they come (the teacher cache) instead of holding (K, N, C) in RAM.
 
         Each batch is read once (a streamed split decodes it once) and every member runs on it, on ``device``: a
-        PyTorch member is moved there for the pass and back after it (an ONNX member keeps its own provider).
+        PyTorch member is moved there for the pass and back after it (an ONNX member keeps its own provider), and
+        with ``precision="bf16"`` runs under bfloat16 autocast (``--teacher-precision bf16``; logits come back
+        float32).
         ``on_batch(rows)`` is called after each member's batch (for a progress bar over K × N rows). NaN or Inf
         logits stop the pass with the member named.
         """
@@ -114,7 +117,8 @@ class Ensemble:
                     outputs = []
                     for member in self.members:
                         on_module = isinstance(member.forward, torch.nn.Module)
-                        logits = self._run_member(member, xb.to(device) if on_module else xb).cpu()  # (B, C)
+                        with _autocast(device, precision if on_module else "fp32"):
+                            logits = self._run_member(member, xb.to(device) if on_module else xb).cpu()  # (B, C)
                         if not torch.isfinite(logits).all():
                             bad = int((~torch.isfinite(logits)).any(dim=1).sum())
                             raise CompressorError(
@@ -249,3 +253,8 @@ class Ensemble:
         }
 
 
+def _autocast(device: str, precision: str):
+    """bfloat16 autocast on ``device`` for ``precision="bf16"``, else nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

@@ -272,7 +272,10 @@ def _onnx_member(path: Path, name: str, temperature: float) -> Member:
 
     model = onnx.load(str(path))
     params = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # the CUDA provider where this onnxruntime has it (onnxruntime-gpu on a GPU machine), falling back to the CPU
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in onnxruntime.get_available_providers()]
+    session = onnxruntime.InferenceSession(str(path), providers=providers)
     input_name = session.get_inputs()[0].name
 
     def forward(x: torch.Tensor) -> torch.Tensor:

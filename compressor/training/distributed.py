@@ -3,8 +3,9 @@
 ``torchrun --nproc-per-node N -m compressor --teacher ... --out DIR`` starts N copies of the main job; each finds
 its rank in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, set by torchrun, which also handles
 multi-node flags such as ``--nnodes`` and ``--rdzv-endpoint``). Every rank loads the teachers and the data and
-trains its share of each batch (``compressor.training.loop``); rank 0 alone writes the teacher cache, checkpoints and
-artifacts, exports, benchmarks and reports. Without torchrun nothing here changes anything.
+trains its share of each batch (``compressor.training.loop``) and runs the teachers on its share of the transfer set
+(``compressor.training.teacher_shards``); rank 0 alone writes the teacher cache, checkpoints and artifacts, exports,
+benchmarks and reports. Without torchrun nothing here changes anything.
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ def barrier(world: World) -> None:
     """Wait for every rank (no-op in a world of one)."""
     if world.size > 1:
         torch.distributed.barrier()
+
+
+def broadcast_from_main(world: World, value):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in a world of one."""
+    if world.size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def leave(world: World) -> None:

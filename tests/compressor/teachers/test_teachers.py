@@ -164,3 +164,14 @@ def test_save_ensemble_metadata_is_plain_json(tmp_path):
         meta = json.loads(archive.read(name))
     assert meta["format"] == "compressor.ensemble" and meta["input_shape"] == [1, 8, 8]
     assert meta["dataset"] == "digits" and np.isclose(meta["members"][0]["parameters"], 64 * 16 + 16 + 16 * 10 + 10)
+
+
+def test_bf16_teachers_give_float32_logits_close_to_fp32_but_not_the_same(digits_ensemble, digits_data):
+    ensemble = load_ensemble(digits_ensemble)
+    x = torch.from_numpy(digits_data.val.x[:64])
+    full, half = ensemble.member_logits(x), ensemble.member_logits(x, precision="bf16")
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert not torch.equal(half, full)  # the members really ran in bfloat16
+    scale = float(full.abs().max())
+    assert float((half - full).abs().max()) < 0.05 * scale  # bfloat16 keeps 8 significant bits
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean() > 0.95

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from compressor.training.loop import _shard
+from compressor.training.teacher_shards import shard_bounds
 
 RUN = ["--data", "digits", "--student", "mlp:32x32", "--epochs", "3", "--batch-size", "64", "--seed", "3",
        "--warmup", "0.02", "--duration", "0.05", "--rounds", "1", "--batch-sizes", "1", "--no-progress"]
@@ -68,12 +70,32 @@ def test_rank_zero_alone_writes_and_nothing_is_half_written(single_and_ddp):
     json.loads((ddp / "bundle" / "metadata.json").read_text())
     for name in ("last.pt", "best.pt"):
         torch.load(ddp / "checkpoints" / name, weights_only=True)
-    # the teacher cache is shared: rank 0 stored one entry, rank 1 read it
+    # the teacher cache is shared: rank 0 stored one entry, rank 1 read it; the ranks' shards of the teacher pass
+    # are gone
     entries = [path for path in cache.iterdir()]
     assert len(entries) == 1 and not entries[0].name.startswith("."), entries
     assert (entries[0] / "entry.json").is_file()
     # one voice: the summary table and the headline are printed once
     assert done.stdout.count("test split: accuracy and median latency") == 1, done.stdout
+
+
+def test_the_ranks_teacher_shards_assemble_into_the_entry_one_process_computes(single_and_ddp):
+    (single, one_cache, _), (ddp, two_cache, _) = single_and_ddp["single"], single_and_ddp["ddp"]
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (single, ddp)]
+    assert [report["teacher_cache"]["computed_by_ranks"] for report in reports] == [1, 2]
+    (one,), (two,) = list(one_cache.iterdir()), list(two_cache.iterdir())
+    for split in ("train", "val", "test"):
+        a, b = np.load(one / f"{split}.npy"), np.load(two / f"{split}.npy")
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows, size", [(10, 3), (2, 4), (0, 2), (7, 1)])
+def test_shards_of_the_teacher_pass_cover_every_row_once_in_order(rows, size):
+    bounds = [shard_bounds(rows, rank, size) for rank in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(stop == next_first for (_, stop), (next_first, _) in zip(bounds, bounds[1:]))
+    assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
 def test_a_global_batch_is_split_without_loss_or_overlap():
