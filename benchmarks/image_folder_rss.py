@@ -40,8 +40,9 @@ RESULTS = Path(__file__).parent / "results"
 IMAGE = ["--channels", "3", "--resize", "32"]
 
 
-def write_folder(root: Path, train: int, test: int) -> Path:
-    """The first ``train`` and ``test`` Fashion-MNIST images as PNGs, DIR/<split>/<class>/<n>.png (written once)."""
+def write_folder(root: Path, train: int, test: int, rgb_size: int | None = None) -> Path:
+    """The first ``train`` and ``test`` Fashion-MNIST images as PNGs, DIR/<split>/<class>/<n>.png (written once):
+    28 × 28 grayscale, or with ``rgb_size`` RGB resized to that many pixels a side."""
     if (root / "done").exists():
         return root
     for split, prefix, count in (("train", "train", train), ("test", "t10k", test)):
@@ -50,8 +51,10 @@ def write_folder(root: Path, train: int, test: int) -> Path:
         for name in FASHION_MNIST_CLASSES:
             (root / split / name.replace("/", "-")).mkdir(parents=True, exist_ok=True)
         for n, (image, label) in enumerate(zip(images, labels)):
-            Image.fromarray(image, mode="L").save(root / split / FASHION_MNIST_CLASSES[label].replace("/", "-")
-                                                  / f"{n:05d}.png")
+            picture = Image.fromarray(image, mode="L")
+            if rgb_size is not None:
+                picture = picture.convert("RGB").resize((rgb_size, rgb_size), Image.Resampling.BILINEAR)
+            picture.save(root / split / FASHION_MNIST_CLASSES[label].replace("/", "-") / f"{n:05d}.png")
     (root / "done").write_text("")
     return root
 
@@ -82,7 +85,7 @@ def teachers(folder: Path, work: Path) -> Path:
             loss.backward()
             optimiser.step()
         members.append(model.eval())
-    save_ensemble(members, path, x[:2], {"class_names": FASHION_MNIST_CLASSES})
+    save_ensemble(members, path, x[:2], {"class_names": data.class_names})  # trained in the folder's class order
     return path
 
 

@@ -15,7 +15,10 @@ class RunConfig:
     teacher: Path
     target: str = "onnxruntime"
     data: str | None = None               # None: the ensemble's dataset hint, else "digits"
-    student: str = "mlp:256x256"
+    student: str = "auto"                 # auto: sized to the teachers by the three limits below (students/sizing.py)
+    student_budget: float = 0.25          # auto: at most this share of the median member's multiply-adds
+    max_params: int | None = None         # auto: at most this many parameters
+    max_latency_ms: float | None = None   # auto: at most this many ms per batch-1 call on the target
     student_weights: Path | None = None   # a .safetensors file to initialise the student from (matching tensors)
     out: Path | None = None
     temperature: float = 4.0              # Hinton et al. use 1-20; 2-4 suits small students
@@ -46,6 +49,7 @@ class RunConfig:
     teacher_cache: Path | None = None     # teacher-logit cache folder; None = $COMPRESSOR_CACHE_DIR or ~/.cache/...
     no_cache: bool = False                # run the teachers on every training batch instead of reading the cache
     refresh_teacher_cache: bool = False   # recompute and replace this run's cache entry
+    teacher_precision: str = "fp32"       # fp32 | bf16: autocast the PyTorch teachers' forward passes
     cache_top_k: int | None = None        # cache only each member's K largest transfer-set logits (large C)
     unlabeled: bool = False               # ignore the transfer set's labels: soft targets only (alpha 1)
     omit_classes: str | None = None       # classes left out of the transfer set, e.g. "3" or "dress,coat"

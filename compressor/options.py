@@ -62,7 +62,15 @@ _INPUT_OPTIONS = [
 _TRAINING_OPTIONS = [
         click.option("--student", default=RunConfig.student, show_default=True,
                      help="Student spec, e.g. mlp:800x800, cnn:16x32, from-teacher:0.25, timm:resnet18, "
-                          "torchvision:mobilenet_v3_small (compress students lists them)."),
+                          "torchvision:mobilenet_v3_small (compress students lists them); auto: the largest cnn "
+                          "(images) or mlp (vectors) within --student-budget, --max-params and --max-latency-ms."),
+        click.option("--student-budget", type=float, default=RunConfig.student_budget, show_default=True,
+                     help="--student auto: at most this share of the median teacher member's multiply-adds."),
+        click.option("--max-params", type=int, default=None,
+                     help="--student auto: at most this many parameters."),
+        click.option("--max-latency-ms", type=float, default=None,
+                     help="--student auto: at most this many milliseconds per batch-1 call on --target (each "
+                          "candidate is exported and timed there)."),
         click.option("--student-weights", type=click.Path(path_type=Path), default=None,
                      help="Initialise the student from a .safetensors file: every tensor whose name and shape "
                           "match (a classifier head for other classes stays fresh)."),
@@ -105,6 +113,10 @@ _OTHER_OPTIONS = [
         click.option("--no-cache", is_flag=True,
                      help="Run the teachers on every training batch instead of caching their logits."),
         click.option("--refresh-teacher-cache", is_flag=True, help="Recompute and replace this run's cache entry."),
+        click.option("--teacher-precision", type=click.Choice(["fp32", "bf16"]), default=RunConfig.teacher_precision,
+                     show_default=True,
+                     help="bf16: run the PyTorch teachers under bfloat16 autocast on --device (faster on GPUs "
+                          "with bf16 tensor cores; logits are stored float32, and the cache keys them apart)."),
         click.option("--cache-top-k", type=click.IntRange(min=1), default=None,
                      help="Cache only each member's K largest transfer-set logits per row and the rest's "
                           "log-sum-exp (for many classes: 1000 classes at K=20 is ~16x less disk); the loss reads "
@@ -158,13 +170,14 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
         batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
         max_accuracy_drop=options["max_accuracy_drop"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
-        student_weights=options["student_weights"], channels=options["channels"], resize=options["resize"],
+        student_weights=options["student_weights"], student_budget=options["student_budget"],
+        max_params=options["max_params"], max_latency_ms=options["max_latency_ms"], channels=options["channels"], resize=options["resize"],
         crop=options["crop"], on_bad_image=options["on_bad_image"], input_columns=options["input_columns"],
         label_column=options["label_column"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
         rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
-        cache_top_k=options["cache_top_k"],
+        cache_top_k=options["cache_top_k"], teacher_precision=options["teacher_precision"],
         unlabeled=options["unlabeled"], teachers_saw_val=options["teachers_saw_val"],
         omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
         amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
@@ -182,7 +195,8 @@ _VALUES = {"target": "--target", "data": "--data", "student": "--student", "out"
            "lr": "--lr", "precision": "--precision", "max_accuracy_drop": "--max-accuracy-drop", "seed": "--seed",
            "normalise": "--normalise", "max_train": "--max-train", "batch_sizes": "--batch-sizes",
            "warmup_s": "--warmup", "duration_s": "--duration", "rounds": "--rounds", "teacher_cache": "--teacher-cache",
-           "cache_top_k": "--cache-top-k",
+           "cache_top_k": "--cache-top-k", "student_budget": "--student-budget", "max_params": "--max-params",
+           "max_latency_ms": "--max-latency-ms", "teacher_precision": "--teacher-precision",
            "omit_classes": "--omit-classes", "bias_fix": "--bias-fix", "amp": "--amp", "device": "--device",
            "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
            "threads": "--threads", "student_weights": "--student-weights", "channels": "--channels",

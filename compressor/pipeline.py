@@ -23,6 +23,7 @@ from compressor.data.loading import load_data, to_tensors
 from compressor.deployment.export import export_all, save_student, write_student_bundle
 from compressor.deployment.report import benchmark, build_report, environment
 from compressor.teachers.formats import load_ensemble
+from compressor.students.sizing import SIZED_FAMILIES, StudentBudget, size_student
 from compressor.training.context import RunContext
 from compressor.training.distill import choose_student, distill_generalist, distill_students
 from compressor.training.distributed import join, leave
@@ -33,6 +34,7 @@ from compressor.training.teacher_outputs import diagnose_teachers, teacher_outpu
 from compressor.training.transfer import check_views, fix_bias, transfer_set
 from compressor.training.tuning import tune
 from targets.base import check_target_available, get_target
+from targets.benchmark import measure_latency
 from targets.onnxruntime import check_provider
 from targets.parity import enforce_parity
 from targets.report import write_report
@@ -92,10 +94,37 @@ def start(config: RunConfig, console: Console) -> RunContext:
     tensors = to_tensors(dataset, normalisation)
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     omitted = omitted_class_indices(config, ensemble, dataset)
+    config, selection = resolve_student(config, ensemble, dataset, _target_latency(config, tensors.x_val[:64]))
+    if selection is not None:
+        console.print(f"[bold]student[/] {config.student}: {selection['why']}")
     choose_student(config, ensemble, dataset)  # a bad --student or --student-weights stops before the teachers run
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
-    return RunContext(config, ensemble, dataset, tensors, normalisation, world, console, omitted=omitted)
+    return RunContext(config, ensemble, dataset, tensors, normalisation, world, console, omitted=omitted,
+                      student_selection=selection)
+
+
+def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tuple[RunConfig, dict | None]:
+    """``--student auto`` (or a bare cnn / mlp) sized to the teachers (compressor.students.sizing): the config
+    with the chosen spec and the record of the candidates; any other spec as it is, with None."""
+    if config.student not in SIZED_FAMILIES:
+        return config, None
+    budget = StudentBudget(config.student_budget, config.max_params, config.max_latency_ms if latency_ms else None)
+    spec, selection = size_student(budget, ensemble, tuple(dataset.input_shape), ensemble.num_classes, latency_ms,
+                                   config.student)
+    return dataclasses.replace(config, student=spec), selection
+
+
+def _target_latency(config: RunConfig, pool: torch.Tensor):
+    """``--max-latency-ms``'s yardstick: a model's median batch-1 latency in ms on ``--target``, exported there in
+    a scratch folder and timed briefly (0.05 s warm-up, 0.2 s of calls)."""
+    def latency_ms(model: torch.nn.Module) -> float:
+        target = get_target(config.target)
+        with tempfile.TemporaryDirectory(prefix="compressor-sizing-") as folder:
+            artifact = target.export(model, pool[:2], Path(folder), "fp32")
+            runner = target.load(artifact, threads=config.threads)
+            return measure_latency(runner.infer, pool.numpy(), 1, warmup_s=0.05, duration_s=0.2).median_ms
+    return latency_ms
 
 
 def check_recipe_views(ctx: RunContext, diagnostics: dict, transfer) -> None:
@@ -141,6 +170,7 @@ def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) ->
     """
     ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
     dataset, _ = load_data(config, ensemble)
+    config, _ = resolve_student(config, ensemble, dataset)  # sized without --max-latency-ms: nothing to time on
     torch.manual_seed(config.seed)
     student = choose_student(config, ensemble, dataset).eval()
     example = to_tensors(dataset, None).x_test[:2]  # only its shape matters to the graph

@@ -131,8 +131,8 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
         "transfer_set": transfer_info,
         "tuning": students.tuning,
         "student": {"spec": config.student, "parameters": parameter_count(students.student),
-                    "training": students.training.to_dict(), "bias_fix": extras["bias_fix"],
-                    "transfer_fit": extras["student_transfer_fit"]},
+                    "selection": ctx.student_selection, "training": students.training.to_dict(),
+                    "bias_fix": extras["bias_fix"], "transfer_fit": extras["student_transfer_fit"]},
         "baseline": baseline,
         "specialists": None if students.from_generalist is None else specialist_summary(
             ctx.ensemble, ctx.teacher.test, bench.rows, y_test, students.from_generalist, config.seed),

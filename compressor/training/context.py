@@ -54,6 +54,7 @@ class RunContext:
     console: Console
     teacher: TeacherOutputs | None = None
     omitted: tuple[int, ...] = ()
+    student_selection: dict | None = None  # --student auto: the candidates priced and why one was chosen
 
     def with_config(self, config: RunConfig, quiet: bool = False) -> "RunContext":
         """The same run under other options (a tuning trial's); ``quiet`` silences its console."""

@@ -129,3 +129,17 @@ def test_a_top_k_that_cannot_apply_stops_before_the_teachers_run(digits_ensemble
     err = capsys.readouterr().err
     assert code != 0 and message in err and "teachers (" not in err
     assert not out.exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_bf16_teachers_are_cached_under_their_own_key(digits_ensemble, tmp_path):
+    cache = tmp_path / "cache"
+    keys = []
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--teacher-cache", str(cache),
+                     "--teacher-precision", precision, *QUICK]) == 0
+        keys.append(json.loads((out / "report.json").read_text())["teacher_cache"]["key"])
+    assert "teacher_precision" not in keys[0]["preprocessing"]  # fp32 keys are those of earlier releases
+    assert keys[1]["preprocessing"]["teacher_precision"] == "bf16"
+    assert len(list(cache.iterdir())) == 2
