@@ -27,7 +27,7 @@ from compressor.students.sizing import SIZED_FAMILIES, StudentBudget, size_stude
 from compressor.training.context import RunContext
 from compressor.training.distill import choose_student, distill_generalist, distill_students
 from compressor.training.distributed import join, leave
-from compressor.training.loop import check_amp
+from compressor.training.precision import check_amp
 from compressor.training.omitted_classes import omitted_class_indices
 from compressor.training.recipes import make_recipe
 from compressor.training.teacher_outputs import diagnose_teachers, teacher_outputs, transfer_fit

@@ -22,18 +22,32 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _layout_of(model: nn.Module) -> torch.memory_format:
+    """channels-last when the model's first 4-D weight is stored that way (a student training on the CPU), else
+    the default layout."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _in_layout(x: Tensor, layout: torch.memory_format) -> Tensor:
+    return x.contiguous(memory_format=layout) if x.dim() == 4 and layout is torch.channels_last else x
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     """Logits ``(N, C)`` of ``model`` on ``x`` ``(N, ...)``, in eval mode and batches of ``batch_size``.
 
-    Batches are moved to the model's device; the result is on the CPU. The model's train/eval
-    mode is restored afterwards.
+    Batches are moved to the model's device, in its memory layout (channels-last while it trains in it); the result
+    is on the CPU. The model's train/eval mode is restored afterwards.
     """
-    device = device_of(model)
+    device, layout = device_of(model), _layout_of(model)
     was_training = model.training
     model.eval()
     try:
-        outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        outs = [model(_in_layout(x[i : i + batch_size].to(device), layout)).float().cpu()
+                for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     if not outs:
