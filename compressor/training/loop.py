@@ -199,12 +199,8 @@ def train_student(
     ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it exists (its config and
     ``fingerprint`` must match) and starts fresh when it does not; ``resume=False`` always starts
     fresh and overwrites. Raises :class:`CompressorError` for an unreadable or mismatched checkpoint
-    and for a non-finite training loss.
-
-    Example::
-
-        result = train_student(mlp, x, y, t, xv, yv, my_loss, TrainConfig(epochs=10), Path("runs/a/ckpt"))
-        print(result.best_epoch, result.best_val_accuracy)
+    and for a non-finite training loss. A convolutional student trains channels-last on the CPU and comes back in
+    the default layout. Example: ``train_student(mlp, x, y, t, xv, yv, loss, TrainConfig(epochs=10), Path("ckpt"))``.
     """
     t_start = time.perf_counter()
     device = device_of(student)
