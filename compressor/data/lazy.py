@@ -42,3 +42,22 @@ class LazyInputs:
     def to(self, *args, **kwargs) -> "LazyInputs":
         """A lazy split stays on the CPU; rows move to a device once read."""
         return self
+
+
+class RowSubset:
+    """Rows ``rows`` of a split (a tensor or :class:`LazyInputs`), indexed like a tensor of ``len(rows)`` rows:
+    ``x[idx]`` reads rows ``rows[idx]`` of the split, and only those, so a subset of a split on disk stays on disk."""
+
+    def __init__(self, x, rows: torch.Tensor):
+        self.x, self.rows = x, rows
+        self.shape = torch.Size((len(rows), *x.shape[1:]))
+        self.device, self.dtype = x.device, x.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.x[self.rows[index]]
+
+    def to(self, *args, **kwargs) -> "RowSubset":
+        return self

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import math
 import random
-import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Callable
+
+from compressor.training.search_text import explain, rerun_command
 
 DEFAULT_TUNE_MINUTES = 10.0          # --recipe auto without --tune
 ETA = 3                              # keep the best 1/ETA at every rung
@@ -52,11 +53,8 @@ ALPHAS = (0.5, 0.9)                  # function-matching always uses α = 1 (its
 LR_FACTORS = (1 / 3, 1.0, 3.0)       # times --lr
 EPOCH_FACTORS = (0.5, 1.0, 2.0)      # times --epochs: short schedules favour labels, long ones distillation
 FAMILIES = ("distilled", "labels")
-
-# what a trial changes on the command line; dropped from the original command when the rerun command is built
-_TRIAL_OPTIONS = {"--recipe": True, "--temperature": True, "-T": True, "--alpha": True, "--lr": True,
-                  "--epochs": True, "--tune": True, "--tune-trials": True, "--baseline": False, "--resume": False}
-
+SCREEN_TRIALS = 9                    # configurations per family screened at low fidelity before the rungs
+SCREEN_ROWS = 1 / 9                  # of the transfer set, for the screen (its epochs: each trial's first rung)
 
 @dataclass(frozen=True)
 class Trial:
@@ -135,10 +133,11 @@ class Outcome:
     val_accuracy: float = float("nan")
     seconds: float = 0.0
     result: object = field(default=None, repr=False)  # what ``train`` returned last (the pipeline's model)
+    rows: float = 1.0  # the share of the transfer set it trained on: SCREEN_ROWS for a screened trial
 
     def describe(self) -> dict:
-        """JSON-safe row of the search table."""
-        return {"name": self.trial.name, **asdict(self.trial), "rung": self.rung + 1,
+        """JSON-safe row of the search table (rung 0: the low-fidelity screen)."""
+        return {"name": self.trial.name, **asdict(self.trial), "rung": self.rung + 1, "rows": round(self.rows, 4),
                 "epochs_trained": self.epochs_trained, "val_accuracy": self.val_accuracy,
                 "seconds": round(self.seconds, 2)}
 
@@ -165,6 +164,12 @@ class Tuning:
     budget_seconds: float
     estimated_seconds: float
     seconds: float
+    screened: list[Outcome] = field(default_factory=list)  # the low-fidelity screen's trials, when there was one
+
+    @property
+    def configurations_per_family(self) -> int:
+        """How many configurations each family tried: screened, or started in the rungs."""
+        return max(self.trials_per_family, len(self.screened) // max(1, len(self.winners)))
 
     def describe(self, command: str = "", out: Path | None = None) -> dict:
         """JSON-safe summary for the report, with the commands that rerun the chosen student and baseline (into
@@ -175,7 +180,12 @@ class Tuning:
                       f"of each schedule, best validation accuracy",
             "budget_minutes": round(self.budget_seconds / 60, 2), "seconds": round(self.seconds, 1),
             "estimated_seconds": round(self.estimated_seconds, 1), "trials_per_family": self.trials_per_family,
-            "trials": [o.describe() for o in self.outcomes],
+            "configurations_per_family": self.configurations_per_family,
+            "screen": None if not self.screened else {
+                "rows": SCREEN_ROWS, "epochs": "each trial's first rung",
+                "cost_model": "a screened trial costs its first rung on 1/9 of the rows, about 1/81 of its schedule; "
+                              "the best go on to the rungs from scratch on every row"},
+            "trials": [o.describe() for o in self.screened + self.outcomes],
             "chosen": self.chosen.describe(), "baseline": None if baseline is None else baseline.describe(),
             "explanation": explain(self),
             "rerun": rerun_command(command, self.chosen.trial, out) if command else None,
@@ -207,7 +217,8 @@ def trials_that_fit(budget_s: float, seconds_per_epoch: dict[str, float], mean_e
 
 def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: float, seed: int = 0,
                        log: Callable[[str], None] = print, trials: int | None = None,
-                       clock: Callable[[], float] = time.perf_counter, view_cost: ViewCost | None = None) -> Tuning:
+                       clock: Callable[[], float] = time.perf_counter, view_cost: ViewCost | None = None,
+                       screen: Train | None = None) -> Tuning:
     """Search ``space`` (from :func:`search_space`) within about ``budget_s`` seconds of training; see the module
     docstring. ``trials`` fixes the number of configurations per family instead (capped by the smallest family),
     and then the budget sizes nothing.
@@ -216,10 +227,15 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     the seconds its epochs took to train, both up to that epoch, and a result kept for the caller. The budget is
     spent in those seconds, not in ``clock`` time, so a killed search resumed from its checkpoints makes the same
     decisions; ``clock`` only times the search for the report. ``view_cost`` prices the teachers' views a trial's
-    later epochs still need (see :data:`ViewCost`) when the promotions are sized."""
+    later epochs still need (see :data:`ViewCost`) when the promotions are sized.
+
+    ``screen(trial, epochs)`` (budget-sized searches) trains as ``train`` on SCREEN_ROWS of the rows: SCREEN_TRIALS
+    per family go to their first rung so (~1/81 of a schedule each); the best start the rungs afresh on every row."""
     started = clock()
     families = [f for f in FAMILIES if space.get(f)]
     outcomes: dict[Trial, Outcome] = {}
+    rng = random.Random(seed)
+    screened = _screen(space, families, screen, rng, log) if screen is not None and trials is None else {}
 
     def advance(trial: Trial, rung: int) -> None:
         outcome = outcomes.setdefault(trial, Outcome(trial))
@@ -230,13 +246,13 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
             f"best validation accuracy {outcome.val_accuracy:.4f}")
 
     def spent() -> float:
-        return sum(outcome.seconds for outcome in outcomes.values())
+        return sum(outcome.seconds for outcome in [*outcomes.values(), *screened.values()])
 
     for family in families:  # time the user's own setting to size the search
         advance(space[family][0], 0)
     per_epoch = {f: outcomes[space[f][0]].seconds / max(1, space[f][0].rung_epochs(0)) for f in families}
     mean_epochs = {f: sum(t.epochs for t in space[f]) / len(space[f]) for f in families}
-    limit = min(len(space[f]) for f in families)
+    limit = min([len(space[f]) for f in families] + ([SCREEN_TRIALS] if screened else []))
     if trials is None:
         n = trials_that_fit(budget_s - spent(), per_epoch, mean_epochs, limit)
         why = f"fit the budget of {budget_s / 60:.1f} min"
@@ -244,17 +260,17 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
         n, why = min(trials, limit), "as asked"
     estimate = halving_seconds(n, per_epoch, mean_epochs)
     log(f"tuning: {n} trial(s) per family {why} (estimated {estimate / 60:.1f} min in all)")
-    rng = random.Random(seed)
-    alive = {f: [space[f][0]] + rng.sample(space[f][1:], n - 1) for f in families}
+    alive = {f: _first_trials(space[f], n, screened, rng) for f in families}
     # the first rung's share of the budget, per family: the trials left when it is spent are not started (a recipe
     # slower than the probes, such as one computing its teachers' views, would otherwise overrun it several times)
-    first_rung_s = budget_s / len(families) * n * RUNG_FRACTIONS[0] / _rung_share(n)
+    first_rung_s = (budget_s - sum(o.seconds for o in screened.values())) / len(families) * n * RUNG_FRACTIONS[0] \
+        / _rung_share(n)
     for rung in range(len(RUNG_FRACTIONS)):
         for family in families:
             for trial in alive[family]:
                 if trial not in outcomes or outcomes[trial].rung < rung:
                     used = sum(outcomes[t].seconds for t in alive[family] if t in outcomes)
-                    if rung == 0 and trials is None and used > first_rung_s:
+                    if rung == 0 and trials is None and used > first_rung_s and used > 0:  # one per family runs
                         break
                     advance(trial, rung)
             started_here = [t for t in alive[family] if t in outcomes]
@@ -276,7 +292,32 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
     if "labels" in winners and winners["labels"].val_accuracy >= chosen.val_accuracy:
         chosen = winners["labels"]
     return Tuning(list(outcomes.values()), winners, chosen, n, budget_s, estimate,
-                  clock() - started)
+                  clock() - started, list(screened.values()))
+
+
+def _first_trials(grid: list[Trial], n: int, screened: dict[Trial, Outcome], rng: random.Random) -> list[Trial]:
+    """The ``n`` trials of a family that enter the rungs: the best of its screen (ties keep the earlier, the user's
+    own setting first), or without a screen the user's setting and ``n - 1`` sampled."""
+    family = grid[0].family
+    if screened:
+        return sorted([t for t in screened if t.family == family], key=lambda t: -screened[t].val_accuracy)[:n]
+    return [grid[0]] + rng.sample(grid[1:], n - 1)
+
+
+def _screen(space: dict[str, list[Trial]], families: list[str], screen: Train, rng: random.Random,
+            log: Callable[[str], None]) -> dict[Trial, Outcome]:
+    """SCREEN_TRIALS configurations per family (the user's own first, the rest sampled) trained by ``screen`` to
+    their first rung on SCREEN_ROWS of the transfer set."""
+    screened: dict[Trial, Outcome] = {}
+    for family in families:
+        grid = space[family]
+        for trial in [grid[0]] + rng.sample(grid[1:], min(SCREEN_TRIALS, len(grid)) - 1):
+            epochs = trial.rung_epochs(0)
+            accuracy, seconds, _ = screen(trial, epochs)  # the screen's model is not kept: the rungs start afresh
+            screened[trial] = Outcome(trial, -1, epochs, accuracy, seconds, rows=SCREEN_ROWS)
+            log(f"{trial.name}: screened, {epochs}/{trial.epochs} epochs on {SCREEN_ROWS:.0%} of the rows, "
+                f"best validation accuracy {accuracy:.4f}")
+    return screened
 
 
 def promote_within(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome], allowance_s: float,
@@ -326,40 +367,3 @@ def rest_seconds(ranked: list[Trial], rung: int, outcomes: dict[Trial, Outcome],
                 done[t] = target
         group = group[:math.ceil(len(group) / ETA)]
     return total
-
-
-def explain(tuning: Tuning) -> str:
-    """Why the chosen configuration was chosen, in one or two sentences."""
-    best = tuning.winners["distilled"]
-    labels = tuning.winners.get("labels")
-    text = (f"Tuning tried {tuning.trials_per_family} configuration(s) per family in {tuning.seconds / 60:.1f} min "
-            f"(budget {tuning.budget_seconds / 60:.1f} min). ")
-    if labels is None:
-        return text + (f"The transfer set has no labels, so only distillation was searched; the best on validation "
-                       f"was {best.trial.name} ({best.val_accuracy:.2%}).")
-    if tuning.chosen is labels:
-        return text + (f"Training on the labels alone ({labels.trial.name}, {labels.val_accuracy:.2%} on "
-                       f"validation) did at least as well as the best distillation setting ({best.trial.name}, "
-                       f"{best.val_accuracy:.2%}), so the student is the tuned hard-label network: distillation did "
-                       f"not pay for this student at this budget.")
-    return text + (f"Distillation ({best.trial.name}) reached {best.val_accuracy:.2%} on validation against "
-                   f"{labels.val_accuracy:.2%} for the best labels-only setting ({labels.trial.name}), "
-                   f"+{100 * (best.val_accuracy - labels.val_accuracy):.2f} points, so it was chosen.")
-
-
-def rerun_command(command: str, trial: Trial, out: Path | None = None) -> str:
-    """``command`` (the original ``compress`` line) with the tuning options replaced by ``trial``'s settings; with
-    ``out`` (the tuned run's folder), writing to ``out/reruns/<trial>`` so the rerun keeps the search's report."""
-    words, kept, skip = shlex.split(command), [], False
-    options = dict(_TRIAL_OPTIONS, **({"--out": True} if out is not None else {}))
-    for word in words:
-        if skip:
-            skip = False
-            continue
-        option = word.split("=", 1)[0]
-        if option in options:
-            skip = options[option] and "=" not in word
-            continue
-        kept.append(word)
-    place = [] if out is None else ["--out", str(Path(out) / "reruns" / trial.name)]
-    return shlex.join(kept + place + trial.flags())

@@ -8,12 +8,14 @@ specialist ensemble's combination. :func:`check_views` scores the teachers on th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
 from compressor.core.inference import predict_logits
+from compressor.data.lazy import RowSubset
 from compressor.training.context import RunContext
 from compressor.training.omitted_classes import apply_bias_shift, fit_bias_shift, keep_rows
 from compressor.training.recipes import Recipe, make_recipe
@@ -99,6 +101,25 @@ def view_source(ctx: RunContext, x: torch.Tensor, rows: torch.Tensor | None, rec
            "view": recipe.view.describe(), "view_seed": config.seed}
     return open_view_cache(teacher.online, x, recipe.view, len(ensemble.members), ensemble.num_classes, teacher.views,
                            key, refresh=config.refresh_teacher_cache)
+
+
+def row_subset(transfer: TransferSet, rows: torch.Tensor, online) -> TransferSet:
+    """``transfer`` seen through ``rows`` (indices into its rows), for a tuning search's low-fidelity screen: the
+    inputs (read through, never copied), labels, cached teachers' logits and views of those rows. A per-epoch
+    source (the view cache, which computes every row's views) gives way to ``online``, the teachers run on each
+    viewed batch, so the screen pays for its own rows only."""
+    def through(view):
+        return None if view is None else (lambda xb, idx, epoch: view(xb, rows[idx], epoch))
+
+    def subset(source):
+        if isinstance(source, CachedLogits):
+            return source.subset(rows.numpy())
+        return online if hasattr(source, "for_epoch") else source
+
+    recipe = dataclasses.replace(transfer.recipe, view=through(transfer.recipe.view),
+                                 baseline_view=through(transfer.recipe.baseline_view))
+    return dataclasses.replace(transfer, x=RowSubset(transfer.x, rows), y=transfer.y[rows],
+                               teacher=subset(transfer.teacher), generalist=subset(transfer.generalist), recipe=recipe)
 
 
 COMBINE_ROWS = 8192  # transfer rows combined at a time when a specialist ensemble's soft targets are precomputed

@@ -12,8 +12,8 @@ from compressor.config import RunConfig
 from compressor.data.augment import default_augmentation
 from compressor.training.context import RunContext
 from compressor.training.distill import Students, TrainedBaseline, choose_student, distill
-from compressor.training.halving import DEFAULT_TUNE_MINUTES, search_space, successive_halving
-from compressor.training.transfer import TransferSet, transfer_set
+from compressor.training.halving import DEFAULT_TUNE_MINUTES, SCREEN_ROWS, search_space, successive_halving
+from compressor.training.transfer import TransferSet, row_subset, transfer_set
 
 
 def tune(ctx: RunContext) -> Students:
@@ -47,6 +47,21 @@ def tune(ctx: RunContext) -> Students:
         histories[trial] = training.history
         return (*reached_at(training.history, epochs), (student, training))
 
+    generator = torch.Generator().manual_seed(config.seed)
+    screen_rows = None  # a seeded SCREEN_ROWS of the transfer rows, drawn once the transfer set is known
+
+    def screen(trial, epochs: int):
+        nonlocal screen_rows
+        transfer = trial_transfer(trial)
+        if screen_rows is None:
+            count = max(1, round(len(transfer.x) * SCREEN_ROWS))
+            screen_rows = torch.randperm(len(transfer.x), generator=generator)[:count].sort().values
+        torch.manual_seed(config.seed)
+        student = choose_student(config, ctx.ensemble, ctx.dataset)
+        training = distill(ctx.with_config(trial_config(trial)), row_subset(transfer, screen_rows, ctx.teacher.online),
+                           student, folder=f"tuning/screen/{trial.name}", until=epochs, resume=config.resume)
+        return (*reached_at(training.history, epochs), None)
+
     def view_cost(trial, first: int, last: int, priced: int) -> float:
         return views_ahead(trial_transfer(trial).teacher, trial.alpha, histories.get(trial, []), first, last, priced)
 
@@ -57,7 +72,7 @@ def tune(ctx: RunContext) -> Students:
     console.print(f"[bold]tune[/] successive halving on validation, budget {minutes:g} min")
     search = successive_halving(space, train, 60 * minutes, config.seed,
                                 log=lambda line: console.print(f"[bold]tune[/] {line}"), trials=config.tune_trials,
-                                view_cost=view_cost)
+                                view_cost=view_cost, screen=screen)
     report = search.describe(config.command, config.output_dir())
     console.print(f"[bold]tune[/] {report['explanation']}")
     chosen = search.chosen.trial

@@ -26,9 +26,11 @@ from compressor.data.datasets import load_dataset
 from compressor.training.loop import TrainConfig, train_student
 from compressor.training.checkpoints import LAST_NAME
 from compressor.training.losses import DistillationLoss
-from compressor.training.halving import (ALPHAS, FAMILIES, RUNG_FRACTIONS, TEMPERATURES, Outcome, Trial, halving_seconds,
-                               promote_within, rerun_command, rest_seconds, search_space, successive_halving,
-                               trials_that_fit)
+from compressor.training.halving import (ALPHAS, FAMILIES, RUNG_FRACTIONS, SCREEN_ROWS, SCREEN_TRIALS, TEMPERATURES, Outcome,
+                                        Trial, halving_seconds,
+                                        promote_within, rest_seconds, search_space, successive_halving,
+                                        trials_that_fit)
+from compressor.training.search_text import rerun_command
 
 # small and fast: each tuned CLI run is a few seconds on two shared cores
 QUICK = ["--data", "digits", "--student", "mlp:32x32", "--epochs", "3", "--warmup", "0.01", "--duration", "0.02",
@@ -655,3 +657,49 @@ def test_the_budget_is_spent_in_the_trials_training_seconds_so_a_resumed_search_
                                  clock=lambda: 0.0)
     assert [o.describe() for o in resumed.outcomes] == [o.describe() for o in original.outcomes]
     assert resumed.chosen.trial == original.chosen.trial and resumed.seconds == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the low-fidelity screen
+
+
+class Screen:
+    """``screen(trial, epochs)``: a fixed accuracy per trial (``accuracy`` at epoch 1), a ninth of a second per
+    epoch (a ninth of the rows); records every call."""
+
+    def __init__(self):
+        self.calls: list[tuple[Trial, int]] = []
+
+    def __call__(self, trial: Trial, epochs: int) -> tuple[float, float, object]:
+        self.calls.append((trial, epochs))
+        return accuracy(trial, 1), epochs / 9, None
+
+
+@pytest.mark.parametrize("budget_s", [0.0, 60.0, 1e9])
+def test_a_budget_sized_search_screens_nine_configurations_per_family_and_keeps_the_best(budget_s):
+    grid, screen, train = space(), Screen(), Recorder()
+    tuning = successive_halving(grid, train, budget_s, log=lambda line: None, screen=screen)
+    for family in FAMILIES:
+        screened = [trial for trial, _ in screen.calls if trial.family == family]
+        assert len(screened) == len(set(screened)) == SCREEN_TRIALS and screened[0] == grid[family][0]
+        assert all(epochs == trial.rung_epochs(0) for trial, epochs in screen.calls)
+        ranked = sorted(screened, key=lambda t: -accuracy(t, 1))
+        entered = [o.trial for o in tuning.outcomes if o.trial.family == family and o.trial != grid[family][0]]
+        # the rungs hold the screen's best n (and the user's setting, timed as the probe)
+        assert set(entered) <= set(ranked[:tuning.trials_per_family])
+    assert tuning.configurations_per_family == SCREEN_TRIALS >= tuning.trials_per_family
+    table = tuning.describe()
+    assert table["configurations_per_family"] == SCREEN_TRIALS and table["screen"]["rows"] == SCREEN_ROWS
+    assert sum(row["rung"] == 0 for row in table["trials"]) == SCREEN_TRIALS * len(FAMILIES)
+    assert f"tried {SCREEN_TRIALS} configuration(s) per family (screened on 11% of the rows" in table["explanation"]
+
+
+def test_the_screens_seconds_count_against_the_budget_and_a_fixed_trial_count_skips_it():
+    grid = space()
+    plain = successive_halving(grid, Recorder(), 400.0, log=lambda line: None)
+    screened = successive_halving(grid, Recorder(), 400.0, log=lambda line: None, screen=Screen())
+    assert sum(o.seconds for o in screened.screened) > 0
+    assert screened.trials_per_family <= plain.trials_per_family
+    fixed_screen = Screen()
+    fixed = successive_halving(grid, Recorder(), 400.0, log=lambda line: None, trials=3, screen=fixed_screen)
+    assert not fixed_screen.calls and fixed.screened == [] and fixed.trials_per_family == 3
