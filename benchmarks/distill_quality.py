@@ -333,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
     data = load_fashion(args.max_train, main_job_seed=args.seed)  # the main job's own split: no leak
     head = record(args, data)
     specs = [args.teacher_spec, *args.students]
-    counts = {spec: macs(create_student(spec, (1, 28, 28), 10)) for spec in dict.fromkeys(specs)}
+    counts = {spec: macs(create_student(spec, (1, 28, 28), 10)) for spec in dict.fromkeys(specs)
+              if spec != "auto"}  # auto is sized by each run: its report's student.selection has the counts
     try:  # a CompressorError is one sentence for a person (a stale --work-dir, a missing dataset): no traceback
         families = [("cnn", work, *cnn_teachers(args, data, work, console))]
         if args.mlp_teachers:

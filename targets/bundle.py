@@ -6,7 +6,8 @@ Layout (``bundle_format`` 1)::
       model.onnx                         the exported student, copied
       metadata.json                      input/output spec, normalisation, class names, precision, sha256, versions
       triton/<model_name>/config.pbtxt   a Triton Inference Server model repository: tritonserver
-      triton/<model_name>/1/model.onnx     --model-repository bundle/triton
+      triton/<model_name>/labels.txt       --model-repository bundle/triton (labels: the class names)
+      triton/<model_name>/1/model.onnx
 
 ``compressor.core.preprocessing.apply_normalisation`` is THE preprocessing definition: the training pipeline
 normalises with this same function, so a service calling it (or ``Bundle.predict``) feeds the model exactly the floats the student was trained and
@@ -33,7 +34,9 @@ BUNDLE_FORMAT = 1
 METADATA_FILE = "metadata.json"
 REQUIRED_KEYS = ("input", "output", "normalisation", "class_names", "precision", "versions")
 TENSOR_KEYS = ("name", "shape", "dtype")
-TRITON_MAX_BATCH = 64
+TRITON_MAX_BATCH = 64          # max_batch_size when the metadata names no serving batch sizes
+TRITON_QUEUE_DELAY_US = 100    # how long dynamic batching waits to fill a preferred batch
+LABELS_FILE = "labels.txt"
 # numpy dtype name (metadata "dtype") -> Triton's DataType enum name (model_config.proto)
 TRITON_DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
                      "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
@@ -41,8 +44,6 @@ TRITON_DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE
                      "bfloat16": "TYPE_BF16"}
 # model file suffix -> Triton platform; Triton's default file name for each is model<suffix>, which we write
 TRITON_PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
-
-
 
 
 def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
@@ -74,6 +75,9 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
         (triton_model / "1").mkdir(parents=True)
         shutil.copyfile(model_file, triton_model / "1" / model_name)
         (triton_model / "config.pbtxt").write_text(triton_config, encoding="utf-8")
+        if metadata.get("class_names"):
+            (triton_model / LABELS_FILE).write_text("".join(f"{name}\n" for name in metadata["class_names"]),
+                                                    encoding="utf-8")
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, directory_mode())
         _swap_in(staging, bundle_dir)
@@ -210,11 +214,15 @@ def _swap_in(staging: Path, bundle_dir: Path) -> None:
 
 
 def _triton_config(metadata: dict, name: str, model_file: Path) -> str:
-    """``config.pbtxt`` (a Triton ``ModelConfig`` in protobuf text format): dynamic batching over the leading axis.
+    """``config.pbtxt`` (a Triton ``ModelConfig`` in protobuf text format).
 
-    Version policy and model file name are left to Triton's defaults: the newest version folder (``1/``) and
-    ``model.onnx`` / ``model.plan``, which is what ``write_bundle`` writes. A dtype or model file Triton cannot be
-    told about raises CompressorError rather than writing a config that declares something else.
+    ``max_batch_size`` is the largest of ``metadata["serving"]["batch_sizes"]`` (the run's --batch-sizes, what the
+    report timed), and dynamic batching prefers those above 1 and waits at most TRITON_QUEUE_DELAY_US to fill one;
+    one instance (on the GPU for a TensorRT engine, where Triton finds one otherwise); the newest version only;
+    the output's ``label_filename`` names labels.txt (the class names) for Triton's classification extension. The
+    model file is Triton's default ``model.onnx`` / ``model.plan``, which ``write_bundle`` writes. A dtype or model
+    file Triton cannot be told about raises CompressorError rather than writing a config that declares something
+    else.
     """
     platform = TRITON_PLATFORMS.get(model_file.suffix)
     if platform is None:
@@ -229,14 +237,23 @@ def _triton_config(metadata: dict, name: str, model_file: Path) -> str:
             raise CompressorError(f"{model_file}: the model's {side} {spec['name']!r} has dtype {spec['dtype']}, "
                                   "which Triton has no data type for; export with float32 input and output")
         dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in spec["shape"])  # -1: variable
-        return f"  {{\n    name: {_quoted(spec['name'])}\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}"
+        labels = f"\n    label_filename: {_quoted(LABELS_FILE)}" if side == "output" and metadata.get("class_names") \
+            else ""
+        return (f"  {{\n    name: {_quoted(spec['name'])}\n    data_type: {data_type}\n    dims: [ {dims} ]{labels}"
+                f"\n  }}")
 
+    sizes = sorted({int(b) for b in metadata.get("serving", {}).get("batch_sizes", [TRITON_MAX_BATCH]) if b >= 1})
+    preferred = ", ".join(str(b) for b in sizes if b > 1)
+    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
     return (f"# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
             f"# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n"
             f"name: {_quoted(name)}\nplatform: \"{platform}\"\n"
-            f"max_batch_size: {TRITON_MAX_BATCH}\n"
+            f"max_batch_size: {sizes[-1]}\n"
             f"input [\n{tensor('input')}\n]\noutput [\n{tensor('output')}\n]\n"
-            f"dynamic_batching {{ }}\n")
+            f"dynamic_batching {{\n" + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
+            + f"  max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US}\n}}\n"
+            f"instance_group [ {{ count: 1 kind: {kind} }} ]\n"
+            f"version_policy: {{ latest {{ num_versions: 1 }} }}\n")
 
 
 def _quoted(text: str) -> str:

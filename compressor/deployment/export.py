@@ -171,6 +171,7 @@ def write_student_bundle(ctx: RunContext, artifact: Artifact, versions: dict) ->
         "precision": config.precision,
         "target": config.target,
         "student": config.student,
+        "serving": {"batch_sizes": sorted(set(config.batch_sizes))},  # the Triton config's batching, as timed
         "versions": versions,
     }
     return write_bundle(Path(artifact.files["model"]), metadata, config.output_dir() / "bundle")

@@ -59,17 +59,26 @@ def check_triton_model(model_config_pb2, bundle_dir: Path, name: str, platform: 
     config = parse_triton_config(model_config_pb2, model_dir)
     assert config.name == model_dir.name == name
     assert config.platform == platform and not config.backend
-    assert config.max_batch_size == bundle_module.TRITON_MAX_BATCH > 0  # so dims below exclude the batch axis
-    assert config.HasField("dynamic_batching")
+    sizes = written.get("serving", {}).get("batch_sizes", [bundle_module.TRITON_MAX_BATCH])
+    assert config.max_batch_size == max(sizes) > 0  # so dims below exclude the batch axis
+    assert list(config.dynamic_batching.preferred_batch_size) == sorted(b for b in sizes if b > 1)
+    assert config.dynamic_batching.max_queue_delay_microseconds == bundle_module.TRITON_QUEUE_DELAY_US
+    assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
+    kind = model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind)
+    assert kind == ("KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO")
+    assert config.version_policy.latest.num_versions == 1
     assert len(config.input) == 1 and len(config.output) == 1
     for tensor, spec in ((config.input[0], written["input"]), (config.output[0], written["output"])):
         assert tensor.name == spec["name"]
         assert model_config_pb2.DataType.Name(tensor.data_type) == bundle_module.TRITON_DATA_TYPES[spec["dtype"]]
         assert list(tensor.dims) == spec["shape"]
-    # No version policy or file name in the config: Triton serves the newest version folder and looks for
-    # model<suffix> (model.onnx for onnxruntime_onnx, model.plan for tensorrt_plan), so the file must sit there.
-    assert not config.HasField("version_policy") and not config.default_model_filename
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+    # the classification extension's labels: one class name per line, named by the output
+    assert config.output[0].label_filename == bundle_module.LABELS_FILE
+    assert (model_dir / "labels.txt").read_text().splitlines() == written["class_names"]
+    # no file name in the config: Triton looks for model<suffix> (model.onnx for onnxruntime_onnx, model.plan for
+    # tensorrt_plan) in the newest version folder, so the file must sit there
+    assert not config.default_model_filename
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     assert [p.name for p in (model_dir / "1").iterdir()] == [f"model{suffix}"] == [written["model_file"]]
     assert (model_dir / "1" / written["model_file"]).read_bytes() == (bundle_dir / written["model_file"]).read_bytes()
 
@@ -250,3 +259,17 @@ def test_bundle_folder_has_the_umask_mode_not_mkdtemps_0700(tmp_path, mlp_onnx):
         os.umask(previous)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert stat.S_IMODE((folder / "triton" / "student").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("sizes, largest, preferred", [([1, 8, 64], 64, [8, 64]), ([1], 1, []), ([32, 4], 32, [4, 32])])
+def test_the_triton_config_batches_as_the_run_timed(tmp_path, mlp_onnx, model_config_pb2, sizes, largest, preferred):
+    bundle = write_bundle(mlp_onnx, {**metadata(), "serving": {"batch_sizes": sizes}}, tmp_path / "bundle")
+    config = parse_triton_config(model_config_pb2, bundle / "triton" / "student")
+    assert config.max_batch_size == largest and list(config.dynamic_batching.preferred_batch_size) == preferred
+    check_triton_model(model_config_pb2, bundle, "student", "onnxruntime_onnx", ".onnx")
+
+
+def test_a_bundle_without_class_names_has_no_labels_file(tmp_path, mlp_onnx, model_config_pb2):
+    bundle = write_bundle(mlp_onnx, {**metadata(), "class_names": None}, tmp_path / "bundle")
+    config = parse_triton_config(model_config_pb2, bundle / "triton" / "student")
+    assert not config.output[0].label_filename and not (bundle / "triton" / "student" / "labels.txt").exists()
