@@ -7,11 +7,15 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test clean
 
+# nvidia-pytriton carries a real tritonserver (python backend) for the serving tests; --no-deps because the wheel
+# pins numpy < 2 and only its binary is used
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	touch $@
 
 demo: $(BIN)/.installed

@@ -5,9 +5,12 @@ Layout (``bundle_format`` 1)::
     bundle/
       model.onnx                         the exported student, copied
       metadata.json                      input/output spec, normalisation, class names, precision, sha256, versions
+      client.py                          calls the served model with tritonclient, prints top-k class names
       triton/<model_name>/config.pbtxt   a Triton Inference Server model repository: tritonserver
       triton/<model_name>/labels.txt       --model-repository bundle/triton (labels: the class names)
       triton/<model_name>/1/model.onnx
+      triton/<model_name>_python/...     the same ONNX model behind the python backend (onnxruntime on the CPU),
+                                         for a tritonserver without the onnxruntime backend
 
 ``compressor.core.preprocessing.apply_normalisation`` is THE preprocessing definition: the training pipeline
 normalises with this same function, so a service calling it (or ``Bundle.predict``) feeds the model exactly the floats the student was trained and
@@ -37,6 +40,7 @@ TENSOR_KEYS = ("name", "shape", "dtype")
 TRITON_MAX_BATCH = 64          # max_batch_size when the metadata names no serving batch sizes
 TRITON_QUEUE_DELAY_US = 100    # how long dynamic batching waits to fill a preferred batch
 LABELS_FILE = "labels.txt"
+SERVING = Path(__file__).parent / "serving"  # the python-backend model and the client, copied into each bundle
 # numpy dtype name (metadata "dtype") -> Triton's DataType enum name (model_config.proto)
 TRITON_DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
                      "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
@@ -61,6 +65,7 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
     model_name = "model" + model_file.suffix  # model.onnx (model.plan for TensorRT)
     triton_name = str(metadata.get("model_name", "student"))
     triton_config = _triton_config(metadata, triton_name, model_file)  # before any write: it may refuse
+    python_model = model_file.suffix == ".onnx"  # the python backend runs ONNX files with onnxruntime
     try:
         bundle_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", suffix=".tmp", dir=bundle_dir.parent))
@@ -72,12 +77,12 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
         full = {**metadata, "model_file": model_name, "sha256": sha256_file(staging / model_name),
                 "bundle_format": BUNDLE_FORMAT}
         triton_model = staging / "triton" / triton_name
-        (triton_model / "1").mkdir(parents=True)
-        shutil.copyfile(model_file, triton_model / "1" / model_name)
-        (triton_model / "config.pbtxt").write_text(triton_config, encoding="utf-8")
-        if metadata.get("class_names"):
-            (triton_model / LABELS_FILE).write_text("".join(f"{name}\n" for name in metadata["class_names"]),
-                                                    encoding="utf-8")
+        _write_triton_model(triton_model, triton_config, model_file, model_name, metadata)
+        if python_model:
+            _write_triton_model(staging / "triton" / f"{triton_name}_python",
+                                _triton_config(metadata, f"{triton_name}_python", model_file, backend="python"),
+                                model_file, model_name, metadata, SERVING / "triton_python_model.py")
+        shutil.copyfile(SERVING / "client.py", staging / "client.py")
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, directory_mode())
         _swap_in(staging, bundle_dir)
@@ -213,12 +218,26 @@ def _swap_in(staging: Path, bundle_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _triton_config(metadata: dict, name: str, model_file: Path) -> str:
+def _write_triton_model(folder: Path, config: str, model_file: Path, model_name: str, metadata: dict,
+                        python_model: Path | None = None) -> None:
+    """One model of the Triton repository: ``config.pbtxt``, ``labels.txt``, and ``1/`` with the model file (and
+    the python backend's ``model.py``)."""
+    (folder / "1").mkdir(parents=True)
+    shutil.copyfile(model_file, folder / "1" / model_name)
+    if python_model is not None:
+        shutil.copyfile(python_model, folder / "1" / "model.py")
+    (folder / "config.pbtxt").write_text(config, encoding="utf-8")
+    if metadata.get("class_names"):
+        (folder / LABELS_FILE).write_text("".join(f"{name}\n" for name in metadata["class_names"]), encoding="utf-8")
+
+
+def _triton_config(metadata: dict, name: str, model_file: Path, backend: str | None = None) -> str:
     """``config.pbtxt`` (a Triton ``ModelConfig`` in protobuf text format).
 
     ``max_batch_size`` is the largest of ``metadata["serving"]["batch_sizes"]`` (the run's --batch-sizes, what the
     report timed), and dynamic batching prefers those above 1 and waits at most TRITON_QUEUE_DELAY_US to fill one;
-    one instance (on the GPU for a TensorRT engine, where Triton finds one otherwise); the newest version only;
+    one instance (on the GPU for a TensorRT engine, on the CPU for the python backend, where Triton finds one
+    otherwise); the newest version only;
     the output's ``label_filename`` names labels.txt (the class names) for Triton's classification extension. The
     model file is Triton's default ``model.onnx`` / ``model.plan``, which ``write_bundle`` writes. A dtype or model
     file Triton cannot be told about raises CompressorError rather than writing a config that declares something
@@ -244,10 +263,11 @@ def _triton_config(metadata: dict, name: str, model_file: Path) -> str:
 
     sizes = sorted({int(b) for b in metadata.get("serving", {}).get("batch_sizes", [TRITON_MAX_BATCH]) if b >= 1})
     preferred = ", ".join(str(b) for b in sizes if b > 1)
-    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
+    kind = {"tensorrt_plan": "KIND_GPU"}.get(platform, "KIND_AUTO") if backend is None else "KIND_CPU"
+    served_by = f"platform: \"{platform}\"" if backend is None else f"backend: \"{backend}\""
     return (f"# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
             f"# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n"
-            f"name: {_quoted(name)}\nplatform: \"{platform}\"\n"
+            f"name: {_quoted(name)}\n{served_by}\n"
             f"max_batch_size: {sizes[-1]}\n"
             f"input [\n{tensor('input')}\n]\noutput [\n{tensor('output')}\n]\n"
             f"dynamic_batching {{\n" + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")

@@ -99,7 +99,8 @@ def test_apply_normalisation_is_per_channel_float32():
 
 
 def test_bundle_layout_and_metadata(bundle_dir, mlp_onnx):
-    assert sorted(p.name for p in bundle_dir.iterdir()) == ["metadata.json", "model.onnx", "triton"]
+    assert sorted(p.name for p in bundle_dir.iterdir()) == ["client.py", "metadata.json", "model.onnx", "triton"]
+    assert sorted(p.name for p in (bundle_dir / "triton").iterdir()) == ["student", "student_python"]
     assert not [p for p in bundle_dir.parent.iterdir() if p.name != "bundle"]  # no staging folders left behind
     written = json.loads((bundle_dir / "metadata.json").read_text())
     assert written["model_file"] == "model.onnx" and written["bundle_format"] == 1 and len(written["sha256"]) == 64
@@ -273,3 +274,25 @@ def test_a_bundle_without_class_names_has_no_labels_file(tmp_path, mlp_onnx, mod
     bundle = write_bundle(mlp_onnx, {**metadata(), "class_names": None}, tmp_path / "bundle")
     config = parse_triton_config(model_config_pb2, bundle / "triton" / "student")
     assert not config.output[0].label_filename and not (bundle / "triton" / "student" / "labels.txt").exists()
+
+
+def test_the_python_backend_model_serves_the_same_onnx_file_on_the_cpu(bundle_dir, mlp_onnx, model_config_pb2):
+    model_dir = bundle_dir / "triton" / "student_python"
+    config = parse_triton_config(model_config_pb2, model_dir)
+    assert config.backend == "python" and not config.platform
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx", "model.py"]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == mlp_onnx.read_bytes()
+    assert (model_dir / "1" / "model.py").read_text() == (bundle_module.SERVING / "triton_python_model.py").read_text()
+    compile((model_dir / "1" / "model.py").read_text(), "model.py", "exec")  # valid Python for the backend's stub
+
+
+def test_the_clients_normalisation_is_the_pipelines(rng):
+    from targets.serving.client import normalise
+
+    x = rng.integers(0, 255, (4, 3, 5, 5)).astype(np.uint8)
+    norm = {"mean": [10.0, 20.0, 30.0], "std": [2.0, 3.0, 4.0]}
+    assert np.array_equal(normalise(x, norm), apply_normalisation(x, norm))
+    assert np.array_equal(normalise(x, {"mean": [1.5], "std": [0.5]}), apply_normalisation(x, {"mean": [1.5],
+                                                                                              "std": [0.5]}))
+    assert np.array_equal(normalise(x, None), apply_normalisation(x, None))

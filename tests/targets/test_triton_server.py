@@ -1,0 +1,140 @@
+"""A bundle served by a real ``tritonserver`` on loopback: the binary PyPI's ``nvidia-pytriton`` wheel carries
+(python backend only) loads the bundle's python-backend model, and the bundle's own ``client.py`` sends the test
+split over HTTP and gRPC, one request at a time and eight at once (dynamic batching); the accuracy must be the
+report's. The server is stopped on every exit path."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.cli import main
+
+pytest.importorskip("tritonclient.http", reason="the client needs tritonclient[http] (in the dev extra)")
+pytest.importorskip("tritonclient.grpc", reason="the client needs tritonclient[grpc] (in the dev extra)")
+
+PYTRITON = importlib.util.find_spec("pytriton")
+SERVER_ROOT = None if PYTRITON is None else Path(PYTRITON.origin).parent / "tritonserver"
+STUB = None if SERVER_ROOT is None else (SERVER_ROOT / "python_backend_stubs"
+                                         / f"{sys.version_info.major}.{sys.version_info.minor}"
+                                         / "triton_python_backend_stub")
+pytestmark = pytest.mark.skipif(STUB is None or not STUB.is_file(),
+                                reason="no tritonserver here: pip install --no-deps nvidia-pytriton (make test does)")
+
+RUN = ["--data", "digits", "--student", "mlp:32x32", "--epochs", "2", "--batch-size", "32", "--warmup", "0.02",
+       "--duration", "0.05", "--rounds", "1", "--batch-sizes", "1,8,64", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tritonserver(repository: Path, model: str, work: Path):
+    """``tritonserver`` on loopback serving ``model`` of ``repository``: yields (HTTP url, gRPC url); the process
+    is stopped whatever happens."""
+    backends = work / "backends"
+    shutil.copytree(SERVER_ROOT / "backends", backends)
+    shutil.copy(STUB, backends / "python" / "triton_python_backend_stub")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    libraries = [sysconfig.get_config_var("LIBDIR"), str(Path(PYTRITON.origin).parents[1] / "nvidia_pytriton.libs")]
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [*libraries,
+                                                                          os.environ.get("LD_LIBRARY_PATH")]))}
+    command = [str(SERVER_ROOT / "bin" / "tritonserver"), "--model-repository", str(repository),
+               "--backend-directory", str(backends), "--model-control-mode", "explicit", "--load-model", model,
+               "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address", "127.0.0.1",
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--allow-metrics", "false",
+               "--exit-timeout-secs", "5"]
+    log = open(work / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        import tritonclient.http
+
+        client = tritonclient.http.InferenceServerClient(f"127.0.0.1:{http}")
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(Exception):
+                if client.is_model_ready(model):
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"tritonserver did not serve {model}:\n{(work / 'server.log').read_text()}")
+            time.sleep(0.25)
+        yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def served(digits_ensemble, tmp_path_factory):
+    """A real compress run's bundle, its report, and the server serving its python-backend model."""
+    root = tmp_path_factory.mktemp("served")
+    assert main(["--teacher", str(digits_ensemble), "--out", str(root / "run"), *RUN]) == 0
+    bundle = root / "run" / "bundle"
+    repository = root / "repository"
+    shutil.copytree(bundle / "triton", repository)
+    config = repository / "student_python" / "config.pbtxt"
+    site = sysconfig.get_paths()["purelib"]  # where this interpreter finds onnxruntime and numpy
+    config.write_text(config.read_text() + f'parameters: {{ key: "python_path" value: {{ string_value: "{site}" }} }}\n')
+    report = json.loads((root / "run" / "report.json").read_text())
+    with tritonserver(repository, "student_python", root) as urls:
+        yield bundle, report, urls
+
+
+def client_module(bundle: Path):
+    spec = importlib.util.spec_from_file_location("bundle_client", bundle / "client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_served_bundle_reproduces_the_reports_accuracy_over_http_and_grpc(served, digits_data):
+    bundle, report, (http, grpc) = served
+    student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == "onnxruntime")
+    client = client_module(bundle)
+    x, y = digits_data.test.x, digits_data.test.y
+    for protocol, url in (("http", http), ("grpc", grpc)):
+        logits = client.ServedBundle(bundle, url, protocol).logits(x)
+        assert logits.shape == (len(y), 10)
+        assert float((logits.argmax(1) == y).mean()) == pytest.approx(student["accuracy"]["top1"], abs=1e-9)
+
+
+def test_eight_concurrent_requests_are_batched_and_answered_as_one_at_a_time(served, digits_data):
+    bundle, _, (http, _) = served
+    client = client_module(bundle)
+    x = digits_data.test.x[:64]
+    alone = client.ServedBundle(bundle, http).logits(x)
+    with ThreadPoolExecutor(8) as pool:  # eight requests of eight rows, at once
+        parts = list(pool.map(lambda start: client.ServedBundle(bundle, http).logits(x[start:start + 8]),
+                              range(0, 64, 8)))
+    np.testing.assert_allclose(np.concatenate(parts), alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_client_prints_top_k_class_names(served, digits_data, tmp_path, capsys):
+    bundle, _, (http, _) = served
+    np.save(tmp_path / "x.npy", digits_data.test.x[:3])
+    assert client_module(bundle).main([str(tmp_path / "x.npy"), "--url", http, "--top-k", "2",
+                                       "--bundle", str(bundle)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = json.loads((bundle / "metadata.json").read_text())["class_names"]
+    assert len(lines) == 3 and all(line.split(": ")[1].split(" (")[0] in names for line in lines)
