@@ -48,6 +48,10 @@ TRITON_DATA_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE
                      "bfloat16": "TYPE_BF16"}
 # model file suffix -> Triton platform; Triton's default file name for each is model<suffix>, which we write
 TRITON_PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
+# model files bundled without a Triton repository, and why (metadata.json's "triton" says so too)
+UNSERVED = {".pt2": "Triton's PyTorch backend serves TorchScript, not a torch.export program: embed model.pt2 "
+                    "with torch.export.load (after import torch_tensorrt), or use --target tensorrt for a "
+                    "tensorrt_plan model"}
 
 
 def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
@@ -64,7 +68,8 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
         raise CompressorError(f"{model_file}: the model file to bundle does not exist; export the model first")
     model_name = "model" + model_file.suffix  # model.onnx (model.plan for TensorRT)
     triton_name = str(metadata.get("model_name", "student"))
-    triton_config = _triton_config(metadata, triton_name, model_file)  # before any write: it may refuse
+    served = model_file.suffix not in UNSERVED
+    triton_config = _triton_config(metadata, triton_name, model_file) if served else None  # it may refuse: first
     python_model = model_file.suffix == ".onnx"  # the python backend runs ONNX files with onnxruntime
     try:
         bundle_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -74,10 +79,12 @@ def write_bundle(model_file: Path, metadata: dict, bundle_dir: Path) -> Path:
                               "choose another --out") from exc
     try:
         shutil.copyfile(model_file, staging / model_name)
+        models = [triton_name] * served + [f"{triton_name}_python"] * python_model
         full = {**metadata, "model_file": model_name, "sha256": sha256_file(staging / model_name),
-                "bundle_format": BUNDLE_FORMAT}
-        triton_model = staging / "triton" / triton_name
-        _write_triton_model(triton_model, triton_config, model_file, model_name, metadata)
+                "bundle_format": BUNDLE_FORMAT,
+                "triton": {"models": models} if served else {"models": [], "why": UNSERVED[model_file.suffix]}}
+        if served:
+            _write_triton_model(staging / "triton" / triton_name, triton_config, model_file, model_name, metadata)
         if python_model:
             _write_triton_model(staging / "triton" / f"{triton_name}_python",
                                 _triton_config(metadata, f"{triton_name}_python", model_file, backend="python"),

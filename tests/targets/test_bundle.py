@@ -181,6 +181,17 @@ def test_triton_config_refuses_what_triton_cannot_declare(tmp_path, mlp_onnx):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
+def test_a_torch_export_program_is_bundled_without_a_triton_repository_and_says_why(tmp_path):
+    program = tmp_path / "source" / "model.pt2"
+    program.parent.mkdir()
+    program.write_bytes(b"a torch.export archive")
+    bundle = write_bundle(program, metadata(), tmp_path / "bundle")
+    assert sorted(p.name for p in bundle.iterdir()) == ["client.py", "metadata.json", "model.pt2"]
+    written = json.loads((bundle / "metadata.json").read_text())
+    assert written["model_file"] == "model.pt2" and written["triton"]["models"] == []
+    assert "TorchScript, not a torch.export program" in written["triton"]["why"]
+
+
 def test_predict_normalises_then_matches_onnxruntime(bundle_dir, mlp_onnx, make_inputs):
     raw = make_inputs(9) * 3 + 1
     bundle = load_bundle(bundle_dir)
