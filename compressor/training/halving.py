@@ -260,7 +260,9 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
         n, why = min(trials, limit), "as asked"
     estimate = halving_seconds(n, per_epoch, mean_epochs)
     log(f"tuning: {n} trial(s) per family {why} (estimated {estimate / 60:.1f} min in all)")
-    alive = {f: _first_trials(space[f], n, screened, rng) for f in families}
+    allowance = (budget_s - spent()) / len(families)
+    alive = {f: _first_trials(space[f], n, screened, rng, per_epoch[f] * _rung_share(n) / n, allowance)
+             for f in families}
     # the first rung's share of the budget, per family: the trials left when it is spent are not started (a recipe
     # slower than the probes, such as one computing its teachers' views, would otherwise overrun it several times)
     first_rung_s = (budget_s - sum(o.seconds for o in screened.values())) / len(families) * n * RUNG_FRACTIONS[0] \
@@ -295,13 +297,30 @@ def successive_halving(space: dict[str, list[Trial]], train: Train, budget_s: fl
                   clock() - started, list(screened.values()))
 
 
-def _first_trials(grid: list[Trial], n: int, screened: dict[Trial, Outcome], rng: random.Random) -> list[Trial]:
-    """The ``n`` trials of a family that enter the rungs: the best of its screen (ties keep the earlier, the user's
-    own setting first), or without a screen the user's setting and ``n - 1`` sampled."""
+def _first_trials(grid: list[Trial], n: int, screened: dict[Trial, Outcome], rng: random.Random,
+                  share_s: float = 0.0, allowance_s: float = math.inf) -> list[Trial]:
+    """The ``n`` trials of a family that enter the rungs. Without a screen: the user's setting and ``n - 1``
+    sampled. After one: the best of the screen (ties keep the earlier, the user's setting first) whose estimated
+    cost fits ``allowance_s`` together, a trial costing ``share_s`` (its share of the rungs per epoch of schedule,
+    at the user's setting's pace) × its epochs × its pace relative to the user's setting in the screen (views
+    computed per batch, say); when none fits, the cheapest (the best of equally cheap ones)."""
     family = grid[0].family
-    if screened:
-        return sorted([t for t in screened if t.family == family], key=lambda t: -screened[t].val_accuracy)[:n]
-    return [grid[0]] + rng.sample(grid[1:], n - 1)
+    if not screened:
+        return [grid[0]] + rng.sample(grid[1:], n - 1)
+    own = screened[grid[0]]
+    base = own.seconds / max(1, own.epochs_trained)
+
+    def cost(t: Trial) -> float:
+        pace = screened[t].seconds / max(1, screened[t].epochs_trained)
+        return share_s * t.epochs * (pace / base if base > 0 else 1.0)
+
+    ranked = sorted([t for t in screened if t.family == family], key=lambda t: -screened[t].val_accuracy)
+    chosen, total = [], 0.0
+    for trial in ranked:
+        if len(chosen) < n and total + cost(trial) <= allowance_s:
+            chosen.append(trial)
+            total += cost(trial)
+    return chosen or [min(ranked, key=cost)]
 
 
 def _screen(space: dict[str, list[Trial]], families: list[str], screen: Train, rng: random.Random,

@@ -5,16 +5,8 @@ report's. The server is stopped on every exit path."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import sysconfig
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,67 +14,21 @@ import numpy as np
 import pytest
 
 from compressor.cli import main
+from compressor.core.errors import MissingCapabilityError
+from targets.triton_local import local_tritonserver, server_root
 
 pytest.importorskip("tritonclient.http", reason="the client needs tritonclient[http] (in the dev extra)")
 pytest.importorskip("tritonclient.grpc", reason="the client needs tritonclient[grpc] (in the dev extra)")
 
-PYTRITON = importlib.util.find_spec("pytriton")
-SERVER_ROOT = None if PYTRITON is None else Path(PYTRITON.origin).parent / "tritonserver"
-STUB = None if SERVER_ROOT is None else (SERVER_ROOT / "python_backend_stubs"
-                                         / f"{sys.version_info.major}.{sys.version_info.minor}"
-                                         / "triton_python_backend_stub")
-pytestmark = pytest.mark.skipif(STUB is None or not STUB.is_file(),
-                                reason="no tritonserver here: pip install --no-deps nvidia-pytriton (make test does)")
+try:
+    server_root()
+    SERVER_MISSING = None
+except MissingCapabilityError as missing:
+    SERVER_MISSING = str(missing)
+pytestmark = pytest.mark.skipif(SERVER_MISSING is not None, reason=SERVER_MISSING or "")
 
 RUN = ["--data", "digits", "--student", "mlp:32x32", "--epochs", "2", "--batch-size", "32", "--warmup", "0.02",
        "--duration", "0.05", "--rounds", "1", "--batch-sizes", "1,8,64", "--no-progress"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def tritonserver(repository: Path, model: str, work: Path):
-    """``tritonserver`` on loopback serving ``model`` of ``repository``: yields (HTTP url, gRPC url); the process
-    is stopped whatever happens."""
-    backends = work / "backends"
-    shutil.copytree(SERVER_ROOT / "backends", backends)
-    shutil.copy(STUB, backends / "python" / "triton_python_backend_stub")
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    libraries = [sysconfig.get_config_var("LIBDIR"), str(Path(PYTRITON.origin).parents[1] / "nvidia_pytriton.libs")]
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [*libraries,
-                                                                          os.environ.get("LD_LIBRARY_PATH")]))}
-    command = [str(SERVER_ROOT / "bin" / "tritonserver"), "--model-repository", str(repository),
-               "--backend-directory", str(backends), "--model-control-mode", "explicit", "--load-model", model,
-               "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address", "127.0.0.1",
-               "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--allow-metrics", "false",
-               "--exit-timeout-secs", "5"]
-    log = open(work / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        import tritonclient.http
-
-        client = tritonclient.http.InferenceServerClient(f"127.0.0.1:{http}")
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(Exception):
-                if client.is_model_ready(model):
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"tritonserver did not serve {model}:\n{(work / 'server.log').read_text()}")
-            time.sleep(0.25)
-        yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +37,8 @@ def served(digits_ensemble, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     assert main(["--teacher", str(digits_ensemble), "--out", str(root / "run"), *RUN]) == 0
     bundle = root / "run" / "bundle"
-    repository = root / "repository"
-    shutil.copytree(bundle / "triton", repository)
-    config = repository / "student_python" / "config.pbtxt"
-    site = sysconfig.get_paths()["purelib"]  # where this interpreter finds onnxruntime and numpy
-    config.write_text(config.read_text() + f'parameters: {{ key: "python_path" value: {{ string_value: "{site}" }} }}\n')
     report = json.loads((root / "run" / "report.json").read_text())
-    with tritonserver(repository, "student_python", root) as urls:
+    with local_tritonserver(bundle / "triton", "student_python", root / "server") as urls:
         yield bundle, report, urls
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shlex
 import shutil
 import zlib
@@ -27,7 +28,7 @@ from compressor.training.loop import TrainConfig, train_student
 from compressor.training.checkpoints import LAST_NAME
 from compressor.training.losses import DistillationLoss
 from compressor.training.halving import (ALPHAS, FAMILIES, RUNG_FRACTIONS, SCREEN_ROWS, SCREEN_TRIALS, TEMPERATURES, Outcome,
-                                        Trial, halving_seconds,
+                                        Trial, _first_trials, halving_seconds,
                                         promote_within, rest_seconds, search_space, successive_halving,
                                         trials_that_fit)
 from compressor.training.search_text import rerun_command
@@ -685,8 +686,11 @@ def test_a_budget_sized_search_screens_nine_configurations_per_family_and_keeps_
         assert all(epochs == trial.rung_epochs(0) for trial, epochs in screen.calls)
         ranked = sorted(screened, key=lambda t: -accuracy(t, 1))
         entered = [o.trial for o in tuning.outcomes if o.trial.family == family and o.trial != grid[family][0]]
-        # the rungs hold the screen's best n (and the user's setting, timed as the probe)
-        assert set(entered) <= set(ranked[:tuning.trials_per_family])
+        # the rungs hold screened trials (and the user's setting, timed as the probe): with budget to spare, the
+        # screen's best n; with little, the best that fit (test_the_screens_best_enter_the_rungs_as_the_budget_allows)
+        assert set(entered) <= set(screened)
+        if budget_s == 1e9:
+            assert set(entered) <= set(ranked[:tuning.trials_per_family])
     assert tuning.configurations_per_family == SCREEN_TRIALS >= tuning.trials_per_family
     table = tuning.describe()
     assert table["configurations_per_family"] == SCREEN_TRIALS and table["screen"]["rows"] == SCREEN_ROWS
@@ -703,3 +707,14 @@ def test_the_screens_seconds_count_against_the_budget_and_a_fixed_trial_count_sk
     fixed_screen = Screen()
     fixed = successive_halving(grid, Recorder(), 400.0, log=lambda line: None, trials=3, screen=fixed_screen)
     assert not fixed_screen.calls and fixed.screened == [] and fixed.trials_per_family == 3
+
+
+def test_the_screens_best_enter_the_rungs_as_the_budget_allows():
+    grid = [Trial("distilled", "hinton", t, 0.9, 3e-3, 30) for t in (4.0, 1.0, 2.0, 8.0)]  # the user's first
+    screened = {t: Outcome(t, -1, 1, accuracy, seconds, rows=SCREEN_ROWS) for t, accuracy, seconds in
+                [(grid[0], 0.5, 1.0), (grid[1], 0.9, 10.0), (grid[2], 0.8, 1.0), (grid[3], 0.7, 1.0)]}
+    rng = random.Random(0)
+    # cost: 1 s per epoch of schedule at the user's pace, times the trial's pace in the screen (grid[1]: 10x)
+    assert _first_trials(grid, 2, screened, rng, 1.0, math.inf) == [grid[1], grid[2]]  # the best two
+    assert _first_trials(grid, 2, screened, rng, 1.0, 2.5 * 30) == [grid[2], grid[3]]  # grid[1] would not fit
+    assert _first_trials(grid, 2, screened, rng, 1.0, 0.0) == [grid[2]]  # nothing fits: the cheapest, best first
