@@ -103,7 +103,7 @@ def main() -> int:
         for protocol, url in (("http", http), ("grpc", grpc)):
             served = client.ServedBundle(run / "bundle", url, protocol)
             accuracy[protocol] = float((served.logits(x).argmax(1) == y).mean())
-            rows[f"Triton {protocol.upper()}, 1 client"] = summary(timed(lambda: served.logits(one), args.seconds),
+            rows[f"Triton {dict(http='HTTP', grpc='gRPC')[protocol]}, 1 client"] = summary(timed(lambda: served.logits(one), args.seconds),
                                                                    args.seconds)
 
         def a_client():

@@ -3,8 +3,8 @@
 ``benchmarks/triton_serving.py`` start, and a way to try a bundle under Triton without a container.
 
 The bundle's Triton repository is copied into a work folder, where the python backend gets this interpreter's
-stub and site-packages (so ``model.py`` imports the numpy and onnxruntime installed here); the server loads only
-the named model (``--model-control-mode explicit``), and is stopped however the ``with`` block ends.
+stub and site-packages (so ``model.py`` imports the onnxruntime installed here); the server loads only the named
+model (``--model-control-mode explicit``), and is stopped however the ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def local_tritonserver(triton_repository: Path, model: str, work: Path) -> Itera
     repository, backends = work / "repository", work / "backends"
     shutil.copytree(triton_repository, repository, dirs_exist_ok=True)
     config = repository / model / "config.pbtxt"
-    site = sysconfig.get_paths()["purelib"]  # where this interpreter finds numpy and onnxruntime
+    site = sysconfig.get_paths()["purelib"]  # where this interpreter finds onnxruntime
     config.write_text(config.read_text() + f'parameters: {{ key: "python_path" value: {{ string_value: "{site}" }} }}\n')
     shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
     shutil.copy(_stub(root), backends / "python" / "triton_python_backend_stub")

@@ -4,7 +4,9 @@ Triton's dynamic batcher hands them over.
 
 It is the CPU-only way to serve a bundle: a ``tritonserver`` without the onnxruntime backend (the one in PyPI's
 ``nvidia-pytriton`` wheel has the python backend only) still serves it. Where the python backend's interpreter
-cannot import onnxruntime, give the folder holding it as the config's ``python_path`` parameter.
+cannot import onnxruntime, give the folders holding it as the config's ``python_path`` parameter (separated by
+``os.pathsep``, searched in that order). The backend's stub is built against numpy 1 and imports numpy before
+this file runs: under numpy 2 the tensors go through DLPack (see ``_tensor``).
 """
 
 import json
@@ -18,8 +20,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         extra = config.get("parameters", {}).get("python_path", {}).get("string_value")
-        if extra:
-            sys.path.insert(0, extra)
+        for folder in reversed(extra.split(os.pathsep) if extra else []):  # the first named is searched first
+            sys.path.insert(0, folder)
         import numpy
         import onnxruntime
         import triton_python_backend_utils
@@ -54,7 +56,8 @@ class TritonPythonModel:
     def _tensor(self, logits):
         """The output tensor. The backend's stub is built against numpy 1 (nvidia-pytriton requires numpy < 2): a
         numpy 2 array handed to ``Tensor(name, array)`` arrives empty, so under numpy 2 it goes through DLPack,
-        which arrives whole (numpy's capsule destructor then prints a harmless traceback per request)."""
+        which arrives whole, but numpy's capsule destructor then prints a harmless traceback per request into the
+        server's log."""
         if int(self.numpy.__version__.split(".")[0]) < 2:
             return self.utils.Tensor(self.output, logits)
         return self.utils.Tensor.from_dlpack(self.output, logits.__dlpack__())
