@@ -22,7 +22,8 @@ from compressor.core.fileio import atomic_path
 from targets.bundle import TRITON_MAX_BATCH
 
 DEFAULT_BATCH_SIZES = (1, 64)
-# The profile's max is at least Triton's max_batch_size, so the bundle's config.pbtxt can send it full batches.
+# The profile's max is at least 64 and at least the largest requested size, which is the bundle's Triton
+# max_batch_size, so config.pbtxt can send it full batches.
 MIN_PROFILE_MAX = TRITON_MAX_BATCH
 
 
@@ -45,7 +46,7 @@ def choose_profile(batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> BatchPro
       any size, so every size from 1 must run.
     - opt is the upper median of the requested sizes, repeats counted (``(1, 1, 1, 64)`` -> 1): TensorRT picks its
       kernels by timing this shape, so it sits in the middle of what will be sent, and a size sent often wins.
-    - max is the largest requested size and at least ``MIN_PROFILE_MAX`` (64, Triton's max_batch_size in the bundle).
+    - max is the largest requested size (the bundle's Triton max_batch_size) and at least ``MIN_PROFILE_MAX`` (64).
     """
     sizes = sorted(_check_batch_sizes(batch_sizes))
     return BatchProfile(min=1, opt=sizes[len(sizes) // 2], max=max(sizes[-1], MIN_PROFILE_MAX))
