@@ -4,6 +4,8 @@ its weights live, and how many parameters it has."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,14 @@ def device_of(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def bf16_autocast(device, enabled: bool):
+    """bfloat16 autocast on ``device`` (a name or torch.device) when ``enabled``, else a context that does nothing:
+    the one switch behind --amp bf16 (the student) and --teacher-precision bf16 (the teachers)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _layout_of(model: nn.Module) -> torch.memory_format:

@@ -5,7 +5,6 @@ Its files are read and written by :mod:`compressor.teachers.formats`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError, first_line
+from compressor.core.inference import bf16_autocast
 from compressor.kernels import ensemble_log_probs
 from compressor.teachers.specialists import COMBINE as COMBINE_SPECIALISTS
 from compressor.teachers.specialists import specialist_log_probs
@@ -117,7 +117,7 @@ class Ensemble:
                     outputs = []
                     for member in self.members:
                         on_module = isinstance(member.forward, torch.nn.Module)
-                        with _autocast(device, precision if on_module else "fp32"):
+                        with bf16_autocast(device, on_module and precision == "bf16"):
                             logits = self._run_member(member, xb.to(device) if on_module else xb).cpu()  # (B, C)
                         if not torch.isfinite(logits).all():
                             bad = int((~torch.isfinite(logits)).any(dim=1).sum())
@@ -251,10 +251,3 @@ class Ensemble:
             "dataset": self.metadata.get("dataset"),
             "specialists": self.metadata.get("specialists"),
         }
-
-
-def _autocast(device: str, precision: str):
-    """bfloat16 autocast on ``device`` for ``precision="bf16"``, else nothing."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

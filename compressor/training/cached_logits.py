@@ -45,11 +45,15 @@ class CachedLogits:
     def subset(self, rows: np.ndarray) -> "CachedLogits":
         """The same logits seen through ``rows`` (indices into this view)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return CachedLogits(self.array, rows if self.rows is None else self.rows[rows])
+        return self._view(None, rows if self.rows is None else self.rows[rows])
 
     def first_member(self) -> "CachedLogits":
         """The first member's logits (1, N, C) through the same rows."""
-        return CachedLogits(self.array[:1], self.rows)
+        return self._view(slice(0, 1), self.rows)
+
+    def _view(self, members: slice | None, rows: np.ndarray | None) -> "CachedLogits":
+        """These logits through ``rows``, for ``members`` (None: all of them, the same arrays, never a copy)."""
+        return CachedLogits(self.array if members is None else self.array[members], rows)
 
     def take(self, idx: Tensor) -> Tensor:
         """Rows ``idx`` (B,) of this view as float32 (K, B, C)."""
@@ -64,10 +68,9 @@ class CachedLogits:
         return self.take(torch.arange(self.shape[1]))
 
 
-
 def reduce_top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(K, B, C) float logits → top-``k`` values (K, B, k) float32, their class indices (K, B, k) int64, and the
-    tail's log-sum-exp (K, B) float32 (``-inf`` when k = C)."""
+    tail's log-sum-exp (K, B) float32; ``k`` is below C (:func:`check_top_k`)."""
     logits = logits.float()
     values, indices = torch.topk(logits, k, dim=-1)  # (K, B, k)
     masked = logits.scatter(-1, indices, -math.inf)  # (K, B, C) with the top-k removed
@@ -115,13 +118,9 @@ class TopKLogits(CachedLogits):
         k, n, _ = super().shape
         return k, n, self.num_classes
 
-    def subset(self, rows: np.ndarray) -> "TopKLogits":
-        rows = np.asarray(rows, dtype=np.int64)
-        return TopKLogits(self.array, self.indices, self.tail, self.num_classes,
-                          rows if self.rows is None else self.rows[rows])
-
-    def first_member(self) -> "TopKLogits":
-        return TopKLogits(self.array[:1], self.indices[:1], self.tail[:1], self.num_classes, self.rows)
+    def _view(self, members: slice | None, rows: np.ndarray | None) -> "TopKLogits":
+        arrays = [a if members is None else a[members] for a in (self.array, self.indices, self.tail)]
+        return TopKLogits(*arrays, self.num_classes, rows)
 
     def take(self, idx: Tensor) -> Tensor:
         picked = self._rows(idx)

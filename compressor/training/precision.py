@@ -3,12 +3,11 @@ layout."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError
+from compressor.core.inference import bf16_autocast
 
 AMP_MODES = ("none", "bf16")
 
@@ -24,9 +23,7 @@ def check_amp(amp: str, device: torch.device) -> None:
 
 def autocast_for(amp: str, device: torch.device):
     """bfloat16 autocast for ``--amp bf16``, else nothing."""
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return bf16_autocast(device, amp == "bf16")
 
 
 def memory_format_for(student: nn.Module, device: torch.device) -> torch.memory_format:

@@ -202,6 +202,13 @@ class TeacherCache:
 CONVERT_ROWS = 65536  # rows converted from the float32 scratch file to float16 at a time
 
 
+def write_float32(file: Path, logits: StreamedLogits) -> tuple[int, ...]:
+    """Write ``logits`` into ``file`` through a float32 memory map, batch by batch, atomically (a scratch file
+    renamed into place); returns the shape. Also a torchrun rank's shard of the teacher pass."""
+    shape, _ = _write_streamed(file, logits, float16=False)
+    return shape
+
+
 def _write_streamed(file: Path, logits: StreamedLogits, float16: bool) -> tuple[tuple[int, ...], np.dtype]:
     """Write ``logits`` into ``file`` through a memory map, batch by batch, in float32; then, when ``float16`` and
     every value fits it, convert the file to float16 chunk by chunk. Returns the stored shape and dtype."""
@@ -242,8 +249,8 @@ def _write_top_k(folder: Path, logits: StreamedLogits, k: int, arrays: dict) -> 
     files, total_mass, largest, rows_seen = {}, 0.0, 0.0, 0
     for start, batch in logits.batches:
         members, rows, classes = batch.shape[0], logits.rows, batch.shape[2]
-        check_top_k(k, classes)
         if not files:
+            check_top_k(k, classes)
             files = {"values": np.lib.format.open_memmap(folder / "train.values.npy", mode="w+", dtype=np.float32,
                                                          shape=(members, rows, k)),
                      "indices": np.lib.format.open_memmap(folder / "train.indices.npy", mode="w+",

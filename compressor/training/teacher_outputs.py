@@ -40,13 +40,16 @@ def run_teachers(ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: 
 
 
 def store_teachers(cache: TeacherCache, ensemble: Ensemble, splits: dict[str, torch.Tensor], progress: bool,
-                   device: str, replace: bool, precision: str = "fp32") -> dict[str, CachedLogits]:
+                   device: str, replace: bool, precision: str = "fp32",
+                   train: StreamedLogits | None = None) -> dict[str, CachedLogits]:
     """Run the teachers over every split and store their logits in ``cache``: the held-out splits' in RAM first,
-    then the transfer set's written to disk batch by batch as they come (never (K, N, C) in RAM)."""
-    with _teachers_progress(ensemble, splits, progress) as advance:
+    then the transfer set's written to disk batch by batch as they come (never (K, N, C) in RAM). ``train``, the
+    transfer set's logits already computed (the torchrun ranks' shards), stands in for its pass."""
+    counted = splits if train is None else {name: splits[name] for name in ("val", "test")}
+    with _teachers_progress(ensemble, counted, progress) as advance:
         logits = {name: ensemble.member_logits(splits[name], on_batch=advance, device=device, precision=precision)
                   for name in ("val", "test")}
-        logits["train"] = StreamedLogits(len(splits["train"]), ensemble.iter_member_logits(
+        logits["train"] = train or StreamedLogits(len(splits["train"]), ensemble.iter_member_logits(
             splits["train"], on_batch=advance, device=device, precision=precision))
         return cache.store(logits, replace=replace)
 
@@ -65,11 +68,9 @@ def _compute_and_store(ctx: RunContext, cache: TeacherCache, splits: dict) -> di
     if not world.is_main:
         return None
     try:
-        with _teachers_progress(ensemble, {"val": splits["val"], "test": splits["test"]}, config.progress) as advance:
-            logits = {name: ensemble.member_logits(splits[name], on_batch=advance, device=world.device,
-                                                   precision=config.teacher_precision) for name in ("val", "test")}
-            logits["train"] = assembled(cache, ensemble, splits["train"], world, config.teacher_precision, advance)
-            return cache.store(logits, replace=config.refresh_teacher_cache)
+        train = assembled(cache, ensemble, splits["train"], world, config.teacher_precision)
+        return store_teachers(cache, ensemble, splits, config.progress, world.device, config.refresh_teacher_cache,
+                              config.teacher_precision, train)
     finally:
         remove_shards(cache)
 

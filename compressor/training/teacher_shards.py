@@ -20,7 +20,7 @@ import torch
 
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.distributed import World
-from compressor.training.teacher_cache import StreamedLogits, TeacherCache
+from compressor.training.teacher_cache import StreamedLogits, TeacherCache, write_float32
 
 SHARD_READ_ROWS = 8192  # rows of a shard handed to the cache writer at a time
 
@@ -56,18 +56,10 @@ def write_shard(cache: TeacherCache, ensemble: Ensemble, x_train, world: World, 
     first, stop = shard_bounds(len(x_train), world.rank, world.size)
     folder = shard_folder(cache)
     folder.mkdir(parents=True, exist_ok=True)
-    scratch, final = folder / f"rank-{world.rank}.tmp.npy", folder / f"rank-{world.rank}.npy"
-    array = None
-    for start, logits in ensemble.iter_member_logits(_RowRange(x_train, first, stop), on_batch=on_batch,
-                                                     device=world.device, precision=precision):
-        if array is None:
-            array = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32,
-                                              shape=(logits.shape[0], stop - first, logits.shape[2]))
-        array[:, start:start + logits.shape[1]] = logits.numpy()
-    if array is not None:
-        array.flush()
-        del array
-        scratch.replace(final)
+    if stop > first:  # an empty share writes nothing; assembling it yields nothing either
+        batches = ensemble.iter_member_logits(_RowRange(x_train, first, stop), on_batch=on_batch, device=world.device,
+                                              precision=precision)
+        write_float32(folder / f"rank-{world.rank}.npy", StreamedLogits(stop - first, batches))
 
 
 def assembled(cache: TeacherCache, ensemble: Ensemble, x_train, world: World, precision: str,

@@ -27,6 +27,7 @@ class TritonPythonModel:
         import triton_python_backend_utils
 
         self.numpy, self.utils = numpy, triton_python_backend_utils
+        self.dlpack = int(numpy.__version__.split(".")[0]) >= 2  # see _tensor
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = onnxruntime.SessionOptions()
         threads = config.get("parameters", {}).get("intra_op_threads", {}).get("string_value")
@@ -49,15 +50,13 @@ class TritonPythonModel:
 
     def _array(self, tensor):
         """An input tensor as a numpy array: ``as_numpy()`` under numpy 1, DLPack under numpy 2 (see ``_tensor``)."""
-        if int(self.numpy.__version__.split(".")[0]) < 2:
-            return tensor.as_numpy()
-        return self.numpy.from_dlpack(tensor)
+        return self.numpy.from_dlpack(tensor) if self.dlpack else tensor.as_numpy()
 
     def _tensor(self, logits):
         """The output tensor. The backend's stub is built against numpy 1 (nvidia-pytriton requires numpy < 2): a
         numpy 2 array handed to ``Tensor(name, array)`` arrives empty, so under numpy 2 it goes through DLPack,
         which arrives whole, but numpy's capsule destructor then prints a harmless traceback per request into the
         server's log."""
-        if int(self.numpy.__version__.split(".")[0]) < 2:
-            return self.utils.Tensor(self.output, logits)
-        return self.utils.Tensor.from_dlpack(self.output, logits.__dlpack__())
+        if self.dlpack:
+            return self.utils.Tensor.from_dlpack(self.output, logits.__dlpack__())
+        return self.utils.Tensor(self.output, logits)
