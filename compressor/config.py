@@ -36,8 +36,9 @@ class RunConfig:
     resize: int | None = None             # image folders: the shorter side resized to this many pixels
     crop: int | None = None               # image folders: then a centred square of this many pixels
     on_bad_image: str = "stop"            # image folders: stop | skip an image that cannot be read
-    input_columns: str | None = None      # hf: / parquet: data: the input column (default: its first Image column)
+    input_columns: str | None = None      # hf: / parquet: data: the image column, or the token columns (text)
     label_column: str | None = None       # hf: / parquet: data: the label column (default: label)
+    seq_len: int | None = None            # text: the benchmark's sequence length; None = the data's median length
     trust_pickle: bool = False
     resume: bool = False
     batch_sizes: tuple[int, ...] = (1, 64)

@@ -52,7 +52,9 @@ _INPUT_OPTIONS = [
         click.option("--crop", type=int, default=None, metavar="PIXELS",
                      help="Image folders: then crop a centred PIXELS x PIXELS square."),
         click.option("--input-columns", default=None, metavar="COLUMNS",
-                     help="hf: / parquet: data: the image column (default: its first column of Image type)."),
+                     help="hf: / parquet: data: the image column (default: its first column of Image type), or "
+                          "the token columns of pre-tokenised text, e.g. input_ids,attention_mask (default: those "
+                          "of input_ids, attention_mask, token_type_ids present)."),
         click.option("--label-column", default=None, metavar="COLUMN",
                      help="hf: / parquet: data: the label column (default: label, when there is one)."),
         click.option("--on-bad-image", type=click.Choice(["stop", "skip"]), default=RunConfig.on_bad_image,
@@ -97,6 +99,8 @@ _TRAINING_OPTIONS = [
 _OTHER_OPTIONS = [
         click.option("--batch-sizes", callback=parse_batch_sizes, default="1,64", show_default=True,
                      help="Batch sizes to benchmark, e.g. 1,8,64,256."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="TOKENS",
+                     help="Text models: the sequence length the benchmark times (default: the data's median)."),
         click.option("--warmup", type=float, default=RunConfig.warmup_s, show_default=True,
                      help="Benchmark warm-up seconds per row and batch size."),
         click.option("--duration", type=float, default=RunConfig.duration_s, show_default=True,
@@ -173,7 +177,7 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
         student_weights=options["student_weights"], student_budget=options["student_budget"],
         max_params=options["max_params"], max_latency_ms=options["max_latency_ms"], channels=options["channels"], resize=options["resize"],
         crop=options["crop"], on_bad_image=options["on_bad_image"], input_columns=options["input_columns"],
-        label_column=options["label_column"],
+        label_column=options["label_column"], seq_len=options["seq_len"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
         rounds=options["rounds"], baseline=options["baseline"], teacher_cache=options["teacher_cache"],
         no_cache=options["no_cache"], refresh_teacher_cache=options["refresh_teacher_cache"],
@@ -201,7 +205,7 @@ _VALUES = {"target": "--target", "data": "--data", "student": "--student", "out"
            "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
            "threads": "--threads", "student_weights": "--student-weights", "channels": "--channels",
            "resize": "--resize", "crop": "--crop", "on_bad_image": "--on-bad-image", "input_columns": "--input-columns",
-           "label_column": "--label-column"}
+           "label_column": "--label-column", "seq_len": "--seq-len"}
 
 
 def command_line(config: RunConfig) -> str:

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from compressor.config import PRECISIONS, RunConfig
 from compressor.core.errors import CompressorError, MissingCapabilityError
+from compressor.core.inputs import example_of
 from compressor.data.loading import load_data, to_tensors
 from compressor.deployment.export import export_all, save_student, write_student_bundle
 from compressor.deployment.report import benchmark, build_report, environment
@@ -111,7 +112,7 @@ def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tu
         return config, None
     budget = StudentBudget(config.student_budget, config.max_params, config.max_latency_ms if latency_ms else None)
     spec, selection = size_student(budget, ensemble, tuple(dataset.input_shape), ensemble.num_classes, latency_ms,
-                                   config.student)
+                                   config.student, dataset.example())
     return dataclasses.replace(config, student=spec), selection
 
 
@@ -121,7 +122,7 @@ def _target_latency(config: RunConfig, pool: torch.Tensor):
     def latency_ms(model: torch.nn.Module) -> float:
         target = get_target(config.target)
         with tempfile.TemporaryDirectory(prefix="compressor-sizing-") as folder:
-            artifact = target.export(model, pool[:2], Path(folder), "fp32")
+            artifact = target.export(model, example_of(pool), Path(folder), "fp32")
             runner = target.load(artifact, threads=config.threads)
             return measure_latency(runner.infer, pool.numpy(), 1, warmup_s=0.05, duration_s=0.2).median_ms
     return latency_ms
@@ -173,7 +174,7 @@ def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) ->
     config, _ = resolve_student(config, ensemble, dataset)  # sized without --max-latency-ms: nothing to time on
     torch.manual_seed(config.seed)
     student = choose_student(config, ensemble, dataset).eval()
-    example = to_tensors(dataset, None).x_test[:2]  # only its shape matters to the graph
+    example = example_of(to_tensors(dataset, None).x_test)  # only its shape matters to the graph
     with tempfile.TemporaryDirectory(prefix="compressor-preflight-") as scratch:
         artifact = get_target("onnx").export(student, example, Path(scratch), "fp32")
         result = preflight(artifact.files["model"])

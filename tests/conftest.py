@@ -100,3 +100,68 @@ def fashion_ensemble(tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng()
+
+
+TOKEN_CLASSES = ["low", "middle", "high"]
+
+
+def token_rows(n: int, seed: int) -> dict:
+    """Pre-tokenised rows of 4 to 15 ids (1 = [CLS] first) whose label is which third of the vocabulary (ids 2-31)
+    holds most of the row's tokens: a rule a one-layer BERT learns in an epoch or two."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 16, n)
+    labels = rng.integers(0, 3, n)
+    ids = []
+    for length, label in zip(lengths, labels):
+        topic = rng.integers(2 + 10 * label, 12 + 10 * label, length - 1)
+        noise = rng.integers(2, 32, length - 1)
+        ids.append([1] + np.where(rng.random(length - 1) < 0.6, topic, noise).tolist())
+    return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "label": labels.tolist()}
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    """A Hugging Face dataset on disk (train and test) of pre-tokenised int64 columns and a ClassLabel."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                                  "attention_mask": datasets.List(datasets.Value("int64")),
+                                  "label": datasets.ClassLabel(names=TOKEN_CLASSES)})
+    folder = tmp_path_factory.mktemp("tokens") / "tokens"
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(token_rows(n, seed), features=features)
+                          for split, n, seed in (("train", 600, 0), ("test", 200, 1))}).save_to_disk(str(folder))
+    return folder
+
+
+def tiny_bert(seed: int, hidden: int = 32):
+    """A one-layer BERT classifier from a local config (random init, nothing downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=32, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="session")
+def text_ensemble(tmp_path_factory, token_data) -> Path:
+    """Three tiny BERTs trained for two epochs on token_data's train split, saved with save_ensemble."""
+    from compressor import save_ensemble
+    from compressor.data.datasets import load_dataset
+
+    train = load_dataset(f"hf:{token_data}", seed=0).train
+    x, y = train.x, torch.from_numpy(train.y)
+    members = []
+    for k in range(3):
+        model = tiny_bert(k)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(2):
+            for start in range(0, len(y), 32):
+                batch = x[start:start + 32]
+                loss = nn.functional.cross_entropy(model(**batch.tensors).logits, y[start:start + 32])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        members.append(model.eval())
+    path = tmp_path_factory.mktemp("text-teachers") / "text-ensemble.pt"
+    save_ensemble(members, path, dict(x[:2].tensors), {"class_names": TOKEN_CLASSES})
+    return path

@@ -9,6 +9,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from compressor.core.inputs import call
+
 
 def parameter_count(model: nn.Module) -> int:
     """The number of parameters (elements, not tensors) of ``model``."""
@@ -41,13 +43,14 @@ def _layout_of(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _in_layout(x: Tensor, layout: torch.memory_format) -> Tensor:
+def _in_layout(x, layout: torch.memory_format):
     return x.contiguous(memory_format=layout) if x.dim() == 4 and layout is torch.channels_last else x
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
-    """Logits ``(N, C)`` of ``model`` on ``x`` ``(N, ...)``, in eval mode and batches of ``batch_size``.
+    """Logits ``(N, C)`` of ``model`` on ``x`` ``(N, ...)`` (or named inputs), in eval mode and batches of
+    ``batch_size``.
 
     Batches are moved to the model's device, in its memory layout (channels-last while it trains in it); the result
     is on the CPU. The model's train/eval mode is restored afterwards.
@@ -56,7 +59,7 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tenso
     was_training = model.training
     model.eval()
     try:
-        outs = [model(_in_layout(x[i : i + batch_size].to(device), layout)).float().cpu()
+        outs = [call(model, _in_layout(x[i : i + batch_size].to(device), layout)).float().cpu()
                 for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)

@@ -25,9 +25,11 @@ import numpy as np
 
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import default_cache_root
+from compressor.core.inputs import NamedInputs
 from compressor.core.preprocessing import ImageSpec
 from compressor.data.image_cache import load_split_arrays
-from compressor.data.hf import hf_sources
+from compressor.data.hf import hf_sources, open_hf
+from compressor.data.tokens import token_columns, token_splits
 from compressor.data.image_folder import is_image_folder, split_listings
 
 FASHION_MNIST_CLASSES = [
@@ -71,6 +73,16 @@ class Dataset:
         return tuple(self.train.x.shape[1:])
 
     @property
+    def named_inputs(self) -> bool:
+        """Whether the inputs are several named tensors (a text dataset's input_ids, attention_mask, ...)."""
+        return isinstance(self.train.x, NamedInputs)
+
+    def example(self, rows: int = 2):
+        """The first ``rows`` training rows where a student needs real inputs to be built (named inputs), else
+        None (zeros of the input shape do)."""
+        return self.train.x[:rows] if self.named_inputs else None
+
+    @property
     def labelled(self) -> bool:
         return bool((self.train.y >= 0).any())
 
@@ -88,7 +100,7 @@ class Dataset:
         """
         if self.digest is not None:  # hashing a streamed dataset's bytes would read all of it
             return hashlib.sha256(json.dumps([self.digest, self.split_info], sort_keys=True).encode()).hexdigest()
-        arrays = [array for part in (self.train, self.val, self.test) for array in (part.x, part.y)]
+        arrays = [array for part in (self.train, self.val, self.test) for array in (*_arrays(part.x), part.y)]
         ids = tuple(id(array) for array in arrays)
         if self._digest is None or self._digest[0] != ids:
             digest = hashlib.sha256()
@@ -104,11 +116,19 @@ class Dataset:
             "source": self.source,
             "preprocessing": self.preprocessing,
             "input_shape": list(self.input_shape),
+            "inputs": self.train.x.describe() if self.named_inputs else None,
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "split": self.split_info,
         }
+
+
+def _arrays(x) -> list:
+    """The arrays holding a split's inputs: one, or each named input and the row lengths."""
+    if isinstance(x, NamedInputs):
+        return [t.numpy() for t in (*x.values(), x.lengths)]
+    return [x]
 
 
 @dataclass(frozen=True)
@@ -139,9 +159,7 @@ def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fract
     if spec == "digits":
         dataset = _load_digits(seed, val_fraction, test_fraction)
     elif spec.startswith(("hf:", "parquet:")):
-        sources, classes, info = hf_sources(spec, read.input_columns, read.label_column, seed, val_fraction,
-                                            test_fraction)
-        dataset = _streamed(spec, Path(spec.partition(":")[2]).name or spec, sources, classes, info, read)
+        dataset = _load_hf(spec, seed, val_fraction, test_fraction, read)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -169,6 +187,22 @@ def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fract
         if len(getattr(dataset, name)) == 0:
             raise CompressorError(f"--data {spec}: the {name} split is empty; the dataset is too small to split")
     return dataset
+
+
+def _load_hf(spec: str, seed: int, val_fraction: float, test_fraction: float, read: ReadOptions) -> Dataset:
+    """A Hugging Face dataset: pre-tokenised text held as named int64 inputs, or images decoded into the cache."""
+    loaded = open_hf(spec)
+    name = Path(spec.partition(":")[2]).name or spec
+    columns = token_columns(spec, loaded, read.input_columns)
+    if columns is None:
+        sources, classes, info = hf_sources(spec, loaded, read.input_columns, read.label_column, seed, val_fraction,
+                                            test_fraction)
+        return _streamed(spec, name, sources, classes, info, read)
+    splits, classes, info = token_splits(spec, loaded, columns, read.label_column, seed, val_fraction, test_fraction)
+    preprocessing = (f"pre-tokenised int64 columns {', '.join(columns)}, right-padded with 0 and cut per batch to "
+                     f"its longest row (median length {info['median_length']}, longest {info['max_length']})")
+    parts = {split: Split(x, y) for split, (x, y) in splits.items()}
+    return Dataset(name, spec, preprocessing, classes, parts["train"], parts["val"], parts["test"], info)
 
 
 def _split_indices(n: int, seed: int, val_fraction: float, test_fraction: float) -> tuple[np.ndarray, ...]:

@@ -1,7 +1,7 @@
 """``--data hf:DIR`` (a ``datasets.save_to_disk`` folder) and ``--data parquet:GLOB`` (Parquet files, e.g. a Hugging
 Face dataset's): an image column and a label column (``--input-columns``, ``--label-column``), decoded once into
-the data cache (:mod:`compressor.data.image_cache`) exactly as an image folder's files are. Nothing is downloaded;
-text columns come with the text-models issue.
+the data cache (:mod:`compressor.data.image_cache`) exactly as an image folder's files are; or pre-tokenised
+int64 columns (``input_ids``, ``attention_mask``, ...: :mod:`compressor.data.tokens`). Nothing is downloaded.
 
 Splits: the dataset's own ``train``, ``validation`` (or ``val``) and ``test`` when present; seeded shares of
 ``train`` for those it lacks. Class names come from the label column's ``ClassLabel`` feature when it has one.
@@ -84,18 +84,33 @@ def open_hf(spec: str):
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
 
-def hf_sources(spec: str, input_columns: str | None, label_column: str | None, seed: int, val_fraction: float,
-               test_fraction: float) -> tuple[dict[str, HFImages], list[str] | None, dict]:
-    """train, val and test image sources of ``spec``, the class names, and how the splits were made."""
-    import datasets
+def hf_sources(spec: str, loaded, input_columns: str | None, label_column: str | None, seed: int,
+               val_fraction: float, test_fraction: float) -> tuple[dict[str, HFImages], list[str] | None, dict]:
+    """train, val and test image sources of ``spec`` (opened as ``loaded``), the class names, and how the splits
+    were made."""
+    column = _image_column(spec, train_split(spec, loaded), input_columns)
+    parts, classes, info = split_rows(spec, loaded, [column], label_column, seed, val_fraction, test_fraction)
+    sources = {split: HFImages(part, column, rows, labels, where) for split, (part, rows, labels, where) in parts.items()}
+    return sources, classes, {**info, "input_column": column}
 
-    loaded = open_hf(spec)
-    own = {ours: next((name for name in names if name in loaded), None) for ours, names in SPLIT_NAMES.items()}
-    if own["train"] is None:
+
+def train_split(spec: str, loaded):
+    """The dataset's train split; one clear error when it has none."""
+    name = next((name for name in SPLIT_NAMES["train"] if name in loaded), None)
+    if name is None:
         raise CompressorError(f"--data {spec}: the dataset has no train split (it has {', '.join(loaded)}); save "
                               f"the training rows as 'train'")
-    train = loaded[own["train"]]
-    column = _image_column(spec, train, input_columns)
+    return loaded[name]
+
+
+def split_rows(spec: str, loaded, columns: list[str], label_column: str | None, seed: int, val_fraction: float,
+               test_fraction: float) -> tuple[dict[str, tuple], list[str] | None, dict]:
+    """Each split's (dataset part, its rows, their labels, a name for messages): the dataset's own validation and
+    test splits where it has them, seeded shares of train otherwise; the class names; how the splits were made."""
+    import datasets
+
+    own = {ours: next((name for name in names if name in loaded), None) for ours, names in SPLIT_NAMES.items()}
+    train = train_split(spec, loaded)
     label = label_column or ("label" if "label" in train.column_names else None)
     if label is not None and label not in train.column_names:
         raise CompressorError(f"--data {spec}: no column {label!r} (columns: {', '.join(train.column_names)}); name "
@@ -105,21 +120,21 @@ def hf_sources(spec: str, input_columns: str | None, label_column: str | None, s
     carved = carve_splits(len(train), seed, val_fraction, test_fraction, own["val"] is not None,
                           own["test"] is not None)
     rng = np.random.default_rng(seed)
-    sources = {}
+    parts = {}
     for split in ("train", "val", "test"):
         part = loaded[own[split]] if own[split] is not None and split != "train" else train
         rows = rng.permutation(len(part)) if own[split] is not None and split != "train" else carved[split]
-        for name in (column, label):
+        for name in (*columns, label):
             if name is not None and name not in part.column_names:
                 raise CompressorError(f"--data {spec}: the {split} split has no column {name!r}")
         labels = (np.asarray(part[label], dtype=np.int64)[rows] if label else np.full(len(rows), -1, np.int64))
-        sources[split] = HFImages(part, column, rows, labels, f"{spec}[{own[split] or own['train']}]")
+        parts[split] = (part, rows, labels, f"{spec}[{own[split] or own['train']}]")
         if not len(rows):
             raise CompressorError(f"--data {spec}: the {split} split is empty")
     info = {"seed": seed, "method": "the dataset's own " + (", ".join(own[s] for s in ("val", "test") if own[s])
                                                              or "train only") + "; seeded shares of train otherwise",
-            "input_column": column, "label_column": label}
-    return sources, classes, info
+            "label_column": label}
+    return parts, classes, info
 
 
 def _image_column(spec: str, train, input_columns: str | None) -> str:
@@ -134,7 +149,7 @@ def _image_column(spec: str, train, input_columns: str | None) -> str:
                                   f"--data {spec} (columns: {', '.join(train.column_names)})")
         if len(names) != 1:
             raise CompressorError(f"--input-columns {input_columns}: an image dataset takes one image column; "
-                                  f"several named inputs (text models) are not supported yet")
+                                  f"several named inputs must be token columns (sequences of integers)")
         return names[0]
     images = [name for name, feature in train.features.items() if isinstance(feature, datasets.Image)]
     if not images:

@@ -12,6 +12,7 @@ import torch
 
 from compressor.config import RunConfig
 from compressor.core.errors import CompressorError
+from compressor.core.inputs import NamedInputs
 from compressor.core.preprocessing import ImageSpec, apply_normalisation
 from compressor.data.datasets import Dataset, ReadOptions, load_dataset
 from compressor.data.lazy import LazyInputs
@@ -38,6 +39,12 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
     read = ReadOptions(image_spec(config, ensemble), config.teacher_cache, config.on_bad_image, config.input_columns,
                        config.label_column)
     dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train, read=read)
+    if dataset.named_inputs or ensemble.input_names:
+        check_named_inputs(dataset, ensemble, spec, config.teacher)
+        if config.normalise is not None:
+            raise CompressorError(f"--normalise applies to float inputs; --data {spec} holds token ids")
+        align_classes(dataset, ensemble.class_names)
+        return dataset, None
     if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
         raise CompressorError(
             f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
@@ -62,6 +69,36 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
         if any(s <= 0 for s in normalisation["std"]):
             raise CompressorError("normalisation std must be positive")
     return dataset, normalisation
+
+
+def check_named_inputs(dataset: Dataset, ensemble: Ensemble, spec: str, teacher) -> None:
+    """Token data against text teachers: the same input names (put in the teachers' order), ids inside the
+    teachers' vocabulary, no row longer than their maximum length. One line for each way it fails."""
+    wanted = ensemble.input_names
+    if not dataset.named_inputs or not wanted:
+        have = "token columns" if dataset.named_inputs else "one input tensor"
+        need = f"named inputs {', '.join(wanted)}" if wanted else "one input tensor"
+        raise CompressorError(f"--data {spec} gives {have} but the teachers in {teacher} take {need}; pass the data "
+                              f"the teachers were trained on (--input-columns names its token columns)")
+    names = dataset.train.x.names
+    if sorted(names) != sorted(wanted):
+        raise CompressorError(f"--data {spec} has the token columns {', '.join(names)} but the teachers in {teacher} "
+                              f"take {', '.join(wanted)}; name the matching columns with --input-columns")
+    vocab, longest = ensemble.metadata.get("vocab_size"), ensemble.metadata.get("max_length")
+    for split_name in ("train", "val", "test"):
+        split = getattr(dataset, split_name)
+        split.x = NamedInputs({name: split.x.tensors[name] for name in wanted}, split.x.lengths)
+        ids = split.x.tensors.get("input_ids")
+        if ids is not None and vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            bad = int(((ids >= vocab) | (ids < 0)).any(dim=1).nonzero()[0, 0])
+            raise CompressorError(f"--data {spec}: the {split_name} split's input_ids (row {bad}) hold ids outside "
+                                  f"the teachers' vocabulary of {vocab} in {teacher}; tokenize with the teachers' "
+                                  f"tokenizer")
+        if longest is not None and split.x.shape[1] > longest:
+            bad = int(split.x.lengths.argmax())
+            raise CompressorError(f"--data {spec}: the {split_name} split has a row of {split.x.shape[1]} tokens (row "
+                                  f"{bad}) but the teachers in {teacher} take at most {longest}; truncate the "
+                                  f"sequences to {longest} when tokenizing")
 
 
 def _name_key(name: str) -> str:
@@ -109,6 +146,8 @@ def to_tensors(dataset: Dataset, normalisation: dict | None) -> Tensors:
     """Normalise every split with the bundle's own preprocessing function, then wrap them as tensors; a streamed
     split (an image folder) stays on disk and is normalised batch by batch as it is read (:class:`LazyInputs`)."""
     def prepare(split):
+        if isinstance(split.x, NamedInputs):  # token ids: nothing to normalise
+            return split.x, torch.from_numpy(split.y)
         if split.streamed:
             return LazyInputs(split.x, normalisation, split.scale), torch.from_numpy(split.y)
         return torch.from_numpy(apply_normalisation(split.x, normalisation)), torch.from_numpy(split.y)

@@ -15,6 +15,7 @@ from compressor.config import RunConfig
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import atomic_path
 from compressor.core.inference import predict_logits
+from compressor.core.inputs import NamedInputs, example_of, trace_args
 from compressor.training.context import RunContext
 from targets.base import TARGETS, Artifact, get_target
 from targets.bundle import write_bundle
@@ -54,7 +55,8 @@ def export_student(ctx: RunContext, student: torch.nn.Module):
     options = export_options(config)
     if config.precision == "int8":
         options["calibration"] = tensors.x_train[:CALIBRATION_ROWS].numpy()
-    artifact = target.export(student, tensors.x_test[:2], config.output_dir() / "export", config.precision, **options)
+    artifact = target.export(student, example_of(tensors.x_test), config.output_dir() / "export", config.precision,
+                             **options)
     runner = target.load(artifact, threads=config.threads, **runner_options(config))
     x = tensors.x_test[:PARITY_ROWS]
     parity = check_parity(predict_logits(student, x).numpy(), runner.infer(x.numpy()), config.precision,
@@ -62,13 +64,16 @@ def export_student(ctx: RunContext, student: torch.nn.Module):
     return artifact, runner, parity
 
 
-def save_student(student: torch.nn.Module, example: torch.Tensor, path: Path, config: RunConfig) -> Path:
-    """Write the trained student as TorchScript (loadable without unpickling), atomically."""
+def save_student(student: torch.nn.Module, example, path: Path, config: RunConfig) -> Path:
+    """Write the trained student as TorchScript (loadable without unpickling), atomically; a student of named
+    inputs takes them positionally, in the order ``student.json`` lists."""
     student.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript deprecation: still the safest single-file module format
-        scripted = torch.jit.trace(student, example)
-        meta = json.dumps({"student": config.student, "input_shape": list(example.shape[1:])})
+        scripted = torch.jit.trace(student, trace_args(example))
+        shape = {"inputs": example.describe()} if isinstance(example, NamedInputs) else {
+            "input_shape": list(example.shape[1:])}
+        meta = json.dumps({"student": config.student, **shape})
         with atomic_path(path) as tmp:
             torch.jit.save(scripted, str(tmp), _extra_files={"student.json": meta})
     return path
@@ -82,7 +87,7 @@ def export_ensemble(ctx: RunContext):
     """
     config, tensors, ensemble = ctx.config, ctx.tensors, ctx.ensemble
     target = get_target(config.target)
-    example = tensors.x_test[:2]
+    example = example_of(tensors.x_test)
     try:
         with ctx.console.status(f"exporting the ensemble to {config.target} for a like-for-like comparison"):
             artifact = target.export(ensemble.as_module(example), example, config.output_dir() / "ensemble-export",
@@ -120,7 +125,7 @@ def export_best_member(ctx: RunContext):
     summary = {"member": member.name, "val_accuracy": val_accuracy, "exported": False}
     if not isinstance(member.forward, torch.nn.Module):
         return None, {**summary, "reason": f"member {member.name} is an ONNX file run by onnxruntime, not exported"}
-    example = ctx.tensors.x_test[:2]
+    example = example_of(ctx.tensors.x_test)
     try:
         with ctx.console.status(f"exporting the best member ({member.name}) to {config.target}"):
             artifact = get_target(config.target).export(member.forward, example,
@@ -159,9 +164,12 @@ def export_options(config: RunConfig) -> dict:
 def write_student_bundle(ctx: RunContext, artifact: Artifact, versions: dict) -> Path:
     """Write ``bundle/``: the model file and the metadata a service needs to reproduce our preprocessing."""
     config = ctx.config
-    spec_in, spec_out = artifact.inputs[0], artifact.outputs[0]
+    spec_out = artifact.outputs[0]
+    inputs = [{"name": spec.name, "shape": [d for d in spec.shape if d != "batch"], "dtype": spec.dtype}
+              for spec in artifact.inputs]
     metadata = {
-        "input": {"name": spec_in.name, "shape": [d for d in spec_in.shape if d != "batch"], "dtype": spec_in.dtype},
+        "input": inputs[0],
+        "inputs": inputs,  # every model input in call order (a text model's input_ids, attention_mask, ...)
         "output": {"name": spec_out.name, "shape": [d for d in spec_out.shape if d != "batch"],
                    "dtype": spec_out.dtype},
         "preprocessing": ctx.dataset.preprocessing,

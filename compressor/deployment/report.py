@@ -15,6 +15,7 @@ import torch
 from compressor import __version__
 from compressor.config import RunConfig
 from compressor.core.inference import parameter_count, predict_logits
+from compressor.core.inputs import NamedInputs
 from compressor.core.metrics import paired_bootstrap
 from compressor.core.progress import progress_bar
 from compressor.deployment.export import Exported, fp32_runner
@@ -49,7 +50,8 @@ def benchmark(ctx: RunContext, students: Students, exported: Exported) -> Benchm
     """Every row scored on the test split and timed at every ``--batch-sizes`` in interleaved rounds."""
     config, tensors = ctx.config, ctx.tensors
     x_test, y_test = tensors.x_test, tensors.y_test.numpy()  # x_test: a tensor, or a streamed split
-    pool = x_test[:BENCHMARK_POOL].numpy()
+    timed = benchmark_pool(ctx)
+    pool = timed.numpy()  # an array, or name → array for named inputs
     device = eager_device(ctx.ensemble)
     rows = ensemble_rows(ctx.ensemble, ctx.teacher.test, pool, device, config.target, exported.ensemble_runner,
                          x_test)
@@ -73,7 +75,24 @@ def benchmark(ctx: RunContext, students: Students, exported: Exported) -> Benchm
     measured = [row.describe(y_test, reference) for row in rows]
     for entry, latency in zip(measured, _time_rows(rows, config)):
         entry["latency"] = latency
-    return Benchmark(rows, measured, device, len(pool), verdict(rows, y_test, config.seed))
+    return Benchmark(rows, measured, device, len(timed), verdict(rows, y_test, config.seed))
+
+
+def benchmark_pool(ctx: RunContext):
+    """The test inputs the harness cycles through; text rows at ``--seq-len`` tokens (default: the training
+    split's median length), so every timed call has one known sequence length."""
+    pool = ctx.tensors.x_test[:BENCHMARK_POOL]
+    if isinstance(pool, NamedInputs):
+        pool = pool.at_length(sequence_length(ctx))
+    return pool
+
+
+def sequence_length(ctx: RunContext) -> int | None:
+    """The sequence length text rows are timed at (``--seq-len``, else the data's median), None for other data."""
+    if not ctx.dataset.named_inputs:
+        return None
+    return ctx.config.seq_len or ctx.dataset.split_info.get("median_length") or int(
+        ctx.tensors.x_train.lengths.median())
 
 
 def _time_rows(rows: list[Row], config: RunConfig) -> list[dict]:
@@ -143,6 +162,7 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
         "best_member_export": exported.member_export,
         "benchmark": {"device": bench.device, "batch_sizes": list(config.batch_sizes), "warmup_s": config.warmup_s,
                       "duration_s": config.duration_s, "rounds": config.rounds, "pool": bench.pool,
+                      "sequence_length": sequence_length(ctx),
                       "split": "test", "examples": len(y_test)},
         "rows": bench.measured,
         "pareto": None if pareto is None else pareto.name,

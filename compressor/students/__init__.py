@@ -8,6 +8,7 @@ from compressor.students.registry import create_student, list_students, register
 
 from compressor.students import cnn  # noqa: F401  registers "cnn"
 from compressor.students import from_teacher  # noqa: F401  registers "from-teacher"
+from compressor.students import hf  # noqa: F401  registers "hf" (transformers is imported only when one is built)
 from compressor.students import mlp  # noqa: F401  registers "mlp"
 from compressor.students import timm  # noqa: F401  registers "timm" (timm is imported only when one is built)
 from compressor.students import torchvision  # noqa: F401  registers "torchvision" (likewise)

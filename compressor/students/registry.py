@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError, first_line
+from compressor.core.inputs import call
 
 
 class StudentFactory(Protocol):
@@ -69,12 +70,15 @@ def student_catalogue(family: str) -> list[str] | None:
 
 
 def create_student(spec: str, input_shape: tuple[int, ...], num_classes: int,
-                   teacher_architecture: list[dict] | None = None) -> nn.Module:
+                   teacher_architecture: list[dict] | None = None, teacher_config: dict | None = None,
+                   example=None) -> nn.Module:
     """Build the student ``spec`` for inputs (N, *input_shape) and ``num_classes`` classes.
 
     The module comes back freshly initialised (seed torch first for a reproducible one), float32, in train mode,
     mapping (N, *input_shape) float32 to (N, num_classes) logits. ``teacher_architecture`` is a member's
-    description from ``describe_architecture`` (needed by ``from-teacher`` only). Bad specs raise
+    description from ``describe_architecture`` (needed by ``from-teacher`` only), ``teacher_config`` the teachers'
+    Hugging Face config dict (``hf:teacher``), and ``example`` a batch of 2 to check the student on where zeros of
+    ``input_shape`` will not do (named int64 inputs, :class:`~compressor.core.inputs.NamedInputs`). Bad specs raise
     CompressorError naming the spec and the valid forms.
 
         create_student("mlp:800x800", (1, 8, 8), 10)
@@ -95,18 +99,18 @@ def create_student(spec: str, input_shape: tuple[int, ...], num_classes: int,
         raise CompressorError(f"--student {spec}: unknown student family {family!r}{hint}; "
                               f"the registered families are {', '.join(list_students())}")
     model = _FACTORIES[family](args.strip() if sep else None, input_shape, int(num_classes),
-                               teacher_architecture=teacher_architecture)
+                               teacher_architecture=teacher_architecture, teacher_config=teacher_config)
     model = model.float().train()
-    _check_output(model, spec, input_shape, int(num_classes))
+    _check_output(model, spec, input_shape, int(num_classes), example)
     return model
 
 
-def _check_output(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+def _check_output(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int, example) -> None:
     """One dummy forward in eval mode (no running statistics touched) to hold every factory to the contract."""
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(torch.zeros(2, *input_shape))  # (2, C)
+            logits = call(model, torch.zeros(2, *input_shape) if example is None else example[:2])  # (2, C)
     except Exception as exc:  # a factory bug or a family that cannot serve this input shape
         raise CompressorError(f"--student {spec}: the student does not run on inputs of shape (N, "
                               f"{', '.join(map(str, input_shape))}) ({type(exc).__name__}: "

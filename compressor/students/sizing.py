@@ -11,7 +11,8 @@ budget the user can name. A bare ``--student cnn`` or ``--student mlp`` is sized
 
 The largest candidate, by multiply-adds, that meets every named limit is chosen; when none does, the smallest, with a
 note. The ladder is the ``cnn`` family for images and the ``mlp`` family for vectors, from a few thousand
-parameters to a few million, so the choice tracks the teachers' size on any data. Every candidate priced is kept
+parameters to a few million, so the choice tracks the teachers' size on any data; for text teachers saved from
+transformers models it is ``hf:teacher/SCALE``, the teachers' own config scaled down. Every candidate priced is kept
 for the report (``student.selection``).
 """
 
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compressor.core.errors import CompressorError
+from compressor.core.inputs import call
 from compressor.students.registry import create_student
 
 # Shallow first, then four blocks deep (two pooled pairs of widths): a deep, thin student follows its teachers
@@ -34,6 +36,7 @@ from compressor.students.registry import create_student
 # to ~6 M on 784 inputs.
 CNN_LADDER = ("cnn:8x16", "cnn:16x32", "cnn:16x32x32x64", "cnn:24x48x48x96", "cnn:32x64x64x128",
               "cnn:48x96x96x192", "cnn:64x128x128x256", "cnn:96x192x192x384", "cnn:128x256x256x512")
+HF_LADDER = tuple(f"hf:teacher/{scale}" for scale in (0.125, 0.25, 0.375, 0.5, 0.75))
 MLP_LADDER = ("mlp:32", "mlp:64x64", "mlp:128x128", "mlp:256x256", "mlp:512x512", "mlp:800x800",
               "mlp:1200x1200", "mlp:2048x2048")
 
@@ -58,12 +61,13 @@ class StudentBudget:
             raise CompressorError(f"--max-latency-ms {self.max_latency_ms:g}: give milliseconds above 0")
 
 
-def multiply_adds(model: nn.Module, example: torch.Tensor) -> int | None:
-    """Multiply-adds of one forward pass of ``model`` on ``example`` (1, ...), or None when it cannot be counted."""
+def multiply_adds(model: nn.Module, example) -> int | None:
+    """Multiply-adds of one forward pass of ``model`` on ``example`` (1, ...) (or named inputs), or None when it
+    cannot be counted."""
     counter = FlopCounterMode(display=False)
     try:
         with counter, torch.no_grad():
-            model(example)
+            call(model, example)
     except Exception:  # an ONNX member is a Python function over onnxruntime: nothing for the counter to see
         return None
     return counter.get_total_flops() // 2
@@ -72,15 +76,17 @@ def multiply_adds(model: nn.Module, example: torch.Tensor) -> int | None:
 SIZED_FAMILIES = ("auto", "cnn", "mlp")  # the --student values compress sizes to the teachers
 
 
-def ladder(input_shape: tuple[int, ...], family: str = "auto") -> tuple[str, ...]:
-    """The candidate specs: the ``cnn`` or ``mlp`` ladder as ``family`` says; for ``auto``, cnn for images and mlp
-    for everything else."""
+def ladder(input_shape: tuple[int, ...], family: str = "auto", named_inputs: bool = False) -> tuple[str, ...]:
+    """The candidate specs: the ``cnn`` or ``mlp`` ladder as ``family`` says; for ``auto``, hf for named inputs (text),
+    cnn for images and mlp for everything else."""
+    if family == "auto" and named_inputs:
+        return HF_LADDER
     if family == "auto":
         family = "cnn" if len(input_shape) == 3 else "mlp"
     return CNN_LADDER if family == "cnn" else MLP_LADDER
 
 
-def _member_cost(ensemble, example: torch.Tensor) -> dict:
+def _member_cost(ensemble, example) -> dict:
     """The median member's multiply-adds (or parameters where any member cannot be counted)."""
     counts = [multiply_adds(m.forward, example) if isinstance(m.forward, nn.Module) else None
               for m in ensemble.members]
@@ -92,16 +98,23 @@ def _member_cost(ensemble, example: torch.Tensor) -> dict:
 
 
 def size_student(budget: StudentBudget, ensemble, input_shape: tuple[int, ...], num_classes: int,
-                 latency_ms: Callable[[nn.Module], float] | None = None, family: str = "auto") -> tuple[str, dict]:
+                 latency_ms: Callable[[nn.Module], float] | None = None, family: str = "auto",
+                 named_example=None) -> tuple[str, dict]:
     """The spec ``--student auto`` (or a bare ``cnn`` / ``mlp``, ``family``) resolves to under ``budget``, and the
-    record of every candidate priced."""
+    record of every candidate priced. ``named_example`` is a row of named inputs (text data), priced on instead of
+    zeros of ``input_shape``."""
     budget.check()
-    example = torch.zeros(1, *input_shape)
+    example = torch.zeros(1, *input_shape) if named_example is None else named_example[:1]
     cost = _member_cost(ensemble, example)
     limit = budget.share * cost["member"]
     candidates = []
-    for spec in ladder(input_shape, family):
-        model = create_student(spec, input_shape, num_classes).eval()
+    hf_config = ensemble.metadata.get("hf_config")
+    if named_example is not None and family == "auto" and hf_config is None:
+        raise CompressorError("--student auto sizes a text student from the teachers' transformers config, and "
+                              f"{ensemble.path} records none; give --student hf:DIR or hf:CONFIG.json")
+    for spec in ladder(input_shape, family, named_example is not None):
+        model = create_student(spec, input_shape, num_classes, teacher_config=hf_config,
+                               example=named_example).eval()
         params = sum(p.numel() for p in model.parameters())
         macs = multiply_adds(model, example)
         size = macs if cost["measure"] == "multiply_adds" else params

@@ -27,6 +27,9 @@ def load_student_weights(model: nn.Module, path: Path) -> dict:
     except Exception as exc:  # safetensors raises its own error types for a corrupt or foreign file
         raise CompressorError(f"--student-weights {path}: not a readable safetensors file ({first_line(exc)}); save "
                               f"it with safetensors.torch.save_file(model.state_dict(), path)") from exc
+    prefix = getattr(model, "weights_prefix", "")  # a wrapper's prefix (hf: a save_pretrained file lacks "model.")
+    if prefix and not any(name.startswith(prefix) for name in saved):
+        saved = {prefix + name: tensor for name, tensor in saved.items()}
     own = model.state_dict()
     matching = {name: tensor for name, tensor in saved.items() if name in own and own[name].shape == tensor.shape}
     if not matching:

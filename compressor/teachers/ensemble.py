@@ -16,6 +16,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError, first_line
 from compressor.core.inference import bf16_autocast
+from compressor.core.inputs import NamedInputs, call, trace_args
 from compressor.kernels import ensemble_log_probs
 from compressor.teachers.specialists import COMBINE as COMBINE_SPECIALISTS
 from compressor.teachers.specialists import specialist_log_probs
@@ -31,15 +32,16 @@ class _MixtureModule(nn.Module):
         self.temperatures = [member.temperature for member in ensemble.members]
         self.ensemble = ensemble
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        member_logits = torch.stack([module(x).float() / temperature
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # one input tensor, or named inputs in order
+        member_logits = torch.stack([module(*inputs).float() / temperature
                                      for module, temperature in zip(self.members, self.temperatures)])  # (K, N, C)
         return self.ensemble.log_probs(member_logits)  # (N, C)
 
 
 @dataclass
 class Member:
-    """One teacher: a name, where it came from, and a callable from inputs (N, ...) to logits (N, C)."""
+    """One teacher: a name, where it came from, and a callable from inputs (N, ...) to logits (N, C); a member with
+    named inputs (a text classifier) takes them positionally, in the ensemble's ``inputs`` order."""
 
     name: str
     kind: str                      # "torchscript", "torch.export", "onnx", "pickle"
@@ -50,7 +52,7 @@ class Member:
     temperature: float = 1.0       # the member's own calibration temperature (manifest), applied to its logits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.forward(x)
+        logits = call(self.forward, x)
         return logits / self.temperature if self.temperature != 1.0 else logits
 
 
@@ -70,6 +72,12 @@ class Ensemble:
     def input_shape(self) -> tuple[int, ...] | None:
         shape = self.metadata.get("input_shape")
         return tuple(shape) if shape else None
+
+    @property
+    def input_names(self) -> list[str] | None:
+        """The named inputs of a text ensemble (``input_ids``, ``attention_mask``, ...), None for one input tensor."""
+        inputs = self.metadata.get("inputs")
+        return [spec["name"] for spec in inputs] if inputs else None
 
     @property
     def num_classes(self) -> int | None:
@@ -164,7 +172,7 @@ class Ensemble:
                                   f"the ensemble cannot be exported as one graph")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings from constant weights, TorchScript deprecation
-            return torch.jit.trace(self.eager_module(), example, check_trace=False)
+            return torch.jit.trace(self.eager_module(), trace_args(example), check_trace=False)
 
     def eager_module(self) -> nn.Module:
         """The ensemble as one untraced PyTorch module (N, ...) → (N, C) log-probabilities at T = 1, in eval mode.
@@ -199,7 +207,7 @@ class Ensemble:
         if declared is not None and declared != num_classes:
             raise CompressorError(f"{self.path}: metadata says {declared} classes but the members output {num_classes}")
         self.metadata["num_classes"] = num_classes
-        if self.metadata.get("input_shape") is None:
+        if self.metadata.get("input_shape") is None and not isinstance(example, NamedInputs):
             self.metadata["input_shape"] = list(example.shape[1:])
         names = self.class_names
         if names is not None and len(names) != num_classes:
@@ -212,10 +220,11 @@ class Ensemble:
             raise
         except Exception as exc:
             expected = f" (the ensemble declares input shape {list(self.input_shape)})" if self.input_shape else ""
+            given = (f"named inputs {', '.join(x.names)} of length {x.shape[1]}" if isinstance(x, NamedInputs)
+                     else f"inputs of shape {list(x.shape[1:])}")
             raise CompressorError(
-                f"teacher member '{member.name}' ({member.source}) failed on inputs of shape {list(x.shape[1:])} "
-                f"from {what}{expected}: {first_line(exc)}; the data must have the shape the teachers were trained on"
-            ) from exc
+                f"teacher member '{member.name}' ({member.source}) failed on {given} from {what}{expected}: "
+                f"{first_line(exc)}; the data must have the shape the teachers were trained on") from exc
 
     def fingerprint(self) -> str:
         """sha256 over the teacher file and every member file: identifies the teachers a checkpoint used.
@@ -245,6 +254,7 @@ class Ensemble:
             "weights": self.weights,
             "combine": self.combine,
             "input_shape": self.metadata.get("input_shape"),
+            "inputs": self.metadata.get("inputs"),
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "normalisation": self.normalisation,

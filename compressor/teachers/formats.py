@@ -25,9 +25,12 @@ from torch import nn
 from compressor.core.errors import CompressorError, first_line
 from compressor.core.fileio import atomic_path
 from compressor.core.inference import parameter_count
+from compressor.core.inputs import trace_args
 from compressor.kernels import COMBINES
 from compressor.students import describe_architecture
+from compressor.students.hf import HFClassifier, is_hf_model
 from compressor.teachers.ensemble import Ensemble, Member
+from compressor.teachers.named_inputs import check_member_inputs, named_inputs_meta, random_named_inputs
 from compressor.teachers.specialists import COMBINE as COMBINE_SPECIALISTS
 from compressor.teachers.specialists import check_metadata as check_specialists
 
@@ -47,11 +50,24 @@ class _EnsembleArchive(nn.Module):
         return torch.stack([member(x) for member in self.members])  # (K, N, C)
 
 
-def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: torch.Tensor,
+class _MemberArchive(nn.Module):
+    """What :func:`save_ensemble` scripts for members with named inputs: the members, traced with those inputs as
+    positional arguments, and no forward of its own (TorchScript cannot spread a dict into a call)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+
+def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input,
                   metadata: dict | None = None) -> Path:
     """Write ``models`` as one TorchScript ensemble archive that ``compress --teacher`` accepts.
 
-    ``example_input`` is a batch (N, ...) the members accept (N ≥ 2 so a fixed batch size is caught).
+    ``example_input`` is a batch (N, ...) the members accept (N ≥ 2 so a fixed batch size is caught), or for text
+    classifiers a dict of named int64 inputs ``{"input_ids": (N, L), "attention_mask": (N, L)}`` in the order the
+    members' forward takes them. A transformers model is wrapped to return its ``.logits`` and traced; its config is
+    recorded (``hf_config``, which ``--student hf:teacher/SCALE`` copies), with its ``vocab_size`` and
+    ``max_position_embeddings`` as the inputs' limits (``vocab_size`` and ``max_length`` in ``metadata`` override).
     ``metadata`` may hold ``class_names``, ``normalisation`` ({"mean": [...], "std": [...]} per input channel,
     applied as (x - mean) / std), ``dataset`` (a ``--data`` hint), ``weights`` (one per member) and
     ``member_names``; a specialist ensemble (:mod:`compressor.training.specialist_training` writes them) also gives
@@ -68,7 +84,7 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
     if not models:
         raise CompressorError("save_ensemble needs at least one model")
     unknown = set(metadata) - {"class_names", "normalisation", "dataset", "weights", "member_names", "combine",
-                               "specialists"}
+                               "specialists", "vocab_size", "max_length"}
     if unknown:
         raise CompressorError(f"save_ensemble: unknown metadata keys {sorted(unknown)}")
     names = metadata.pop("member_names", None) or [f"member-{k}" for k in range(len(models))]
@@ -77,6 +93,9 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
     weights = metadata.get("weights")
     if weights is not None and len(weights) != len(models):
         raise CompressorError(f"save_ensemble: {len(weights)} weights for {len(models)} models")
+    named = isinstance(example_input, dict)
+    hf_config = next((m.config.to_dict() for m in models if is_hf_model(m)), None)
+    models = [HFClassifier(m) if is_hf_model(m) else m for m in models]
     scripted, descriptions = [], []
     for model in models:
         model.eval()
@@ -84,7 +103,7 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
                              "parameters": parameter_count(model)})
         scripted.append(_to_torchscript(model, example_input))
     with torch.no_grad():
-        outputs = [m(example_input) for m in scripted]
+        outputs = [m(*trace_args(example_input)) for m in scripted]
     classes = {tuple(o.shape) for o in outputs}
     if len(classes) != 1 or len(next(iter(classes))) != 2:
         raise CompressorError(f"save_ensemble: members return different or non-(N, C) shapes {sorted(classes)}")
@@ -95,8 +114,8 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "input_shape": list(example_input.shape[1:]),
-        "input_dtype": str(example_input.dtype).replace("torch.", ""),
+        **(named_inputs_meta(example_input, hf_config, metadata) if named else
+           {"input_shape": list(example_input.shape[1:]), "input_dtype": str(example_input.dtype).replace("torch.", "")}),
         "num_classes": num_classes,
         "class_names": metadata.get("class_names"),
         "normalisation": metadata.get("normalisation"),
@@ -107,7 +126,7 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input: 
         "members": [{"name": n, **d} for n, d in zip(names, descriptions)],
         "torch_version": torch.__version__,
     }
-    archive = _script(_EnsembleArchive(scripted))
+    archive = _script(_MemberArchive(scripted) if named else _EnsembleArchive(scripted))
     with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -147,7 +166,12 @@ def load_ensemble(path: str | Path, trust_pickle: bool = False) -> Ensemble:
             raise CompressorError(
                 f"{path}: not a teacher file compressor can read (corrupt, truncated, or another format); expected a "
                 f"TorchScript archive from compressor.save_ensemble, an ensemble.toml manifest, .pt2 or .onnx")
-    if ensemble.input_shape:
+    if ensemble.input_names:
+        check_member_inputs(ensemble)
+        length = min(8, ensemble.metadata.get("max_length") or 8)
+        example = random_named_inputs(ensemble.metadata["inputs"], ensemble.metadata.get("vocab_size"), length=length)
+        ensemble.validate(example, "random token ids inside the declared vocabulary")
+    elif ensemble.input_shape:
         generator = torch.Generator().manual_seed(0)
         example = torch.rand((3, *ensemble.input_shape), generator=generator)
         ensemble.validate(example, "a random batch of the declared input shape")
@@ -179,15 +203,18 @@ def sniff_format(path: Path) -> str:
     return "unknown"
 
 
-def _to_torchscript(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
+def _to_torchscript(model: nn.Module, example_input) -> torch.jit.ScriptModule:
     if isinstance(model, torch.jit.ScriptModule):
         return model
-    try:
-        return _script(model)
-    except Exception:  # scripting rejects some Python; tracing handles any static graph
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.jit.trace(model, example_input)
+    if not isinstance(example_input, dict):
+        try:
+            return _script(model)
+        except Exception:  # scripting rejects some Python; tracing handles any static graph
+            pass
+    # named inputs are traced (scripting a transformers model fails), so the members' forward takes them positionally
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(model, trace_args(example_input))
 
 
 def _script(module: nn.Module) -> torch.jit.ScriptModule:
@@ -276,11 +303,14 @@ def _onnx_member(path: Path, name: str, temperature: float) -> Member:
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                  if p in onnxruntime.get_available_providers()]
     session = onnxruntime.InferenceSession(str(path), providers=providers)
-    input_name = session.get_inputs()[0].name
+    inputs = session.get_inputs()
+    dtypes = {spec.name: np.int64 if spec.type == "tensor(int64)" else np.float32 for spec in inputs}
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {input_name: x.detach().cpu().numpy().astype(np.float32)})[0])
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:  # one input, or the named inputs in the graph's order
+        feed = {spec.name: t.detach().cpu().numpy().astype(dtypes[spec.name]) for spec, t in zip(inputs, tensors)}
+        return torch.from_numpy(session.run(None, feed)[0])
 
+    forward.input_names = [spec.name for spec in inputs]
     return Member(name, "onnx", str(path), forward, params, temperature=temperature)
 
 
@@ -301,7 +331,10 @@ def _load_manifest(path: Path, trust_pickle: bool) -> Ensemble:
         members.append(_load_member(member_path, name, float(entry.get("temperature", 1.0)), trust_pickle))
         weights.append(float(entry.get("weight", 1.0)))
     header = manifest.get("ensemble", {})
-    meta = {key: header.get(key) for key in ("input_shape", "num_classes", "class_names", "normalisation", "dataset")}
+    meta = {key: header.get(key) for key in ("input_shape", "num_classes", "class_names", "normalisation", "dataset",
+                                             "vocab_size", "max_length")}
+    if header.get("inputs"):  # text members: [ensemble] inputs = ["input_ids", "attention_mask"]
+        meta["inputs"] = [{"name": str(name), "dtype": "int64"} for name in header["inputs"]]
     combine = header.get("combine", "arithmetic")
     if combine not in COMBINES:
         raise CompressorError(f"{path}: combine = {combine!r} is not one of {', '.join(COMBINES)}; a specialist "

@@ -59,7 +59,8 @@ def choose_student(config: RunConfig, ensemble: Ensemble, dataset: Dataset) -> t
     ``--student-weights`` when given (every tensor whose name and shape match)."""
     architecture = next((m.architecture for m in ensemble.members if m.architecture), None)
     student = create_student(config.student, tuple(dataset.input_shape), ensemble.num_classes,
-                             teacher_architecture=architecture)
+                             teacher_architecture=architecture, teacher_config=ensemble.metadata.get("hf_config"),
+                             example=dataset.example())
     if config.student_weights is not None:
         load_student_weights(student, config.student_weights)
     return student

@@ -95,14 +95,15 @@ def _exact(value: float) -> str:
 
 
 def search_space(recipe: str, temperature: float, alpha: float, lr: float, epochs: int, augmenting: bool,
-                 labelled: bool) -> dict[str, list[Trial]]:
+                 labelled: bool, mixable: bool = True) -> dict[str, list[Trial]]:
     """Every configuration of each family; the first of each is the user's own setting (``recipe`` "auto" means
     hinton). ``augmenting``: the inputs have a default augmentation (images of 16 px or more); ``labelled``: the
-    transfer set has labels (without them there is no labels family and α is 1)."""
+    transfer set has labels (without them there is no labels family and α is 1); ``mixable``: inputs can be mixed
+    (not token ids), so function-matching applies."""
     own_recipe = "hinton" if recipe == "auto" else recipe
     lrs = sorted({float(f"{lr * f:.3g}") for f in LR_FACTORS})
     lengths = sorted({max(1, round(epochs * f)) for f in EPOCH_FACTORS})
-    recipes = ("hinton", "consistent", "function-matching") if augmenting else ("hinton", "function-matching")
+    recipes = ("hinton",) + (("consistent",) if augmenting else ()) + (("function-matching",) if mixable else ())
     alphas = ALPHAS if labelled else (1.0,)
     distilled = [Trial("distilled", r, t, 1.0 if r == "function-matching" else a, rate, e)
                  for r, t, a, rate, e in product(recipes, TEMPERATURES, alphas, lrs, lengths)]

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.inference import device_of, evaluate_accuracy
+from compressor.core.inputs import call
 from compressor.core.progress import progress_bar
 from compressor.training.checkpoints import (BEST_NAME, CHECKPOINT_FORMAT, LAST_NAME, check_compatible, cpu_state,
                                              json_safe, load_checkpoint, remove_partial_writes, save_checkpoint)
@@ -327,7 +328,7 @@ def _train_epoch(model: nn.Module, optimizer, scheduler, loss_fn: LossFn, source
         if xb.dim() == 4:
             xb = xb.contiguous(memory_format=layout)
         with autocast_for(config.amp, device):
-            logits = model(xb)  # (b, C)
+            logits = call(model, xb)  # (b, C)
         # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the global
         # batch times the world size makes that average the gradient of the global batch's mean loss.
         loss = loss_fn(logits.float(), tb, yb) * (share * world)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from compressor.data.augment import Mixup, default_augmentation
 from compressor.core.errors import CompressorError
+from compressor.core.inputs import NamedInputs
 
 RECIPES = ("hinton", "consistent", "function-matching")
 View = Callable[[Tensor, Tensor, int], Tensor]
@@ -58,6 +59,9 @@ def make_recipe(name: str, input_shape: tuple[int, ...], x_train: Tensor, seed: 
     """Resolve ``--recipe name`` for inputs of ``input_shape`` and the transfer set ``x_train`` (N, ...)."""
     if name not in RECIPES:
         raise CompressorError(f"--recipe {name}: choose one of {', '.join(RECIPES)}")
+    if name == "function-matching" and isinstance(x_train, NamedInputs):
+        raise CompressorError("--recipe function-matching mixes pairs of inputs, and token ids cannot be mixed; use "
+                              "--recipe hinton for text")
     shift = default_augmentation(tuple(input_shape), seed)
     if name == "hinton" or (name == "consistent" and shift is None):
         note = "none" if name == "hinton" else ("none (no default augmentation for vectors or images under 16 px: "

@@ -67,7 +67,8 @@ def tune(ctx: RunContext) -> Students:
 
     labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
-                         default_augmentation(tuple(tensors.x_train.shape[1:])) is not None, labelled)
+                         default_augmentation(tuple(tensors.x_train.shape[1:])) is not None, labelled,
+                         mixable=not ctx.dataset.named_inputs)
     minutes = config.tune or DEFAULT_TUNE_MINUTES
     console.print(f"[bold]tune[/] successive halving on validation, budget {minutes:g} min")
     search = successive_halving(space, train, 60 * minutes, config.seed,

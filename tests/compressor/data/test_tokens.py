@@ -1,0 +1,52 @@
+"""compressor/data/tokens.py: pre-tokenised int64 columns of a Hugging Face dataset as named inputs, checked
+against text teachers (names, vocabulary, maximum length) with one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.config import RunConfig
+from compressor.core.errors import CompressorError
+from compressor.data.datasets import ReadOptions, load_dataset
+from compressor.data.loading import load_data
+from compressor.teachers.formats import load_ensemble
+
+datasets = pytest.importorskip("datasets")
+
+
+def test_token_columns_become_named_int64_inputs_with_the_class_names(token_data):
+    data = load_dataset(f"hf:{token_data}", seed=0)
+    assert data.named_inputs and data.class_names == ["low", "middle", "high"]
+    assert data.train.x.names == ["input_ids", "attention_mask"] and data.train.x.dtype == torch.int64
+    assert (len(data.train), len(data.val), len(data.test)) == (540, 60, 200)  # the dataset's own test split
+    assert data.split_info["max_length"] == 15 and 4 <= data.split_info["median_length"] <= 15
+    row = data.train.x[0]
+    assert int(row.tensors["attention_mask"].sum()) == int(row.lengths[0]) == row.shape[1]
+    assert data.fingerprint() == load_dataset(f"hf:{token_data}", seed=0).fingerprint()
+
+
+def test_input_columns_name_the_token_columns_and_a_wrong_name_is_one_line(token_data):
+    data = load_dataset(f"hf:{token_data}", read=ReadOptions(input_columns="input_ids"))
+    assert data.train.x.names == ["input_ids"]
+    with pytest.raises(CompressorError, match="no column 'input_idz'"):
+        load_dataset(f"hf:{token_data}", read=ReadOptions(input_columns="input_ids,input_idz"))
+    with pytest.raises(CompressorError, match="'label' is not a column of integer sequences"):
+        load_dataset(f"hf:{token_data}", read=ReadOptions(input_columns="input_ids,label"))
+
+
+def test_data_is_checked_against_the_teachers_inputs_vocabulary_and_length(token_data, text_ensemble, tmp_path):
+    ensemble = load_ensemble(text_ensemble)
+    dataset, normalisation = load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}"), ensemble)
+    assert normalisation is None and dataset.train.x.names == ensemble.input_names
+    with pytest.raises(CompressorError, match="token columns input_ids but the teachers .* take input_ids, "
+                                              "attention_mask"):
+        load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}", input_columns="input_ids"), ensemble)
+    ensemble.metadata["vocab_size"] = 20
+    with pytest.raises(CompressorError, match="outside the teachers' vocabulary of 20"):
+        load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}"), ensemble)
+    ensemble.metadata.update(vocab_size=32, max_length=8)
+    with pytest.raises(CompressorError, match="a row of 15 tokens .* take at most 8; truncate"):
+        load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}"), ensemble)
+    with pytest.raises(CompressorError, match="gives one input tensor but the teachers .* take named inputs"):
+        load_data(RunConfig(teacher=text_ensemble, data="digits"), ensemble)
