@@ -34,8 +34,15 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
         table.add_row(member.name, member.kind, f"{member.parameters:,}", f"{weight:g}")
     table.add_row("[bold]total[/]", "", f"{ensemble.parameters:,}", "")
     console.print(table)
-    console.print(f"input shape: {info['input_shape']}  classes: {info['num_classes']}  "
-                  f"normalisation: {info['normalisation'] or 'none'}")
+    if info["inputs"]:
+        meta = ensemble.metadata
+        names = ", ".join(f"{spec['name']} ({spec['dtype']})" for spec in info["inputs"])
+        console.print(f"inputs: {names}  vocabulary: "
+                      f"{meta.get('vocab_size') or '?'}  longest sequence: {meta.get('max_length') or '?'}  "
+                      f"classes: {info['num_classes']}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"input shape: {info['input_shape']}  classes: {info['num_classes']}  "
+                      f"normalisation: {info['normalisation'] or 'none'}")
     if info["class_names"]:
         console.print("class names: " + ", ".join(info["class_names"]))
     if info["specialists"]:
