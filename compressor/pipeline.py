@@ -40,6 +40,7 @@ from targets.onnxruntime import check_provider
 from targets.parity import enforce_parity
 from targets.report import write_report
 from targets.tensorrt_preflight import preflight
+from targets.torch_tensorrt import NAMED_INPUTS_REFUSED
 
 
 def run(config: RunConfig, console: Console | None = None) -> dict | None:
@@ -92,6 +93,8 @@ def start(config: RunConfig, console: Console) -> RunContext:
         torch.set_num_threads(config.threads)
     ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
     dataset, normalisation = load_data(config, ensemble)
+    if dataset.named_inputs and config.target == "torch-tensorrt":
+        raise CompressorError(NAMED_INPUTS_REFUSED)  # before any training: it would fail at the export
     tensors = to_tensors(dataset, normalisation)
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     omitted = omitted_class_indices(config, ensemble, dataset)

@@ -5,6 +5,9 @@ A target is a module (``targets/<name>.py``, the word the user types after ``--t
     export(model, example_input, out_dir, precision) -> Artifact      # files + input/output spec + metadata
     load(artifact, threads=None) -> Runner                            # Runner.infer(np.ndarray) -> np.ndarray
 
+A model of named inputs (a text classifier) takes a dict of arrays by name wherever one array goes
+(``targets.feeds``): the example to export, the runner's ``infer``, the benchmark pool, the int8 calibration rows.
+
 This is Polygraphy's loader/runner split: one comparator (``targets.parity``) and one timing harness
 (``targets.benchmark``) work across every backend because each runner is just ``infer`` on numpy arrays.
 This module imports no torch at import time; ``check_target_available`` imports it only to ask for CUDA.
@@ -26,11 +29,12 @@ from compressor.core.errors import CompressorError, MissingCapabilityError
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input or output; ``shape`` has the string "batch" for the dynamic axis: ("batch", 1, 8, 8)."""
+    """One model input or output; ``shape`` has strings for the dynamic axes: ("batch", 1, 8, 8), or
+    ("batch", "sequence") for a text model's token ids."""
 
     name: str
     shape: tuple
-    dtype: str  # numpy dtype name: "float32", "float16"
+    dtype: str  # numpy dtype name: "float32", "float16", "int64"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -61,7 +65,8 @@ class Artifact:
 
 @runtime_checkable
 class Runner(Protocol):
-    """A loaded model on one backend: ``infer`` maps (N, ...) float32 inputs to (N, C) float32 logits.
+    """A loaded model on one backend: ``infer`` maps (N, ...) float32 inputs (or arrays by name, ``targets.feeds``)
+    to (N, C) float32 logits.
 
     Every row of the report is a Runner, PyTorch eager included (``targets.eager``), and is timed by
     :func:`targets.benchmark.runner_measure`: a runner that times itself (CUDA events) defines
@@ -71,7 +76,7 @@ class Runner(Protocol):
     name: str  # for people: "onnxruntime fp32 (CPUExecutionProvider, 2 threads)"
     info: dict  # providers, threads, versions: what a reader needs to reproduce a timing
 
-    def infer(self, x: np.ndarray) -> np.ndarray: ...
+    def infer(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from targets.feeds import Feed, feed_rows, is_named, take_rows
+
 NOISY_CV = 0.025  # std / mean above this and the figure is flagged
 UNSTABLE_ROUNDS = 0.10  # back-to-back rounds whose medians differ by more than this are flagged
 
@@ -56,18 +58,19 @@ class LatencyStats:
         return {**values, "noisy": self.noisy}
 
 
-def measure_latency(fn: Callable[[np.ndarray], object], pool: np.ndarray, batch_size: int, warmup_s: float = 0.2,
+def measure_latency(fn: Callable[[Feed], object], pool: Feed, batch_size: int, warmup_s: float = 0.2,
                     duration_s: float = 1.0, min_iterations: int = 10) -> LatencyStats:
-    """Time ``fn(batch)`` for (batch_size, ...) batches cut from ``pool`` (M, ...), trtexec-style.
+    """Time ``fn(batch)`` for (batch_size, ...) batches cut from ``pool`` (M, ...), trtexec-style; a pool of arrays by
+    name (a text model's inputs) gives batches of arrays by name.
 
     Consecutive slices of the pool are used in turn; when ``batch_size > M`` the pool is tiled to one batch.
     The timed loop stops once ``duration_s`` has passed and at least ``min_iterations`` calls ran. The garbage
     collector is paused while timing (as ``timeit`` does) so its pauses are not charged to ``fn``.
     """
-    pool = np.asarray(pool)
-    if batch_size < 1 or min_iterations < 1 or len(pool) == 0:
+    pool = pool if is_named(pool) else np.asarray(pool)
+    if batch_size < 1 or min_iterations < 1 or feed_rows(pool) == 0:
         raise ValueError(f"measure_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
-                         f"({min_iterations}) and a non-empty pool ({len(pool)} rows)")
+                         f"({min_iterations}) and a non-empty pool ({feed_rows(pool)} rows)")
     batches = batches_from_pool(pool, batch_size)
     warmed = warm_up(fn, batches, warmup_s)
     ms, duration = timed_calls(fn, batches, duration_s, min_iterations)
@@ -132,7 +135,7 @@ def latency_stats(ms: np.ndarray, batch_size: int, warmup_s: float, duration_s: 
 Measure = Callable[[int, float, float], LatencyStats]  # (batch_size, warmup_s, duration_s) -> stats
 
 
-def runner_measure(runner, pool: np.ndarray) -> tuple[Measure, str]:
+def runner_measure(runner, pool: Feed) -> tuple[Measure, str]:
     """How to time a Runner (``targets.base.Runner``) on batches cut from ``pool``, and what one timed call covers:
     the runner's own ``measure`` when it has one (PyTorch eager, with CUDA events on a GPU), else the host wall time
     of ``infer`` on a numpy batch."""
@@ -182,10 +185,10 @@ def _pool_rounds(rounds: list[LatencyStats]) -> dict:
             "unstable": spread > UNSTABLE_ROUNDS}
 
 
-
-
-def batches_from_pool(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Contiguous (batch_size, ...) batches: consecutive slices of the pool, or the pool tiled when it is too small."""
-    if batch_size > len(pool):
-        return [np.ascontiguousarray(pool[np.arange(batch_size) % len(pool)])]
-    return [np.ascontiguousarray(pool[i:i + batch_size]) for i in range(0, len(pool) - batch_size + 1, batch_size)]
+def batches_from_pool(pool: Feed, batch_size: int) -> list[Feed]:
+    """Contiguous (batch_size, ...) batches: consecutive slices of the pool, or the pool tiled when it is too small
+    (arrays by name are cut alike)."""
+    rows = feed_rows(pool)
+    if batch_size > rows:
+        return [take_rows(pool, np.arange(batch_size) % rows)]
+    return [take_rows(pool, slice(i, i + batch_size)) for i in range(0, rows - batch_size + 1, batch_size)]

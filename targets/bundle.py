@@ -110,16 +110,21 @@ class Bundle:
         self.session = session
         self.input_shape = tuple(metadata["input"]["shape"])  # without the batch axis, e.g. (1, 8, 8)
         self.input_dtype = np.dtype(metadata["input"]["dtype"])
+        self.inputs = model_inputs(metadata)  # a text model's input_ids, attention_mask, ... in call order
 
     @property
     def class_names(self) -> list[str] | None:
         return self.metadata.get("class_names")
 
-    def predict(self, x: np.ndarray, normalised: bool = False) -> np.ndarray:
+    def predict(self, x, normalised: bool = False) -> np.ndarray:
         """(N, *input_shape) or one (*input_shape) example of raw values -> (N, C) float32 logits (N = 1 for one).
 
-        ``apply_normalisation`` with the bundle's normalisation is applied first unless ``normalised=True``.
+        ``apply_normalisation`` with the bundle's normalisation is applied first unless ``normalised=True``. A
+        text model takes a dict of (N, L) integer arrays (or (L,) for one example) by input name instead: token ids
+        and attention mask as the tokenizer wrote them, right-padded with 0s.
         """
+        if isinstance(x, dict) or len(self.inputs) > 1:
+            return self._run(self._named(x))
         x = np.asarray(x)
         if x.shape == self.input_shape:
             x = x[None]  # one example -> a batch of one
@@ -127,7 +132,29 @@ class Bundle:
             want = ", ".join(str(d) for d in self.input_shape)
             raise CompressorError(f"{self.path}: expected input of shape (N, {want}) or ({want}), got {x.shape}")
         x = apply_normalisation(x, None if normalised else self.metadata.get("normalisation"))
-        feed = {self.metadata["input"]["name"]: np.ascontiguousarray(x, dtype=self.input_dtype)}
+        return self._run({self.metadata["input"]["name"]: np.ascontiguousarray(x, dtype=self.input_dtype)})
+
+    def _named(self, x) -> dict[str, np.ndarray]:
+        """A text model's inputs by name as (N, L) arrays of each input's dtype, or CompressorError naming the fix."""
+        names = [spec["name"] for spec in self.inputs]
+        if not isinstance(x, dict) or sorted(x) != sorted(names):
+            given = ", ".join(sorted(x)) if isinstance(x, dict) else f"one {type(x).__name__}"
+            raise CompressorError(f"{self.path}: the model takes {', '.join(names)} (a dict of integer arrays by "
+                                  f"those names), got {given}")
+        arrays = {spec["name"]: np.asarray(x[spec["name"]]) for spec in self.inputs}
+        arrays = {name: a[None] if a.ndim == 1 else a for name, a in arrays.items()}  # one example -> a batch of one
+        if any(a.ndim != 2 or a.dtype.kind not in "iu" for a in arrays.values()) or \
+                len({a.shape for a in arrays.values()}) != 1:
+            shapes = ", ".join(f"{n}: {a.dtype.name} {a.shape}" for n, a in arrays.items())
+            raise CompressorError(f"{self.path}: expected integer arrays of one shape (N, L) by input name, got "
+                                  f"{shapes}")
+        longest = self.metadata.get("max_length")
+        if longest is not None and next(iter(arrays.values())).shape[1] > longest:
+            raise CompressorError(f"{self.path}: sequences of {next(iter(arrays.values())).shape[1]} tokens are "
+                                  f"longer than the {longest} the model was trained on; cut them to {longest}")
+        return {spec["name"]: np.ascontiguousarray(arrays[spec["name"]], dtype=spec["dtype"]) for spec in self.inputs}
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         (logits,) = self.session.run([self.metadata["output"]["name"]], feed)
         return logits.astype(np.float32, copy=False)
 
@@ -191,15 +218,27 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     return Bundle(path, metadata, session)
 
 
+def model_inputs(metadata: dict) -> list[dict]:
+    """Every model input's {name, shape, dtype} in call order: ``inputs`` (a text model's input_ids,
+    attention_mask, ...), or the one ``input``."""
+    return list(metadata.get("inputs") or [metadata["input"]])
+
+
 def _validate(metadata: dict) -> None:
     """ValueError naming every missing key: a bundle without them cannot be served correctly."""
     if not isinstance(metadata, dict):
         raise ValueError(f"bundle metadata must be a dict, got {type(metadata).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in metadata]
-    for side in ("input", "output"):
-        if isinstance(metadata.get(side), dict):
-            missing += [f"{side}.{key}" for key in TENSOR_KEYS if key not in metadata[side]]
-        elif side in metadata:
+    sides = [("input", metadata.get("input")), ("output", metadata.get("output"))]
+    if "inputs" in metadata:
+        if not isinstance(metadata["inputs"], list) or not metadata["inputs"]:
+            missing.append("inputs (a non-empty list)")
+        else:
+            sides += [(f"inputs[{i}]", spec) for i, spec in enumerate(metadata["inputs"])]
+    for side, spec in sides:
+        if isinstance(spec, dict):
+            missing += [f"{side}.{key}" for key in TENSOR_KEYS if key not in spec]
+        elif side in metadata or side.startswith("inputs["):
             missing.append(f"{side} (a dict of {', '.join(TENSOR_KEYS)})")
     norm = metadata.get("normalisation")
     if norm is not None and not (isinstance(norm, dict) and "mean" in norm and "std" in norm):
@@ -256,8 +295,7 @@ def _triton_config(metadata: dict, name: str, model_file: Path, backend: str | N
                               f"model files, not {model_file.suffix or 'a file without a suffix'}; bundle an "
                               "ONNX export or a TensorRT engine")
 
-    def tensor(side: str) -> str:
-        spec = metadata[side]
+    def tensor(side: str, spec: dict) -> str:
         data_type = TRITON_DATA_TYPES.get(spec["dtype"])
         if data_type is None:
             raise CompressorError(f"{model_file}: the model's {side} {spec['name']!r} has dtype {spec['dtype']}, "
@@ -268,15 +306,19 @@ def _triton_config(metadata: dict, name: str, model_file: Path, backend: str | N
         return (f"  {{\n    name: {_quoted(spec['name'])}\n    data_type: {data_type}\n    dims: [ {dims} ]{labels}"
                 f"\n  }}")
 
+    inputs = ",\n".join(tensor("input", spec) for spec in model_inputs(metadata))
     sizes = sorted({int(b) for b in metadata.get("serving", {}).get("batch_sizes", [TRITON_MAX_BATCH]) if b >= 1})
     preferred = ", ".join(str(b) for b in sizes if b > 1)
     kind = {"tensorrt_plan": "KIND_GPU"}.get(platform, "KIND_AUTO") if backend is None else "KIND_CPU"
     served_by = f"platform: \"{platform}\"" if backend is None else f"backend: \"{backend}\""
-    return (f"# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
-            f"# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n"
+    note = ("# token ids and attention masks go in as the tokenizer wrote them (int64, right-padded with 0s): see\n"
+            "# ../../metadata.json's inputs\n" if len(model_inputs(metadata)) > 1 else
+            "# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
+            "# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n")
+    return (f"{note}"
             f"name: {_quoted(name)}\n{served_by}\n"
             f"max_batch_size: {sizes[-1]}\n"
-            f"input [\n{tensor('input')}\n]\noutput [\n{tensor('output')}\n]\n"
+            f"input [\n{inputs}\n]\noutput [\n{tensor('output', metadata['output'])}\n]\n"
             f"dynamic_batching {{\n" + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
             + f"  max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US}\n}}\n"
             f"instance_group [ {{ count: 1 kind: {kind} }} ]\n"

@@ -38,6 +38,7 @@ import torch
 
 from compressor.core.errors import MissingCapabilityError
 from targets.benchmark import LatencyStats, batches_from_pool, latency_stats, timed_calls, warm_up
+from targets.feeds import Feed, feed_arrays, feed_rows, is_named
 
 EVENT_RING = 64  # sets of four events reused in turn; each set is read before its slot is recorded again
 
@@ -49,12 +50,13 @@ def cuda_device_name() -> str | None:
     return torch.cuda.get_device_name()
 
 
-def measure_cuda_latency(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, batch_size: int,
+def measure_cuda_latency(forward: Callable[..., torch.Tensor], pool: Feed, batch_size: int,
                          warmup_s: float = 0.2, duration_s: float = 1.0, min_iterations: int = 10,
                          device: str = "cuda") -> LatencyStats:
     """Time H2D copy -> ``forward`` -> D2H copy on ``device`` for (batch_size, ...) batches cut from ``pool``.
 
-    ``forward`` takes the batch as a tensor on ``device`` and returns one tensor (on the device). Batches are
+    ``forward`` takes the batch as a tensor on ``device`` (arrays by name: one tensor each, positionally) and
+    returns one tensor (on the device). Batches are
     consecutive slices of the pool (tiled to one batch when ``batch_size > len(pool)``), pinned before timing.
     Warm-up runs for ``warmup_s`` (at least one call); the timed loop stops once ``duration_s`` has passed and at
     least ``min_iterations`` ran, with the garbage collector paused. Host latency per iteration is the
@@ -65,10 +67,10 @@ def measure_cuda_latency(forward: Callable[[torch.Tensor], torch.Tensor], pool: 
     minimum count below 1, or a device that is not a CUDA device, and TypeError when ``forward`` does not
     return a tensor.
     """
-    pool = np.asarray(pool)
-    if batch_size < 1 or min_iterations < 1 or len(pool) == 0:
+    pool = pool if is_named(pool) else np.asarray(pool)
+    if batch_size < 1 or min_iterations < 1 or feed_rows(pool) == 0:
         raise ValueError(f"measure_cuda_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
-                         f"({min_iterations}) and a non-empty pool ({len(pool)} rows)")
+                         f"({min_iterations}) and a non-empty pool ({feed_rows(pool)} rows)")
     dev = torch.device(device)
     if dev.type != "cuda":
         raise ValueError(f"measure_cuda_latency times a CUDA device, got device={device!r}; "
@@ -83,11 +85,12 @@ def measure_cuda_latency(forward: Callable[[torch.Tensor], torch.Tensor], pool: 
         return _measure(forward, pool, batch_size, warmup_s, duration_s, min_iterations, dev)
 
 
-def _measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, batch_size: int, warmup_s: float,
+def _measure(forward: Callable[..., torch.Tensor], pool: Feed, batch_size: int, warmup_s: float,
              duration_s: float, min_iterations: int, dev: torch.device) -> LatencyStats:
     """The timing itself; runs with ``dev`` current and inference mode on."""
-    # (batch_size, ...) pinned host copies; np.require copies a read-only slice, which from_numpy would warn about
-    batches = [torch.from_numpy(np.require(b, requirements=["C", "W"])).pin_memory()
+    # (batch_size, ...) pinned host copies, a tuple per batch (one per named input); np.require copies a read-only
+    # slice, which from_numpy would warn about
+    batches = [tuple(torch.from_numpy(np.require(a, requirements=["C", "W"])).pin_memory() for a in feed_arrays(b))
                for b in batches_from_pool(pool, batch_size)]
     stream = torch.cuda.current_stream(dev)
     # ring[k] = (before H2D, after H2D, after forward, after D2H); recording each once creates the CUDA events
@@ -101,12 +104,12 @@ def _measure(forward: Callable[[torch.Tensor], torch.Tensor], pool: np.ndarray, 
     events = ring[0]  # the events of the current iteration; set by before() outside the clock
     stage_ms: list[tuple[float, float, float]] = []  # (h2d, compute, d2h) of each timed iteration, in order
 
-    def step(batch: torch.Tensor) -> None:
+    def step(batch: tuple[torch.Tensor, ...]) -> None:
         nonlocal host_out
         events[0].record(stream)
-        x = batch.to(dev, non_blocking=True)
+        xs = [part.to(dev, non_blocking=True) for part in batch]
         events[1].record(stream)
-        out = forward(x)
+        out = forward(*xs)
         events[2].record(stream)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"forward must return a torch.Tensor, got {type(out).__name__}")

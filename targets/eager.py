@@ -15,15 +15,17 @@ import numpy as np
 import torch
 
 from targets.benchmark import LatencyStats, measure_latency
+from targets.feeds import Feed, feed_arrays
 
 BACKEND = "PyTorch eager"
 
 
 class EagerRunner:
     """``forward`` (a module or a callable on tensors, already on ``device``) as a Runner: ``infer`` on numpy
-    (N, ...) inputs returns (N, C) float32 outputs, and ``measure`` times one batch size."""
+    (N, ...) inputs returns (N, C) float32 outputs, and ``measure`` times one batch size. Arrays by name (a text
+    model's inputs) are passed to ``forward`` positionally, in their order."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], device: str = "cpu"):
+    def __init__(self, forward: Callable[..., torch.Tensor], device: str = "cpu"):
         self.forward, self.device = forward, device
         self.name = f"{BACKEND} ({device})"
         self.info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -34,11 +36,12 @@ class EagerRunner:
             self.timed = "PyTorch eager on the CPU: host wall time of the forward pass on a CPU tensor"
 
     @torch.no_grad()  # not inference_mode: a TorchScript member that already ran outside it fails inside it
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """(N, ...) inputs -> (N, C) float32 outputs, computed on the runner's device."""
-        return self.forward(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
+    def infer(self, x: Feed) -> np.ndarray:
+        """(N, ...) inputs (or arrays by name) -> (N, C) float32 outputs, computed on the runner's device."""
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in feed_arrays(x)]
+        return self.forward(*tensors).float().cpu().numpy()
 
-    def measure(self, pool: np.ndarray, batch_size: int, warmup_s: float, duration_s: float) -> LatencyStats:
+    def measure(self, pool: Feed, batch_size: int, warmup_s: float, duration_s: float) -> LatencyStats:
         """Latency of (batch_size, ...) batches cut from ``pool``: see the module docstring for what is timed."""
         if self.device == "cuda":
             from targets.cuda_timing import measure_cuda_latency  # needs a CUDA build of torch only here
@@ -47,5 +50,5 @@ class EagerRunner:
         return measure_latency(self._call, pool, batch_size, warmup_s, duration_s)
 
     @torch.no_grad()
-    def _call(self, x: np.ndarray):
-        return self.forward(torch.from_numpy(x))
+    def _call(self, x: Feed):
+        return self.forward(*(torch.from_numpy(a) for a in feed_arrays(x)))

@@ -9,8 +9,12 @@ weights are embedded in ``model.onnx`` (no ``model.onnx.data`` side file) and a 
 The exporter's progress lines, its "torchvision is not installed" log lines and its FutureWarnings are kept off
 the user's terminal: our own progress is what people read.
 
+A model of named inputs (``example_input`` a dict, e.g. a text classifier's ``input_ids`` and ``attention_mask``)
+is called positionally in the dict's order; the graph inputs take the dict's names and dtypes (int64 stays int64),
+and every input of two or more axes shares a second dynamic axis ``"sequence"``.
+
 A TorchScript module (a teacher ensemble benchmarked on the target) cannot be traced by torch.export; it goes
-through the TorchScript exporter instead (``dynamo=False``), with the same names and dynamic batch axis.
+through the TorchScript exporter instead (``dynamo=False``), with the same names and dynamic axes.
 
 torch is imported inside ``export_onnx`` only, so serving an ONNX file needs no torch.
 """
@@ -27,11 +31,11 @@ from pathlib import Path
 from compressor.core.errors import CompressorError, first_line, root_cause
 from compressor.core.fileio import atomic_path
 from targets.base import Artifact, TensorSpec
+from targets.feeds import BATCH_AXIS, SEQUENCE_AXIS, example_specs, is_named
 
 MODEL_FILE = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-BATCH_AXIS = "batch"
 SUPPORTED_PRECISIONS = ("fp32",)
 
 
@@ -93,8 +97,10 @@ def _quiet_export(torch, model, example_input):
 
     An ``nn.Module`` goes through the dynamo exporter. A TorchScript module (a teacher ensemble loaded from its
     archive) cannot, because torch.export does not trace ScriptModules; it goes through the TorchScript exporter,
-    deprecated but still the one that reads TorchScript, with the same names and dynamic batch axis.
+    deprecated but still the one that reads TorchScript, with the same names and dynamic axes.
     """
+    names = [name for name, _ in example_specs(example_input)]
+    args = tuple(example_input.values()) if is_named(example_input) else (example_input,)
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
@@ -102,28 +108,38 @@ def _quiet_export(torch, model, example_input):
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # the exporter's note that several inputs share the named "batch" / "sequence" axis: as intended
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
             if isinstance(model, torch.jit.ScriptModule):
-                return _torchscript_export(torch, model, example_input)
-            return torch.onnx.export(model, (example_input,), None, input_names=[INPUT_NAME],
-                                     output_names=[OUTPUT_NAME], dynamo=True, external_data=False,
-                                     dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},), verbose=False,
+                return _torchscript_export(torch, model, args, names, _dynamic_axes(example_input))
+            dims = {axis: torch.export.Dim(axis) for axis in (BATCH_AXIS, SEQUENCE_AXIS)}  # shared by every input
+            shapes = tuple({i: dims[axis] for i, axis in axes.items()} for axes in _dynamic_axes(example_input).values())
+            return torch.onnx.export(model, args, None, input_names=names, output_names=[OUTPUT_NAME], dynamo=True,
+                                     external_data=False, dynamic_shapes=shapes, verbose=False,
                                      optimize=True).model_proto
     finally:
         exporter_log.setLevel(level)
 
 
-def _torchscript_export(torch, model, example_input):
+def _dynamic_axes(example_input) -> dict[str, dict[int, str]]:
+    """Input name -> {axis index: axis name} of its dynamic axes: the batch, and a named input's sequence."""
+    return {name: {i: axis for i, axis in enumerate(shape) if isinstance(axis, str)}
+            for name, shape in example_specs(example_input)}
+
+
+def _torchscript_export(torch, model, args: tuple, names: list[str], axes: dict):
     import onnx
 
     buffer = io.BytesIO()
     warnings.simplefilter("ignore", UserWarning)  # "no signature found for ScriptMethod": expected for TorchScript
-    torch.onnx.export(model, (example_input,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamo=False, dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}})
+    torch.onnx.export(model, args, buffer, input_names=names, output_names=[OUTPUT_NAME], dynamo=False,
+                      dynamic_axes={**axes, OUTPUT_NAME: {0: BATCH_AXIS}})
     return onnx.load_from_string(buffer.getvalue())
 
 
 def tensor_spec(value) -> TensorSpec:
-    """A TensorSpec from an ONNX graph input/output; the symbolic batch dimension becomes "batch"."""
+    """A TensorSpec from an ONNX graph input/output; the symbolic batch dimension becomes "batch", other symbolic
+    dimensions keep their names ("sequence")."""
     import onnx
 
     tensor = value.type.tensor_type

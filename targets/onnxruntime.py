@@ -3,7 +3,8 @@
 ``--precision fp32`` is the ONNX export itself. ``fp16`` and ``int8`` export that fp32 file to ``fp32/model.onnx``
 (kept: the report times it beside the converted model) and convert it into ``model.onnx`` with ONNX Runtime's own
 tools (``targets.quantize``): fp16 weights and arithmetic, or static INT8 in QDQ format calibrated on transfer-set
-rows. Every precision keeps a float32 input and output, so callers feed float32 whatever was exported.
+rows. Every precision keeps the fp32 export's input and output types (float32, or a text model's int64 token
+ids), so callers feed the same arrays whatever was exported.
 
 ``OrtRunner`` is also the runner behind ``--target onnx``. Sessions use ``ORT_ENABLE_ALL`` (constant folding,
 node fusions, layout transforms). The execution provider is ``--ort-provider``: ``auto`` puts
@@ -27,6 +28,7 @@ import onnxruntime as ort
 from compressor.core.errors import CompressorError, MissingCapabilityError, first_line
 from targets.onnx_export import export_onnx, tensor_spec
 from targets.base import Artifact
+from targets.feeds import Feed, check_feed, example_specs
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
@@ -41,11 +43,13 @@ TRT_CACHE_DIR = "ort-tensorrt-cache"  # beside the model: engines and timing cac
 
 def export(model, example_input, out_dir: Path, precision: str = "fp32",
            calibration: np.ndarray | None = None) -> Artifact:
-    """Export ``model`` to ``out_dir/model.onnx`` at ``precision``; input "input" (N, ...), output "logits" (N, C).
+    """Export ``model`` to ``out_dir/model.onnx`` at ``precision``; input "input" (N, ...) (or the example dict's
+    names), output "logits" (N, C).
 
     fp32 is ``targets.onnx``'s export. fp16/int8 write the fp32 export to ``out_dir/fp32/model.onnx`` first
     (``files["fp32_model"]``) and convert it into ``out_dir/model.onnx`` (``files["model"]``). int8 needs
-    ``calibration``: (M, ...) float32 transfer-set rows in the input layout, e.g. (512, 1, 8, 8). ``metadata``
+    ``calibration``: (M, ...) float32 transfer-set rows in the input layout, e.g. (512, 1, 8, 8), or arrays by input
+    name for a model of named inputs. ``metadata``
     gains ``conversion``: the converter, its seconds, fp32 and converted bytes (and the int8 calibration details).
     """
     if precision not in SUPPORTED_PRECISIONS:
@@ -63,11 +67,11 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32",
             raise CompressorError("--precision int8: int8 needs calibration rows from the transfer set to set its "
                                   "activation ranges; pass calibration=(M, ...) float32 inputs")
         # Bad rows fail here, before the export is spent: the example batch has the model's input layout.
-        quantize.check_calibration(calibration, ("batch", *tuple(example_input.shape)[1:]), out_dir / "model.onnx")
+        quantize.check_calibration(calibration, example_specs(example_input), out_dir / "model.onnx")
 
     fp32 = export_onnx(model, example_input, out_dir / "fp32", "fp32", target="onnxruntime")
     source, path = fp32.files["model"], out_dir / "model.onnx"
-    conversion = quantize.convert(source, path, precision, calibration, fp32.inputs[0].name)
+    conversion = quantize.convert(source, path, precision, calibration)
 
     graph = onnx.load(str(path), load_external_data=False).graph
     metadata = {**fp32.metadata, "file_bytes": conversion["bytes"], "conversion": conversion}
@@ -85,24 +89,28 @@ def load(artifact: Artifact, threads: int | None = None, provider: str = "auto")
 
 
 class OrtRunner:
-    """One ONNX Runtime session; ``infer`` maps (N, ...) inputs to (N, C) outputs, checking dtype and shape first."""
+    """One ONNX Runtime session; ``infer`` maps (N, ...) inputs (one array, or arrays by input name) to (N, C)
+    outputs, checking names, dtypes and shapes first."""
 
     def __init__(self, session: ort.InferenceSession, path: Path, threads: int, precision: str = "fp32"):
         self.session = session
         self.path = path
-        model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
-        self.input_name, self.output_name = model_input.name, model_output.name
-        self.input_shape = tuple(model_input.shape)  # e.g. ("batch", 1, 8, 8); ints for fixed axes
-        self.input_dtype = np.dtype(_ORT_DTYPES.get(model_input.type, "float32"))
+        # (name, shape, dtype) of every input in the graph's order; shape e.g. ("batch", 1, 8, 8), ints for fixed axes
+        self.inputs = [(i.name, tuple(i.shape), np.dtype(_ORT_DTYPES.get(i.type, "float32")))
+                       for i in session.get_inputs()]
+        self.input_name, self.input_shape, self.input_dtype = self.inputs[0]
+        self.output_name = session.get_outputs()[0].name
         providers = session.get_providers()
         self.name = f"onnxruntime {precision} ({providers[0]}, {threads} thread{'s' * (threads != 1)})"
+        described = [{"name": name, "shape": list(shape), "dtype": dtype.name} for name, shape, dtype in self.inputs]
         self.info = {
             "providers": providers,
             "device": "cpu" if providers[0] == "CPUExecutionProvider" else "cuda",
             "threads": threads,
             "graph_optimization": "ORT_ENABLE_ALL",
             "model_file": str(path),
-            "input": {"name": self.input_name, "shape": list(self.input_shape), "dtype": self.input_dtype.name},
+            "input": described[0],
+            **({"inputs": described} if len(described) > 1 else {}),
             "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__},
         }
 
@@ -127,23 +135,16 @@ class OrtRunner:
                                   "export the model again") from exc
         return cls(session, path, threads or physical_cores(), precision)
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """(N, ...) array of the model's input dtype -> (N, C) float32 logits."""
-        self.check_input(x)
-        (y,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})
+    def infer(self, x: Feed) -> np.ndarray:
+        """(N, ...) array of the model's input dtype, or arrays by input name -> (N, C) float32 logits."""
+        feed = self.check_input(x)
+        (y,) = self.session.run([self.output_name], {name: np.ascontiguousarray(a) for name, a in feed.items()})
         return y if y.dtype == np.float32 else y.astype(np.float32)
 
-    def check_input(self, x) -> None:
-        """Raise CompressorError naming the expected and actual dtype/shape; ONNX Runtime's own message is cryptic."""
-        expected = "(" + ", ".join(str(d) for d in self.input_shape) + ")"
-        if not isinstance(x, np.ndarray):
-            raise CompressorError(f"{self.path}: expected a numpy array of shape {expected}, got {type(x).__name__}")
-        if x.dtype != self.input_dtype:
-            raise CompressorError(f"{self.path}: expected {self.input_dtype.name} input of shape {expected}, got "
-                                  f"{x.dtype.name}; convert with x.astype(np.{self.input_dtype.name})")
-        fixed_ok = all(not isinstance(want, int) or want == got for want, got in zip(self.input_shape, x.shape))
-        if x.ndim != len(self.input_shape) or not fixed_ok:
-            raise CompressorError(f"{self.path}: expected input of shape {expected}, got {tuple(x.shape)}")
+    def check_input(self, x: Feed) -> dict[str, np.ndarray]:
+        """``x`` by input name, or CompressorError naming the expected and actual names, dtypes and shapes; ONNX
+        Runtime's own message is cryptic."""
+        return check_feed(x, self.path, self.inputs)
 
 
 def check_provider(choice: str) -> None:

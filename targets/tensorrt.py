@@ -8,7 +8,8 @@
 2. ``check_graph``: ``targets.tensorrt_preflight`` on that graph, so nodes the parser would reject fail by name
    before a build is attempted.
 3. ``build_engine``: ``trt.Builder`` -> network -> ``trt.OnnxParser`` -> one optimisation profile over the batch
-   axis -> ``build_serialized_network`` -> ``model.plan`` (atomic), with a timing cache read before and saved after.
+   axis (and, for a text model's int64 inputs, the sequence axis up to ``max_sequence`` tokens) ->
+   ``build_serialized_network`` -> ``model.plan`` (atomic), with a timing cache read before and saved after.
 
 For fp16/int8 the fp32 graph is built too (``fp32/model.plan``, ``files["fp32_model"]``): the report times what the
 precision buys on the same backend, as ``--target onnxruntime`` keeps its fp32 file.
@@ -42,8 +43,9 @@ import numpy as np
 from compressor.core.errors import CompressorError
 from targets.onnx_export import export_onnx, tensor_spec
 from targets.base import Artifact
-from targets.tensorrt_build import (DEFAULT_BATCH_SIZES, BatchProfile, build_engine, choose_profile, error_logger,
-                                     require_gpu_package)
+from targets.feeds import Feed, check_array, check_feed, example_specs, feed_rows, is_named, take_rows
+from targets.tensorrt_build import (DEFAULT_BATCH_SIZES, BatchProfile, build_engine, choose_profile,
+                                     choose_sequence_profile, error_logger, require_gpu_package)
 
 MODEL_FILE = "model.plan"
 TIMING_CACHE_FILE = "timing.cache"
@@ -58,13 +60,16 @@ def batch_slices(rows: int, limit: int) -> list[slice]:
     return [slice(start, min(start + limit, rows)) for start in range(0, rows, limit)]
 
 
-def export(model, example_input, out_dir: Path, precision: str = "fp32", calibration: np.ndarray | None = None,
-           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, timing_cache: str | Path | None = None) -> Artifact:
+def export(model, example_input, out_dir: Path, precision: str = "fp32", calibration: Feed | None = None,
+           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, timing_cache: str | Path | None = None,
+           max_sequence: int | None = None, opt_sequence: int | None = None) -> Artifact:
     """Build ``model`` into ``out_dir/model.plan`` for this GPU at ``precision``; input "input" (N, ...), output
     "logits" (N, C), both float32, for 1 <= N <= the profile's max (``choose_profile(batch_sizes)``).
 
-    ``example_input`` is one batch, e.g. (2, 1, 8, 8) float32. int8 needs ``calibration``: (M, ...) float32
-    transfer-set rows. ``timing_cache`` defaults to ``out_dir/timing.cache``; pass one path to share kernel timings
+    ``example_input`` is one batch, e.g. (2, 1, 8, 8) float32, or a dict of (2, L) int64 token ids by input name
+    for a text model, whose sequence axis spans 1..``max_sequence`` tokens (required), tuned for ``opt_sequence``
+    (default the max). int8 needs ``calibration``: (M, ...) float32 transfer-set rows (arrays by name for a text
+    model). ``timing_cache`` defaults to ``out_dir/timing.cache``; pass one path to share kernel timings
     between builds. ``files``: "model" (the plan), "onnx" (the graph it was built from) and, for fp16/int8,
     "fp32_model"/"fp32_onnx". ``metadata``: TensorRT version, GPU, profile, build seconds, timing cache, preflight.
     """
@@ -72,6 +77,12 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32", calibra
         raise CompressorError(f"--precision {precision}: --target tensorrt builds {', '.join(SUPPORTED_PRECISIONS)}; "
                               "choose one of them")
     profile = choose_profile(batch_sizes)
+    sequence = None
+    if is_named(example_input):
+        if max_sequence is None:
+            raise CompressorError("--target tensorrt: a text model's engine needs the longest sequence it will take "
+                                  "(max_sequence, the teachers' longest input) for its optimisation profile")
+        sequence = choose_sequence_profile(max_sequence, opt_sequence)
     out_dir = Path(out_dir)
     if precision == "int8":
         from targets import quantize
@@ -79,27 +90,28 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32", calibra
         if calibration is None:
             raise CompressorError("--precision int8: int8 needs calibration rows from the transfer set to set its "
                                   "activation ranges; pass calibration=(M, ...) float32 inputs")
-        quantize.check_calibration(calibration, ("batch", *tuple(example_input.shape)[1:]), out_dir / MODEL_FILE)
+        quantize.check_calibration(calibration, example_specs(example_input), out_dir / MODEL_FILE)
     trt = require_gpu_package("tensorrt", "tensorrt")  # before any file is written
     cache = Path(timing_cache) if timing_cache is not None else out_dir / TIMING_CACHE_FILE
 
     graph = export_graph(model, example_input, out_dir / "onnx", precision, calibration)
     preflight = check_graph(graph.files["model"])
-    build = build_engine(graph.files["model"], out_dir / MODEL_FILE, profile, cache)
+    build = build_engine(graph.files["model"], out_dir / MODEL_FILE, profile, cache, sequence)
     files = {"model": out_dir / MODEL_FILE, "onnx": graph.files["model"]}
     metadata = {**graph.metadata, "onnx_file_bytes": graph.metadata["file_bytes"], **build, "preflight": preflight,
                 "batch_sizes": [int(size) for size in batch_sizes], "strongly_typed": True, "tf32": False,
                 "versions": {**graph.metadata["versions"], "tensorrt": trt.__version__}}
     if precision != "fp32":  # the same graph in fp32, built alike: what the precision buys, on this backend
         check_graph(graph.files["fp32_model"])
-        fp32_build = build_engine(graph.files["fp32_model"], out_dir / "fp32" / MODEL_FILE, profile, cache)
+        fp32_build = build_engine(graph.files["fp32_model"], out_dir / "fp32" / MODEL_FILE, profile, cache,
+                                  sequence)
         files.update(fp32_model=out_dir / "fp32" / MODEL_FILE, fp32_onnx=graph.files["fp32_model"])
         metadata["fp32_engine"] = {key: fp32_build[key] for key in ("build_seconds", "file_bytes", "timing_cache")}
     return Artifact(target="tensorrt", precision=precision, files=files, inputs=graph.inputs, outputs=graph.outputs,
                     metadata=metadata)
 
 
-def export_graph(model, example_input, out_dir: Path, precision: str, calibration: np.ndarray | None) -> Artifact:
+def export_graph(model, example_input, out_dir: Path, precision: str, calibration: Feed | None) -> Artifact:
     """The ONNX graph TensorRT will parse, in ``out_dir/model.onnx``; fp16/int8 keep the fp32 export as
     ``files["fp32_model"]`` (``out_dir/fp32/model.onnx``). ``metadata`` is the export's, plus ``conversion``."""
     from targets import quantize
@@ -109,7 +121,7 @@ def export_graph(model, example_input, out_dir: Path, precision: str, calibratio
 
     fp32 = export_onnx(model, example_input, out_dir / "fp32", "fp32", target="tensorrt")
     source, path = fp32.files["model"], out_dir / "model.onnx"
-    conversion = quantize.convert(source, path, precision, calibration, fp32.inputs[0].name, quantize_bias=False)
+    conversion = quantize.convert(source, path, precision, calibration, quantize_bias=False)
     graph = onnx.load(str(path), load_external_data=False).graph
     return Artifact(target="tensorrt", precision=precision, files={"model": path, "fp32_model": source},
                     inputs=[tensor_spec(value) for value in graph.input],
@@ -140,13 +152,15 @@ def load(artifact: Artifact, threads: int | None = None) -> "TensorRTRunner":
 
 
 class TensorRTRunner:
-    """One deserialized engine and its execution context; ``infer`` maps (N, ...) float32 to (N, C) float32 logits.
+    """One deserialized engine and its execution context; ``infer`` maps (N, ...) float32 (or a text model's int64
+    arrays by input name) to (N, C) float32 logits.
 
-    Buffers are allocated once, for the profile's max rows: pinned host and device tensors from torch, the device ones
-    bound to the engine by address. Each engine call copies its rows into the pinned input, enqueues H2D copy ->
-    ``execute_async_v3`` -> D2H copy on the runner's own torch CUDA stream (TensorRT synchronises extra on the
-    default stream), and waits for that stream: the same stages ``targets.cuda_timing`` times for PyTorch. Batches
-    larger than the profile's max run in pieces of at most max rows; the profile is read from the engine itself.
+    Buffers are allocated once per input, for the profile's largest shape (max rows, and max tokens for a text
+    model): flat pinned host and device tensors from torch, the device ones bound to the engine by address, so a
+    smaller batch is a contiguous prefix of them. Each engine call copies its rows into the pinned inputs, enqueues
+    H2D copies -> ``execute_async_v3`` -> D2H copy on the runner's own torch CUDA stream (TensorRT synchronises extra
+    on the default stream), and waits for that stream: the same stages ``targets.cuda_timing`` times for PyTorch.
+    Batches larger than the profile's max run in pieces of at most max rows; the profile is read from the engine.
     """
 
     def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None):
@@ -169,27 +183,33 @@ class TensorRTRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
+        if not inputs or len(outputs) != 1:
             raise CompressorError(f"{self.path}: the engine has inputs {inputs} and outputs {outputs}; compressor "
-                                  "runs engines with one input and one output")
-        (self.input_name,), (self.output_name,) = inputs, outputs
-        self.input_shape = tuple("batch" if d == -1 else d for d in self.engine.get_tensor_shape(self.input_name))
+                                  "runs engines with one output")
+        (self.output_name,) = outputs
+        # (name, shape, dtype) per input: -1 axes named "batch" (the first) and "sequence"; the profile's max shape
+        self.inputs = [(n, tuple(("batch" if i == 0 else "sequence") if d == -1 else d
+                                 for i, d in enumerate(self.engine.get_tensor_shape(n))),
+                        np.dtype(self._dtype_name(n))) for n in inputs]
+        self.max_shapes = {n: tuple(int(d) for d in self.engine.get_tensor_profile_shape(n, 0)[2]) for n in inputs}
+        self.input_name, self.input_shape, self.input_dtype = self.inputs[0]
         self.output_shape = tuple(self.engine.get_tensor_shape(self.output_name))  # (-1, C)
-        self.input_dtype = np.dtype(self._dtype_name(self.input_name))
         low, opt, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.profile = BatchProfile(int(low[0]), int(opt[0]), int(high[0]))
 
-        rows = self.profile.max
-        in_dtype, out_dtype = (getattr(torch, self._dtype_name(n)) for n in (self.input_name, self.output_name))
-        self.host_in = torch.empty((rows, *self.input_shape[1:]), dtype=in_dtype, pin_memory=True)  # (max, ...)
-        self.host_out = torch.empty((rows, *self.output_shape[1:]), dtype=out_dtype, pin_memory=True)  # (max, C)
-        self.device_in = torch.empty(self.host_in.shape, dtype=in_dtype, device=self.device)
-        self.device_out = torch.empty(self.host_out.shape, dtype=out_dtype, device=self.device)
-        self.context.set_tensor_address(self.input_name, self.device_in.data_ptr())
+        def buffers(name: str, elements: int) -> tuple:
+            dtype = getattr(torch, self._dtype_name(name))
+            return (torch.empty(elements, dtype=dtype, pin_memory=True),
+                    torch.empty(elements, dtype=dtype, device=self.device))
+        self.buffers = {n: buffers(n, int(np.prod(self.max_shapes[n]))) for n in inputs}  # (host, device), flat
+        self.host_out, self.device_out = buffers(self.output_name, self.profile.max * int(self.output_shape[1]))
+        for name, (_, device_in) in self.buffers.items():
+            self.context.set_tensor_address(name, device_in.data_ptr())
         self.context.set_tensor_address(self.output_name, self.device_out.data_ptr())
         self.stream = torch.cuda.Stream(self.device)
 
         gpu = torch.cuda.get_device_name(self.device)
+        described = [{"name": n, "shape": list(shape), "dtype": dtype.name} for n, shape, dtype in self.inputs]
         self.name = f"tensorrt {precision} ({gpu}, batch {self.profile.min}..{self.profile.max})"
         self.info = {
             "device": "cuda",
@@ -197,56 +217,63 @@ class TensorRTRunner:
             "threads": threads,
             "profile": self.profile.to_dict(),
             "model_file": str(self.path),
-            "input": {"name": self.input_name, "shape": list(self.input_shape), "dtype": self.input_dtype.name},
+            "input": described[0],
+            **({"inputs": described, "max_shapes": {n: list(s) for n, s in self.max_shapes.items()}}
+               if len(described) > 1 else {}),
             "versions": {"tensorrt": trt.__version__, "torch": torch.__version__, "numpy": np.__version__},
         }
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """(N, ...) array of the engine's input dtype -> (N, C) float32 logits; N above the profile's max is split."""
-        check_input(x, self.path, self.input_shape, self.input_dtype)
-        if len(x) == 0:
+    def infer(self, x: Feed) -> np.ndarray:
+        """(N, ...) array of the engine's input dtype, or arrays by input name -> (N, C) float32 logits; N above the
+        profile's max is split."""
+        feed = check_feed(x, self.path, self.inputs)
+        for name, array in feed.items():
+            longest = self.max_shapes[name][1:]
+            if any(got > most for got, most in zip(array.shape[1:], longest)):
+                raise CompressorError(f"{self.path}: input {name!r} of shape {tuple(array.shape)} exceeds the engine's "
+                                      f"profile (at most {list(longest)} after the batch axis); cut the sequences or "
+                                      "export again with a larger max_sequence")
+        rows = feed_rows(feed)
+        if rows == 0:
             return np.empty((0, *self.output_shape[1:]), np.float32)
-        pieces = [self._run(x[rows]) for rows in batch_slices(len(x), self.profile.max)]
+        pieces = [self._run(take_rows(feed, part)) for part in batch_slices(rows, self.profile.max)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        """One engine call on (n, ...) rows, 1 <= n <= profile.max; returns a fresh (n, C) float32 array."""
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One engine call on (n, ...) rows per input, 1 <= n <= profile.max; returns a fresh (n, C) float32 array."""
         import torch
 
-        n = len(x)
-        if not self.context.set_input_shape(self.input_name, (n, *self.input_shape[1:])):
-            raise CompressorError(f"{self.path}: the engine refused a batch of {n} (profile batch "
-                                  f"{self.profile.min}..{self.profile.max}); export it again")
-        self.host_in[:n].numpy()[...] = x  # the previous call has finished with this buffer: it synchronised
+        n = feed_rows(feed)
+        for name, array in feed.items():
+            if not self.context.set_input_shape(name, array.shape):
+                raise CompressorError(f"{self.path}: the engine refused input {name!r} of shape {tuple(array.shape)} "
+                                      f"(profile batch {self.profile.min}..{self.profile.max}); export it again")
+            host_in, _ = self.buffers[name]
+            host_in[:array.size].numpy()[...] = array.reshape(-1)  # the previous call synchronised: buffer is free
+        out = n * int(self.output_shape[1])
         with torch.cuda.stream(self.stream):
-            self.device_in[:n].copy_(self.host_in[:n], non_blocking=True)
+            for name, array in feed.items():
+                host_in, device_in = self.buffers[name]
+                device_in[:array.size].copy_(host_in[:array.size], non_blocking=True)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 reason = "; ".join(self.logger.errors[-2:]) or "TensorRT logged no error"
                 raise CompressorError(f"{self.path}: the engine failed to run a batch of {n} ({reason})")
-            self.host_out[:n].copy_(self.device_out[:n], non_blocking=True)
+            self.host_out[:out].copy_(self.device_out[:out], non_blocking=True)
         self.stream.synchronize()
-        return self.host_out[:n].numpy().astype(np.float32)  # a copy: the buffer is reused by the next call
+        return self.host_out[:out].numpy().reshape(n, -1).astype(np.float32)  # a copy: the buffer is reused
 
     def _dtype_name(self, tensor: str) -> str:
         dtype = self.engine.get_tensor_dtype(tensor)
         if dtype.name not in DTYPE_NAMES:
             raise CompressorError(f"{self.path}: tensor '{tensor}' is {dtype.name}, which compressor cannot feed or "
-                                  "read; export with float32 input and output")
+                                  "read; export with float32 (or int64 token) inputs and a float32 output")
         return DTYPE_NAMES[dtype.name]
 
 
 def check_input(x, path: Path, input_shape: tuple, dtype: np.dtype) -> None:
-    """CompressorError naming the expected and actual dtype/shape; TensorRT's own message is cryptic.
-    ``input_shape`` has "batch" (or any string) for the dynamic axis: ("batch", 1, 8, 8)."""
-    expected = "(" + ", ".join(str(d) for d in input_shape) + ")"
-    if not isinstance(x, np.ndarray):
-        raise CompressorError(f"{path}: expected a numpy array of shape {expected}, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise CompressorError(f"{path}: expected {dtype.name} input of shape {expected}, got {x.dtype.name}; "
-                              f"convert with x.astype(np.{dtype.name})")
-    fixed_ok = all(not isinstance(want, int) or want == got for want, got in zip(input_shape, x.shape))
-    if x.ndim != len(input_shape) or not fixed_ok:
-        raise CompressorError(f"{path}: expected input of shape {expected}, got {tuple(x.shape)}")
+    """CompressorError naming the expected and actual dtype/shape of a one-input model's input; TensorRT's own
+    message is cryptic. ``input_shape`` has "batch" (or any string) for the dynamic axis: ("batch", 1, 8, 8)."""
+    check_array(x, path, "input", input_shape, dtype)
 
 
 def check_threads(threads: int | None) -> None:

@@ -95,10 +95,11 @@ def describe_parser_errors(parser) -> str:
     return "; ".join(clauses) or "the parser recorded no error"
 
 
-def build_engine(onnx_path: Path, plan_path: Path, profile: BatchProfile, timing_cache: Path) -> dict:
-    """Parse ``onnx_path``, build it for the current GPU with one optimisation profile over the batch axis, and write
-    the serialized engine to ``plan_path``. The timing cache at ``timing_cache`` is loaded when present and saved
-    after the build (both atomically). Returns the build record: seconds, bytes, profile shapes, GPU, cache."""
+def build_engine(onnx_path: Path, plan_path: Path, profile: BatchProfile, timing_cache: Path,
+                 sequence: BatchProfile | None = None) -> dict:
+    """Parse ``onnx_path``, build it for the current GPU with one optimisation profile over the batch axis (and a
+    text model's ``sequence`` axis), and write the serialized engine to ``plan_path``. The timing cache at
+    ``timing_cache`` is loaded when present and saved after the build (both atomically). Returns the build record: seconds, bytes, profile shapes, GPU, cache."""
     import torch
 
     trt = require_gpu_package("tensorrt", "tensorrt")
@@ -112,7 +113,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: BatchProfile, timing
                               "--target onnxruntime")
     config = builder.create_builder_config()
     config.clear_flag(trt.BuilderFlag.TF32)  # float32 layers stay float32 (see the module docstring)
-    shapes = add_profile(builder, config, network, profile, onnx_path)
+    shapes = add_profile(builder, config, network, profile, onnx_path, sequence)
     cache, cache_record = attach_timing_cache(config, timing_cache)
 
     started = time.perf_counter()
@@ -134,6 +135,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: BatchProfile, timing
         "gpu": torch.cuda.get_device_name(),
         "compute_capability": f"{major}.{minor}",
         "profile": profile.to_dict(),
+        **({"sequence_profile": sequence.to_dict()} if sequence is not None else {}),
         "profile_shapes": shapes,
         "build_seconds": round(seconds, 3),
         "file_bytes": plan_path.stat().st_size,
@@ -157,21 +159,39 @@ def error_logger(trt: ModuleType):
     return ErrorLogger()
 
 
-def add_profile(builder, config, network, profile: BatchProfile, onnx_path: Path) -> dict:
-    """Add one optimisation profile: every input's batch axis (-1 in the network) spans profile.min..max."""
+def add_profile(builder, config, network, profile: BatchProfile, onnx_path: Path,
+                sequence: BatchProfile | None = None) -> dict:
+    """Add one optimisation profile: every input's batch axis (-1 in the network) spans profile.min..max, and the
+    second axis of a text model's inputs (-1 too) spans ``sequence``.min..max tokens."""
     optimisation = builder.create_optimization_profile()
     shapes = {}
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
-        dims = tuple(tensor.shape)  # (-1, C, H, W): -1 marks the dynamic batch axis
-        if not dims or dims[0] != -1 or -1 in dims[1:]:
+        dims = tuple(tensor.shape)  # (-1, C, H, W): -1 marks the dynamic batch axis; (-1, -1) for token ids
+        has_sequence = len(dims) > 1 and dims[1] == -1
+        if not dims or dims[0] != -1 or -1 in dims[1 + has_sequence:]:
             raise CompressorError(f"{onnx_path}: input '{tensor.name}' has shape {list(dims)}, but the engine needs a "
-                                  "dynamic batch axis and fixed other axes; export the model again")
-        low, opt, high = ((size, *dims[1:]) for size in (profile.min, profile.opt, profile.max))
+                                  "dynamic batch axis (and at most a dynamic sequence axis after it) and fixed other "
+                                  "axes; export the model again")
+        if has_sequence and sequence is None:
+            raise CompressorError(f"{onnx_path}: input '{tensor.name}' has a dynamic sequence axis, and no longest "
+                                  "sequence was given for the engine's profile; pass max_sequence (the teachers' "
+                                  "longest input)")
+        axes = [profile] + [sequence] * has_sequence  # the dynamic axes, in order
+        low, opt, high = ((*(getattr(axis, bound) for axis in axes), *dims[1 + has_sequence:])
+                          for bound in ("min", "opt", "max"))
         optimisation.set_shape(tensor.name, low, opt, high)
         shapes[tensor.name] = {"min": list(low), "opt": list(opt), "max": list(high)}
     config.add_optimization_profile(optimisation)
     return shapes
+
+
+def choose_sequence_profile(max_sequence: int, opt_sequence: int | None = None) -> BatchProfile:
+    """The token axis of a text model's profile: 1..max_sequence, tuned for ``opt_sequence`` (default the max)."""
+    if isinstance(max_sequence, bool) or not isinstance(max_sequence, Integral) or max_sequence < 1:
+        raise CompressorError(f"max_sequence {max_sequence!r}: give the longest input in tokens, at least 1")
+    opt = max_sequence if opt_sequence is None else min(max(1, int(opt_sequence)), int(max_sequence))
+    return BatchProfile(min=1, opt=opt, max=int(max_sequence))
 
 
 def attach_timing_cache(config, path: Path) -> tuple[object, dict]:

@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from compressor.core.errors import CompressorError
+from targets.feeds import SEQUENCE_AXIS
 
 TENSORRT = "TensorRT 11"
 
@@ -251,10 +252,12 @@ def _check_inputs(graph: onnx.GraphProto) -> list[PreflightIssue]:
                                                      "shape except for the batch axis"))
             continue
         for axis, dim in enumerate(_shape(value)[1:], start=1):
-            if isinstance(dim, str):  # axis 0 may be symbolic: the engine's profile spans the batch axis only
+            # axis 0 may be symbolic (the profile's batch axis), and a text model's axis 1 (its sequence axis)
+            if isinstance(dim, str) and not (axis == 1 and dim == SEQUENCE_AXIS):
                 issues.append(PreflightIssue(None, None, f"input '{value.name}' axis {axis} is symbolic ('{dim}'), "
-                                                         "but only the batch axis (0) gets an optimisation profile; "
-                                                         "re-export with that axis fixed"))
+                                                         "but only the batch axis (0) and a text model's sequence "
+                                                         "axis (1) get an optimisation profile; re-export with that "
+                                                         "axis fixed"))
     return issues
 
 

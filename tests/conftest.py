@@ -165,3 +165,18 @@ def text_ensemble(tmp_path_factory, token_data) -> Path:
     path = tmp_path_factory.mktemp("text-teachers") / "text-ensemble.pt"
     save_ensemble(members, path, dict(x[:2].tensors), {"class_names": TOKEN_CLASSES})
     return path
+
+
+TEXT_RUN = ["--target", "onnxruntime", "--student", "hf:teacher/0.5", "--epochs", "2", "--batch-size", "64",
+            "--warmup", "0.02", "--duration", "0.05", "--rounds", "1", "--batch-sizes", "1,8,64", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory, text_ensemble, token_data) -> Path:
+    """``compress`` on the text ensemble and token_data (an hf:teacher/0.5 student exported to onnxruntime with
+    both int64 inputs), once per session: the run's --out folder."""
+    from compressor.cli import main
+
+    out = tmp_path_factory.mktemp("text-run") / "run"
+    assert main(["--teacher", str(text_ensemble), "--data", f"hf:{token_data}", "--out", str(out), *TEXT_RUN]) == 0
+    return out

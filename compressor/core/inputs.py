@@ -78,18 +78,11 @@ def call(model, x):
     return model(*x.values()) if isinstance(x, NamedInputs) else model(x)
 
 
-def concat(parts: list[NamedInputs]) -> NamedInputs:
-    """Rows of several NamedInputs, padded to the longest."""
-    width = max(p.shape[1] for p in parts)
-    parts = [p.at_length(width) for p in parts]
-    return NamedInputs({name: torch.cat([p.tensors[name] for p in parts]) for name in parts[0].names},
-                       torch.cat([p.lengths for p in parts]))
-
-
 def example_of(x, rows: int = 2):
-    """The first ``rows`` rows as what an export or a trace takes: a tensor, or a dict name → tensor."""
+    """The first ``rows`` rows as what an export or a trace takes: a tensor, or a dict name → tensor (at least two
+    positions long: torch.export would fix a sequence axis of length 1 as a constant)."""
     part = x[:rows]
-    return dict(part.tensors) if isinstance(part, NamedInputs) else part
+    return dict(part.at_length(max(2, part.shape[1])).tensors) if isinstance(part, NamedInputs) else part
 
 
 def trace_args(example) -> tuple:

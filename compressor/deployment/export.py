@@ -52,7 +52,7 @@ def export_student(ctx: RunContext, student: torch.nn.Module):
     load it on the target and check it against PyTorch: returns (artifact, runner, parity)."""
     config, tensors = ctx.config, ctx.tensors
     target = get_target(config.target)
-    options = export_options(config)
+    options = export_options(ctx)
     if config.precision == "int8":
         options["calibration"] = tensors.x_train[:CALIBRATION_ROWS].numpy()
     artifact = target.export(student, example_of(tensors.x_test), config.output_dir() / "export", config.precision,
@@ -91,7 +91,7 @@ def export_ensemble(ctx: RunContext):
     try:
         with ctx.console.status(f"exporting the ensemble to {config.target} for a like-for-like comparison"):
             artifact = target.export(ensemble.as_module(example), example, config.output_dir() / "ensemble-export",
-                                     "fp32", **export_options(config))
+                                     "fp32", **export_options(ctx))
             runner = target.load(artifact, threads=config.threads, **runner_options(config))
     except CompressorError as exc:
         return None, {"exported": False, "reason": str(exc)}
@@ -130,7 +130,7 @@ def export_best_member(ctx: RunContext):
         with ctx.console.status(f"exporting the best member ({member.name}) to {config.target}"):
             artifact = get_target(config.target).export(member.forward, example,
                                                         config.output_dir() / "member-export", "fp32",
-                                                        **export_options(config))
+                                                        **export_options(ctx))
             runner = get_target(config.target).load(artifact, threads=config.threads, **runner_options(config))
     except CompressorError as exc:
         return None, {**summary, "reason": str(exc)}
@@ -155,10 +155,41 @@ def runner_options(config: RunConfig) -> dict:
     return {"provider": config.ort_provider} if config.target in ("onnx", "onnxruntime") else {}
 
 
-def export_options(config: RunConfig) -> dict:
+def export_options(ctx: RunContext) -> dict:
     """Keyword arguments for the target's ``export`` beyond precision: a GPU engine's optimisation profile is chosen
-    from the batch sizes the benchmark will send (``--batch-sizes``), so none of them is split or untuned."""
-    return {"batch_sizes": tuple(config.batch_sizes)} if TARGETS[config.target].needs_gpu else {}
+    from the batch sizes the benchmark will send (``--batch-sizes``), so none of them is split or untuned, and for
+    a text model spans 1..the longest sequence, tuned for the length the benchmark sends."""
+    config = ctx.config
+    if not TARGETS[config.target].needs_gpu:
+        return {}
+    options: dict = {"batch_sizes": tuple(config.batch_sizes)}
+    if ctx.dataset.named_inputs:
+        options.update(max_sequence=longest_sequence(ctx), opt_sequence=sequence_length(ctx))
+    return options
+
+
+def sequence_length(ctx: RunContext) -> int | None:
+    """The sequence length text rows are timed at (``--seq-len``, else the data's median), None for other data."""
+    if not ctx.dataset.named_inputs:
+        return None
+    return ctx.config.seq_len or ctx.dataset.split_info.get("median_length") or int(
+        ctx.tensors.x_train.lengths.median())
+
+
+def longest_sequence(ctx: RunContext) -> int:
+    """The longest input a text model is exported for: the teachers' limit (their position embeddings), else the
+    data's longest row."""
+    return int(ctx.ensemble.metadata.get("max_length") or ctx.dataset.split_info.get("max_length")
+               or ctx.tensors.x_train.shape[1])
+
+
+def text_metadata(ctx: RunContext) -> dict:
+    """What a service must know to feed a text bundle: the longest input, the vocabulary, how rows are padded."""
+    if not ctx.dataset.named_inputs:
+        return {}
+    return {"max_length": longest_sequence(ctx), "vocab_size": ctx.ensemble.metadata.get("vocab_size"),
+            "padding": "right-padded with token id 0 and attention_mask 0; any length from 1 to max_length",
+            "benchmark_sequence_length": sequence_length(ctx)}
 
 
 def write_student_bundle(ctx: RunContext, artifact: Artifact, versions: dict) -> Path:
@@ -180,6 +211,7 @@ def write_student_bundle(ctx: RunContext, artifact: Artifact, versions: dict) ->
         "target": config.target,
         "student": config.student,
         "serving": {"batch_sizes": sorted(set(config.batch_sizes))},  # the Triton config's batching, as timed
+        **text_metadata(ctx),
         "versions": versions,
     }
     return write_bundle(Path(artifact.files["model"]), metadata, config.output_dir() / "bundle")

@@ -18,7 +18,7 @@ from compressor.core.inference import parameter_count, predict_logits
 from compressor.core.inputs import NamedInputs
 from compressor.core.metrics import paired_bootstrap
 from compressor.core.progress import progress_bar
-from compressor.deployment.export import Exported, fp32_runner
+from compressor.deployment.export import Exported, fp32_runner, sequence_length
 from compressor.deployment.rows import EAGER, Row, eager_device, ensemble_rows, infer_rows, runner_row, student_rows
 from compressor.deployment.verdict import headline, verdict
 from compressor.teachers.ensemble import Ensemble
@@ -85,14 +85,6 @@ def benchmark_pool(ctx: RunContext):
     if isinstance(pool, NamedInputs):
         pool = pool.at_length(sequence_length(ctx))
     return pool
-
-
-def sequence_length(ctx: RunContext) -> int | None:
-    """The sequence length text rows are timed at (``--seq-len``, else the data's median), None for other data."""
-    if not ctx.dataset.named_inputs:
-        return None
-    return ctx.config.seq_len or ctx.dataset.split_info.get("median_length") or int(
-        ctx.tensors.x_train.lengths.median())
 
 
 def _time_rows(rows: list[Row], config: RunConfig) -> list[dict]:

@@ -32,6 +32,7 @@ from compressor.core.inference import parameter_count
 from compressor.core.metrics import classification_metrics
 from compressor.teachers.ensemble import Ensemble
 from targets.benchmark import Measure, runner_measure
+from targets.feeds import Feed
 from targets.eager import BACKEND as EAGER
 from targets.eager import EagerRunner
 
@@ -60,8 +61,9 @@ class Row:
 
 
 def runner_row(model: str, kind: str, backend: str, precision: str, parameters: int, scores: np.ndarray,
-               runner, pool: np.ndarray, timed_note: str = "") -> Row:
-    """A row served by ``runner`` (any backend, PyTorch eager included), timed on batches cut from ``pool``."""
+               runner, pool: Feed, timed_note: str = "") -> Row:
+    """A row served by ``runner`` (any backend, PyTorch eager included), timed on batches cut from ``pool`` (an array,
+    or arrays by name for named inputs)."""
     measure, timed = runner_measure(runner, pool)
     return Row(model, kind, backend, runner.info.get("device", "cpu"), precision, parameters, timed + timed_note,
                scores, measure)
@@ -90,7 +92,7 @@ def on_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
     return module.eval() if device == "cpu" else copy.deepcopy(module).to(device).eval()
 
 
-def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndarray, device: str,
+def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: Feed, device: str,
                   target: str, runner=None, x_test=None) -> list[Row]:
     """The ensemble in PyTorch, on the target (when exported), and each member in PyTorch.
 
@@ -100,8 +102,8 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
     if _all_modules(ensemble):
         forward = on_device(ensemble.eager_module(), device)
     else:  # ONNX members run by onnxruntime: the same mixture, without member_logits' chunking and NaN checks
-        def forward(x):
-            return ensemble.log_probs(torch.stack([member(x).float() for member in ensemble.members]))
+        def forward(*inputs):  # one input tensor, or named inputs' tensors in order
+            return ensemble.log_probs(torch.stack([member(*inputs).float() for member in ensemble.members]))
     rows = [runner_row("ensemble", "ensemble", EAGER, "fp32", ensemble.parameters, scores,
                        EagerRunner(forward, device), pool, f"; all {len(ensemble.members)} members and the mixture")]
     if runner is not None:
@@ -116,7 +118,7 @@ def ensemble_rows(ensemble: Ensemble, member_logits: torch.Tensor, pool: np.ndar
     return rows
 
 
-def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: np.ndarray, device: str,
+def student_rows(kind: str, student: torch.nn.Module, scores: np.ndarray, pool: Feed, device: str,
                  target: str | None = None, runners: list[tuple[object, str]] = (),
                  x_test=None, label: str | None = None) -> list[Row]:
     """A student (``kind`` "student", "baseline" or "generalist-student") in PyTorch eager, then on the target per

@@ -51,8 +51,8 @@ class Member:
     architecture: list[dict] | None = None
     temperature: float = 1.0       # the member's own calibration temperature (manifest), applied to its logits
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = call(self.forward, x)
+    def __call__(self, *inputs) -> torch.Tensor:  # a tensor or NamedInputs, or named inputs' tensors in order
+        logits = call(self.forward, inputs[0]) if len(inputs) == 1 else self.forward(*inputs)
         return logits / self.temperature if self.temperature != 1.0 else logits
 
 

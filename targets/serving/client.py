@@ -3,14 +3,19 @@ bundle as ``client.py``; needs numpy and ``tritonclient[http]`` or ``tritonclien
 
     python client.py --url localhost:8000 inputs.npy                     # HTTP, the bundle's python-backend model
     python client.py --url localhost:8001 --protocol grpc --model student --top-k 3 inputs.npy
+    python client.py --url localhost:8000 tokens.npz                     # a text model: arrays by input name
 
 ``inputs.npy`` holds raw inputs (N, ...) as ``Bundle.predict`` takes them; they are normalised here exactly as the
 bundle's metadata.json says (``(float32(x) - mean_c) / std_c`` per channel, the training pipeline's
-``apply_normalisation``), because Triton feeds the model what it receives. From Python::
+``apply_normalisation``), because Triton feeds the model what it receives. A text model's ``tokens.npz`` holds one
+(N, L) integer array per input named in metadata.json's ``inputs`` (``input_ids``, ``attention_mask``, ...),
+right-padded with 0s; they are sent as they are, in the inputs' dtypes. Triton's dynamic batcher joins only
+requests of the same shape, so a service that pads every request to one length lets it batch them all. From
+Python::
 
     from client import ServedBundle
     served = ServedBundle("bundle/", "localhost:8000")
-    logits = served.logits(x)                      # (N, C) float32
+    logits = served.logits(x)                      # (N, C) float32; x a dict of arrays for a text model
 """
 
 from __future__ import annotations
@@ -52,22 +57,41 @@ class ServedBundle:
             raise ValueError(f"protocol {protocol!r}: choose http or grpc")
         self.client_module, self.client = client, client.InferenceServerClient(url=url)
         self.max_batch = max(self.metadata.get("serving", {}).get("batch_sizes", [64]))
+        self.inputs = self.metadata.get("inputs") or [self.metadata["input"]]  # every model input, in call order
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """(N, ...) raw inputs -> (N, C) float32 logits from the server."""
-        x = normalise(x, self.metadata["normalisation"])
-        spec_in, spec_out = self.metadata["input"], self.metadata["output"]
+    def feed(self, x) -> dict[str, np.ndarray]:
+        """The model's inputs by name: raw inputs normalised, or a text model's arrays in their declared dtypes."""
+        if not isinstance(x, dict):
+            if len(self.inputs) > 1:
+                raise ValueError(f"the model takes {', '.join(s['name'] for s in self.inputs)}: pass a dict of arrays")
+            return {self.inputs[0]["name"]: normalise(x, self.metadata["normalisation"])}
+        missing = [spec["name"] for spec in self.inputs if spec["name"] not in x]
+        if missing:
+            raise ValueError(f"no array for input {', '.join(missing)} (the model takes "
+                             f"{', '.join(s['name'] for s in self.inputs)})")
+        return {spec["name"]: np.asarray(x[spec["name"]]).astype(spec["dtype"], copy=False) for spec in self.inputs}
+
+    def logits(self, x) -> np.ndarray:
+        """(N, ...) raw inputs, or a dict of (N, L) arrays by input name -> (N, C) float32 logits from the server."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        feed = self.feed(x)
+        spec_out = self.metadata["output"]
+        rows = len(next(iter(feed.values())))
         parts = []
-        for start in range(0, len(x), self.max_batch):
-            batch = np.ascontiguousarray(x[start:start + self.max_batch])
-            tensor = self.client_module.InferInput(spec_in["name"], list(batch.shape), "FP32")
-            tensor.set_data_from_numpy(batch)
+        for start in range(0, rows, self.max_batch):
+            tensors = []
+            for name, array in feed.items():
+                batch = np.ascontiguousarray(array[start:start + self.max_batch])
+                tensor = self.client_module.InferInput(name, list(batch.shape), np_to_triton_dtype(batch.dtype))
+                tensor.set_data_from_numpy(batch)
+                tensors.append(tensor)
             wanted = self.client_module.InferRequestedOutput(spec_out["name"])
-            result = self.client.infer(self.model, [tensor], outputs=[wanted])
+            result = self.client.infer(self.model, tensors, outputs=[wanted])
             parts.append(result.as_numpy(spec_out["name"]))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    def top_k(self, x: np.ndarray, k: int = 1) -> list[list[tuple[str, float]]]:
+    def top_k(self, x, k: int = 1) -> list[list[tuple[str, float]]]:
         """Each example's ``k`` most likely classes, as (class name, probability)."""
         logits = self.logits(x)
         probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -79,7 +103,8 @@ class ServedBundle:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Top-k class names from a bundle served by Triton.")
-    parser.add_argument("inputs", type=Path, help=".npy file of raw inputs (N, ...)")
+    parser.add_argument("inputs", type=Path, help=".npy file of raw inputs (N, ...), or a text model's .npz of "
+                        "(N, L) arrays by input name")
     parser.add_argument("--url", default="localhost:8000", help="host:port (HTTP 8000, gRPC 8001 by default)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", default=None, help="the served model's name (default: <model_name>_python)")
@@ -87,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=HERE, help="the bundle folder (default: this file's)")
     args = parser.parse_args(argv)
     served = ServedBundle(args.bundle, args.url, args.protocol, args.model)
-    for n, row in enumerate(served.top_k(np.load(args.inputs), args.top_k)):
+    loaded = np.load(args.inputs)
+    inputs = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    for n, row in enumerate(served.top_k(inputs, args.top_k)):
         print(f"{n}: " + ", ".join(f"{name} ({p:.3f})" for name, p in row))
     return 0
 

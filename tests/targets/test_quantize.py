@@ -130,7 +130,7 @@ def test_int8_is_qdq_runs_on_float32_and_passes_the_accuracy_gate(int8_export, h
 
 def test_int8_is_deterministic_byte_for_byte(int8_export, calibration, tmp_path):
     again = tmp_path / "again.onnx"
-    quantize.quantize_int8(int8_export.files["fp32_model"], again, calibration, "input")
+    quantize.quantize_int8(int8_export.files["fp32_model"], again, calibration)
     assert again.read_bytes() == int8_export.files["model"].read_bytes()
 
 
@@ -150,7 +150,7 @@ def test_exports_leave_no_temporary_files(fp16_export, int8_export):
 def test_bad_calibration_is_refused_naming_the_file(int8_export, tmp_path, rows, message):
     source = int8_export.files["fp32_model"]
     with pytest.raises(CompressorError, match=message) as info:
-        quantize.quantize_int8(source, tmp_path / "out.onnx", rows, "input")
+        quantize.quantize_int8(source, tmp_path / "out.onnx", rows)
     assert str(source) in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -183,7 +183,7 @@ def test_a_failing_quantizer_is_a_compressor_error_and_leaves_nothing(int8_expor
     source = int8_export.files["fp32_model"]
     with pytest.raises(CompressorError, match="INT8 quantization of .* failed .RuntimeError: .*calibration session "
                                               "broke.; export with --precision fp16 or fp32") as info:
-        quantize.quantize_int8(source, out / "model.onnx", calibration, "input")
+        quantize.quantize_int8(source, out / "model.onnx", calibration)
     assert str(source) in str(info.value) and "second line" not in str(info.value)
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"old model"
     assert list(scratch.iterdir()) == []
@@ -195,13 +195,15 @@ def test_missing_or_unreadable_source_files_are_compressor_errors(tmp_path, cali
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a protobuf")
     with pytest.raises(CompressorError, match="is not a readable ONNX file"):
-        quantize.quantize_int8(broken, tmp_path / "out.onnx", calibration, "input")
+        quantize.quantize_int8(broken, tmp_path / "out.onnx", calibration)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
 
 
-def test_wrong_input_name_is_named(int8_export, calibration, tmp_path):
-    with pytest.raises(CompressorError, match=r"has no input named 'pixels' \(its inputs: input\)"):
-        quantize.quantize_int8(int8_export.files["fp32_model"], tmp_path / "out.onnx", calibration, "pixels")
+def test_calibration_under_a_wrong_input_name_is_named(int8_export, calibration, tmp_path):
+    with pytest.raises(CompressorError, match=r"the model's inputs are input, but the arrays given have no input; "
+                                              r"unknown pixels"):
+        quantize.quantize_int8(int8_export.files["fp32_model"], tmp_path / "out.onnx", {"pixels": calibration})
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_conversions_run_without_torch(int8_export, tmp_path):
@@ -210,7 +212,7 @@ def test_conversions_run_without_torch(int8_export, tmp_path):
     code = ("import sys, numpy as np; sys.modules['torch'] = None; from targets import quantize; "
             f"quantize.convert_fp16({str(source)!r}, {str(tmp_path / 'h.onnx')!r}); "
             f"quantize.quantize_int8({str(source)!r}, {str(tmp_path / 'q.onnx')!r}, "
-            "np.ones((3, 1, 8, 8), np.float32), 'input')")
+            "np.ones((3, 1, 8, 8), np.float32))")
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -227,7 +229,7 @@ def test_int8_for_tensorrt_keeps_biases_float_so_the_preflight_passes(fitted_mlp
     verdicts = {}
     for quantize_bias in (True, False):
         path = tmp_path / f"int8-bias-{quantize_bias}.onnx"
-        meta = quantize.quantize_int8(fp32, path, calibration, "input", quantize_bias=quantize_bias)
+        meta = quantize.quantize_int8(fp32, path, calibration, quantize_bias=quantize_bias)
         assert meta["quantize_bias"] is quantize_bias
         verdicts[quantize_bias] = preflight(path)
     assert not verdicts[True].ok and "int32" in verdicts[True].summary()

@@ -20,7 +20,8 @@ from compressor.core.errors import CompressorError, MissingCapabilityError
 from targets.base import Artifact
 from targets.parity import check_parity
 from targets.tensorrt import batch_slices, check_input, export, load
-from targets.tensorrt_build import BatchProfile, add_profile, attach_timing_cache, choose_profile, describe_parser_errors, network_flags
+from targets.tensorrt_build import (BatchProfile, add_profile, attach_timing_cache, choose_profile,
+                                     choose_sequence_profile, describe_parser_errors, network_flags)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,8 +128,20 @@ def test_the_profile_spans_the_batch_axis_of_every_input():
 def test_a_graph_without_one_dynamic_batch_axis_is_refused(shape):
     network = SimpleNamespace(num_inputs=1, get_input=lambda i: SimpleNamespace(name="input", shape=shape))
     config = FakeBuilderConfig()
-    with pytest.raises(CompressorError, match="needs a dynamic batch axis and fixed other axes"):
+    with pytest.raises(CompressorError, match="needs a dynamic batch axis"):
         add_profile(config, config, network, BatchProfile(1, 64, 64), Path("model.onnx"))
+
+
+def test_a_text_model_profile_spans_batch_and_sequence_of_every_input():
+    inputs = [SimpleNamespace(name=name, shape=(-1, -1)) for name in ("input_ids", "attention_mask")]
+    network = SimpleNamespace(num_inputs=2, get_input=lambda i: inputs[i])
+    config = FakeBuilderConfig()
+    shapes = add_profile(config, config, network, BatchProfile(1, 8, 64), Path("model.onnx"),
+                         choose_sequence_profile(64, 20))
+    assert config.shapes == [(name, (1, 1), (8, 20), (64, 64)) for name in ("input_ids", "attention_mask")]
+    assert shapes["attention_mask"] == {"min": [1, 1], "opt": [8, 20], "max": [64, 64]}
+    with pytest.raises(CompressorError, match="dynamic sequence axis, and no longest sequence was given"):
+        add_profile(config, config, network, BatchProfile(1, 8, 64), Path("model.onnx"))
 
 
 def test_timing_cache_is_new_when_absent_and_loaded_when_present(tmp_path):

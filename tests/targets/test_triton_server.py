@@ -83,3 +83,41 @@ def test_the_client_prints_top_k_class_names(served, digits_data, tmp_path, caps
     lines = capsys.readouterr().out.splitlines()
     names = json.loads((bundle / "metadata.json").read_text())["class_names"]
     assert len(lines) == 3 and all(line.split(": ")[1].split(" (")[0] in names for line in lines)
+
+
+@pytest.fixture(scope="module")
+def served_text(text_run):
+    """The text run's bundle (two int64 inputs) and report, and the server serving its python-backend model."""
+    bundle = text_run / "bundle"
+    report = json.loads((text_run / "report.json").read_text())
+    with local_tritonserver(bundle / "triton", "student_python", text_run.parent / "server") as urls:
+        yield bundle, report, urls
+
+
+def test_a_text_bundle_served_with_both_int64_inputs_reproduces_the_reports_accuracy(served_text, token_data):
+    from compressor.data.datasets import load_dataset
+
+    bundle, report, (http, grpc) = served_text
+    student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == "onnxruntime")
+    test = load_dataset(f"hf:{token_data}", seed=0).test
+    client = client_module(bundle)
+    for protocol, url in (("http", http), ("grpc", grpc)):
+        logits = client.ServedBundle(bundle, url, protocol).logits(test.x.numpy())
+        assert float((logits.argmax(1) == test.y).mean()) == pytest.approx(student["accuracy"]["top1"], abs=1e-9)
+
+
+def test_concurrent_text_requests_of_one_length_are_batched_and_the_client_reads_npz(served_text, token_data,
+                                                                                     tmp_path, capsys):
+    from compressor.data.datasets import load_dataset
+
+    bundle, _, (http, grpc) = served_text
+    client = client_module(bundle)
+    x = load_dataset(f"hf:{token_data}", seed=0).test.x[:64].at_length(12).numpy()
+    alone = client.ServedBundle(bundle, grpc, "grpc").logits(x)
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(lambda s: client.ServedBundle(bundle, grpc, "grpc").logits(
+            {name: a[s:s + 8] for name, a in x.items()}), range(0, 64, 8)))
+    np.testing.assert_allclose(np.concatenate(parts), alone, rtol=1e-5, atol=1e-6)
+    np.savez(tmp_path / "tokens.npz", **{name: a[:3] for name, a in x.items()})
+    assert client.main([str(tmp_path / "tokens.npz"), "--url", http, "--bundle", str(bundle)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
