@@ -11,6 +11,8 @@ batch 1; and the served model's test accuracy against the report's.
 
     python benchmarks/triton_serving.py               # about a minute on 2 cores
     python benchmarks/triton_serving.py --seconds 2
+    python benchmarks/triton_serving.py --run RUN --model student --tritonserver /opt/tritonserver   # NVIDIA's
+        # Triton container: the onnxruntime_onnx (or, for a --target tensorrt run, tensorrt_plan) model of RUN/bundle
 
 Prints a table and writes ``benchmarks/results/triton_serving.json``. Needs ``pip install --no-deps
 nvidia-pytriton`` (``make test`` installs it) and tritonclient.
@@ -80,38 +82,46 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/compressor-triton-serving"))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "triton_serving.json")
+    parser.add_argument("--run", type=Path, default=None, help="a finished compress run on digits (default: one "
+                        "made here on compress demo's teachers)")
+    parser.add_argument("--model", default="student_python", help="the bundle's model to serve")
+    parser.add_argument("--tritonserver", type=Path, default=None, help="an installed Triton's folder (default: "
+                        "nvidia-pytriton's binary)")
     args = parser.parse_args()
     console, work = Console(width=140), args.work_dir
     teachers = work / "teachers" / "digits-ensemble.pt"
-    if not teachers.exists():
+    if args.run is None and not teachers.exists():
         build_demo_teachers(work / "teachers", progress=False)
-    run = work / "run"
+    run = args.run or work / "run"
     if not (run / "report.json").exists():
         assert compress(["--teacher", str(teachers), "--data", "digits", "--out", str(run), "--batch-sizes",
                          "1,8,64", "--no-progress"]) == 0
     report = json.loads((run / "report.json").read_text())
-    student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == "onnxruntime")
+    student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == report["export"]["target"])
     spec = importlib.util.spec_from_file_location("bundle_client", run / "bundle" / "client.py")
     client = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(client)
     data = load_dataset("digits", seed=0)
     x, y, one = data.test.x, data.test.y, data.test.x[:1]
-    bundle = load_bundle(run / "bundle")
-    rows = {"in process (Bundle.predict)": summary(timed(lambda: bundle.predict(one), args.seconds), args.seconds)}
-    with local_tritonserver(run / "bundle" / "triton", "student_python", work / "server") as (http, grpc):
+    rows = {}
+    if (run / "bundle" / "model.onnx").is_file():  # load_bundle serves ONNX files; a TensorRT plan only under Triton
+        bundle = load_bundle(run / "bundle")
+        rows["in process (Bundle.predict)"] = summary(timed(lambda: bundle.predict(one), args.seconds), args.seconds)
+    with local_tritonserver(run / "bundle" / "triton", args.model, work / "server", args.tritonserver) as (http, grpc):
         accuracy = {}
         for protocol, url in (("http", http), ("grpc", grpc)):
-            served = client.ServedBundle(run / "bundle", url, protocol)
+            served = client.ServedBundle(run / "bundle", url, protocol, args.model)
             accuracy[protocol] = float((served.logits(x).argmax(1) == y).mean())
             rows[f"Triton {dict(http='HTTP', grpc='gRPC')[protocol]}, 1 client"] = summary(timed(lambda: served.logits(one), args.seconds),
                                                                    args.seconds)
 
         def a_client():
-            served = client.ServedBundle(run / "bundle", grpc, "grpc")
+            served = client.ServedBundle(run / "bundle", grpc, "grpc", args.model)
             return lambda: served.logits(one)
 
         rows["Triton gRPC, 8 concurrent clients"] = summary(concurrent(a_client, 8, args.seconds), args.seconds)
     result = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
+              "model": args.model, "tritonserver": str(args.tritonserver or "nvidia-pytriton"),
               "student": report["student"]["spec"], "report_top1": student["accuracy"]["top1"],
               "report_batch1_median_ms": student["latency"]["1"]["median_ms"], "served_top1": accuracy,
               "seconds_per_mode": args.seconds, "rows": rows}

@@ -15,6 +15,8 @@ Layout (``bundle_format`` 1)::
 ``compressor.core.preprocessing.apply_normalisation`` is THE preprocessing definition: the training pipeline
 normalises with this same function, so a service calling it (or ``Bundle.predict``) feeds the model exactly the floats the student was trained and
 checked on. Triton does not normalise: a client must send ``apply_normalisation(x, metadata["normalisation"])``.
+A text model's inputs (``metadata["inputs"]``: ``input_ids``, ``attention_mask``, ... int64) are token ids, sent as
+the tokenizer wrote them: ``Bundle.predict`` and ``client.py`` take them as a dict of arrays by name.
 
 Imports only the standard library, numpy, onnxruntime and ``compressor.core`` (errors, files, preprocessing).
 """
@@ -111,6 +113,7 @@ class Bundle:
         self.input_shape = tuple(metadata["input"]["shape"])  # without the batch axis, e.g. (1, 8, 8)
         self.input_dtype = np.dtype(metadata["input"]["dtype"])
         self.inputs = model_inputs(metadata)  # a text model's input_ids, attention_mask, ... in call order
+        self.tokens = takes_tokens(metadata)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -123,7 +126,7 @@ class Bundle:
         text model takes a dict of (N, L) integer arrays (or (L,) for one example) by input name instead: token ids
         and attention mask as the tokenizer wrote them, right-padded with 0s.
         """
-        if isinstance(x, dict) or len(self.inputs) > 1:
+        if isinstance(x, dict) or self.tokens:
             return self._run(self._named(x))
         x = np.asarray(x)
         if x.shape == self.input_shape:
@@ -224,6 +227,11 @@ def model_inputs(metadata: dict) -> list[dict]:
     return list(metadata.get("inputs") or [metadata["input"]])
 
 
+def takes_tokens(metadata: dict) -> bool:
+    """Whether the model reads integer token ids (a text model, fed by name and never normalised)."""
+    return any(np.dtype(spec["dtype"]).kind in "iu" for spec in model_inputs(metadata))
+
+
 def _validate(metadata: dict) -> None:
     """ValueError naming every missing key: a bundle without them cannot be served correctly."""
     if not isinstance(metadata, dict):
@@ -312,7 +320,7 @@ def _triton_config(metadata: dict, name: str, model_file: Path, backend: str | N
     kind = {"tensorrt_plan": "KIND_GPU"}.get(platform, "KIND_AUTO") if backend is None else "KIND_CPU"
     served_by = f"platform: \"{platform}\"" if backend is None else f"backend: \"{backend}\""
     note = ("# token ids and attention masks go in as the tokenizer wrote them (int64, right-padded with 0s): see\n"
-            "# ../../metadata.json's inputs\n" if len(model_inputs(metadata)) > 1 else
+            "# ../../metadata.json's inputs\n" if takes_tokens(metadata) else
             "# inputs must be preprocessed with targets.bundle.apply_normalisation(x, normalisation) using the\n"
             "# normalisation in ../../metadata.json: Triton feeds the model as it receives it\n")
     return (f"{note}"

@@ -100,7 +100,8 @@ def quantize_int8(src: Path, dst: Path, calibration: Feed, batch_size: int = CAL
     with tempfile.TemporaryDirectory(prefix="compressor-int8-") as work, atomic_path(dst) as tmp:
         prepared = Path(work) / "prepared.onnx"  # shape-inferred and optimised fp32: an intermediate, not kept
         try:
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=not symbolic)
+            with contextlib.chdir(work):  # a failed shape inference leaves its scratch files in the cwd: here
+                quant_pre_process(str(src.resolve()), str(prepared), skip_symbolic_shape=not symbolic)
             with _root_log_errors_only():  # per-channel's "axis out of range" for 1-D (LayerNorm) weights: per-tensor
                 quantize_static(str(prepared), str(tmp), _BatchReader(rows, batch_size), **options)
         except Exception as exc:  # onnxruntime raises ValueError/RuntimeError/its own Fail types

@@ -1,10 +1,13 @@
-"""A real ``tritonserver`` on loopback serving a bundle's python-backend model, from the binary PyPI's
-``nvidia-pytriton`` wheel carries (python backend only; it runs on a CPU machine): what the serving test and
-``benchmarks/triton_serving.py`` start, and a way to try a bundle under Triton without a container.
+"""A real ``tritonserver`` on loopback serving one model of a bundle: by default the binary PyPI's
+``nvidia-pytriton`` wheel carries (python backend only; it runs on a CPU machine), which the serving tests and
+``benchmarks/triton_serving.py`` start, a way to try a bundle under Triton without a container; or an installed
+Triton (``server=/opt/tritonserver`` in NVIDIA's Triton container, whose onnxruntime and tensorrt backends serve
+the bundle's ``onnxruntime_onnx`` and ``tensorrt_plan`` models).
 
-The bundle's Triton repository is copied into a work folder, where the python backend gets this interpreter's
-stub and site-packages (so ``model.py`` imports the onnxruntime installed here); the server loads only the named
-model (``--model-control-mode explicit``), and is stopped however the ``with`` block ends.
+The bundle's Triton repository is copied into a work folder, where a python-backend model gets this
+interpreter's site-packages (so ``model.py`` imports the onnxruntime installed here) and, under nvidia-pytriton's
+binary, this interpreter's stub; the server loads only the named model (``--model-control-mode explicit``), and is
+stopped however the ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -50,21 +53,33 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_tritonserver(triton_repository: Path, model: str, work: Path) -> Iterator[tuple[str, str]]:
+def local_tritonserver(triton_repository: Path, model: str, work: Path,
+                       server: Path | None = None) -> Iterator[tuple[str, str]]:
     """Serve ``model`` of ``triton_repository`` (a bundle's ``triton/``) on loopback; yields the HTTP and gRPC
-    ``host:port``. The server's log is ``work/server.log``."""
-    root = server_root()
+    ``host:port``. ``server`` is an installed Triton's folder (``bin/tritonserver``, ``backends/``), by default
+    nvidia-pytriton's. The server's log is ``work/server.log``."""
     work.mkdir(parents=True, exist_ok=True)
-    repository, backends = work / "repository", work / "backends"
+    repository = work / "repository"
     shutil.copytree(triton_repository, repository, dirs_exist_ok=True)
     config = repository / model / "config.pbtxt"
-    site = sysconfig.get_paths()["purelib"]  # where this interpreter finds onnxruntime
-    config.write_text(config.read_text() + f'parameters: {{ key: "python_path" value: {{ string_value: "{site}" }} }}\n')
-    shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
-    shutil.copy(_stub(root), backends / "python" / "triton_python_backend_stub")
+    if 'backend: "python"' in config.read_text():
+        site = sysconfig.get_paths()["purelib"]  # where this interpreter finds onnxruntime
+        config.write_text(config.read_text() +
+                          f'parameters: {{ key: "python_path" value: {{ string_value: "{site}" }} }}\n')
+    if server is None:
+        root = server_root()
+        backends = work / "backends"
+        shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
+        shutil.copy(_stub(root), backends / "python" / "triton_python_backend_stub")
+    else:
+        root, backends = Path(server), Path(server) / "backends"
+        if not (root / "bin" / "tritonserver").is_file():
+            raise MissingCapabilityError(f"{root}: no bin/tritonserver there; give the folder of an installed Triton "
+                                         "(/opt/tritonserver in NVIDIA's Triton container)")
     http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    libraries = [sysconfig.get_config_var("LIBDIR"), str(root.parents[1] / "nvidia_pytriton.libs"),
-                 os.environ.get("LD_LIBRARY_PATH")]
+    bundled = [sysconfig.get_config_var("LIBDIR"), str(root.parents[1] / "nvidia_pytriton.libs")] if server is None \
+        else []  # the wheel's binary finds libpython and its own libraries there; an installed Triton needs none
+    libraries = [*bundled, os.environ.get("LD_LIBRARY_PATH")]
     env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, libraries))}
     command = [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
                "--backend-directory", str(backends), "--model-control-mode", "explicit", "--load-model", model,
@@ -72,17 +87,17 @@ def local_tritonserver(triton_repository: Path, model: str, work: Path) -> Itera
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--allow-metrics", "false",
                "--exit-timeout-secs", "5"]
     with open(work / "server.log", "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            _wait_ready(server, f"127.0.0.1:{http}", model, work / "server.log")
+            _wait_ready(process, f"127.0.0.1:{http}", model, work / "server.log")
             yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
         finally:
-            server.terminate()
+            process.terminate()
             try:
-                server.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+                process.kill()
+                process.wait()
 
 
 def _wait_ready(server: subprocess.Popen, url: str, model: str, log: Path) -> None:

@@ -64,7 +64,10 @@ class ServedBundle:
         if not isinstance(x, dict):
             if len(self.inputs) > 1:
                 raise ValueError(f"the model takes {', '.join(s['name'] for s in self.inputs)}: pass a dict of arrays")
-            return {self.inputs[0]["name"]: normalise(x, self.metadata["normalisation"])}
+            spec = self.inputs[0]
+            if np.dtype(spec["dtype"]).kind in "iu":  # token ids: sent as they are
+                return {spec["name"]: np.asarray(x).astype(spec["dtype"], copy=False)}
+            return {spec["name"]: normalise(x, self.metadata["normalisation"])}
         missing = [spec["name"] for spec in self.inputs if spec["name"] not in x]
         if missing:
             raise ValueError(f"no array for input {', '.join(missing)} (the model takes "
