@@ -28,7 +28,6 @@ extra), ``nvidia-pytriton`` (``pip install --no-deps nvidia-pytriton``) and trit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import shlex
@@ -40,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` finds compressor
 from compressor import save_ensemble  # noqa: E402
@@ -48,8 +46,7 @@ from compressor.cli import main as compress  # noqa: E402
 from compressor.core.fileio import write_json_atomic  # noqa: E402
 from compressor.data.datasets import load_dataset  # noqa: E402
 from targets.bundle import load_bundle  # noqa: E402
-from targets.triton_local import local_tritonserver  # noqa: E402
-from triton_serving import concurrent, summary, timed  # noqa: E402  (the serving benchmark's timing helpers)
+from triton_serving import serve_and_time, serving_table, summary, timed  # noqa: E402  (the serving benchmark's)
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = ["sport", "science", "politics", "arts"]
@@ -157,28 +154,14 @@ def main() -> int:
     student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == "onnxruntime")
     length = report["benchmark"]["sequence_length"]
 
-    spec = importlib.util.spec_from_file_location("bundle_client", run / "bundle" / "client.py")
-    client = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(client)
     test = load_dataset(f"hf:{data}", seed=0).test
     x, y = test.x.numpy(), test.y  # the whole split, right-padded to its longest row
     one = test.x[:1].at_length(length).numpy()  # one example at the report's timed sequence length
     bundle = load_bundle(run / "bundle")
     bundle_top1 = float((bundle.predict(x).argmax(1) == y).mean())
     rows = {"in process (Bundle.predict)": summary(timed(lambda: bundle.predict(one), args.seconds), args.seconds)}
-    with local_tritonserver(run / "bundle" / "triton", "student_python", work / "server") as (http, grpc):
-        served_top1 = {}
-        for protocol, url in (("http", http), ("grpc", grpc)):
-            served = client.ServedBundle(run / "bundle", url, protocol)
-            served_top1[protocol] = float((served.logits(x).argmax(1) == y).mean())
-            rows[f"Triton {dict(http='HTTP', grpc='gRPC')[protocol]}, 1 client"] = summary(
-                timed(lambda: served.logits(one), args.seconds), args.seconds)
-
-        def a_client():
-            served = client.ServedBundle(run / "bundle", grpc, "grpc")
-            return lambda: served.logits(one)
-
-        rows["Triton gRPC, 8 concurrent clients"] = summary(concurrent(a_client, 8, args.seconds), args.seconds)
+    served_top1, served = serve_and_time(run / "bundle", "student_python", work, None, x, y, one, args.seconds)
+    rows.update(served)
 
     ensemble = next(r for r in report["rows"] if r["kind"] == "ensemble" and r["backend"] == "PyTorch eager")
     baseline = next((r for r in report["rows"] if r["kind"] == "baseline"), None)  # timed in PyTorch only
@@ -193,14 +176,8 @@ def main() -> int:
               "sequence_length": length, "report_batch1_median_ms": student["latency"]["1"]["median_ms"],
               "bundle_inputs": bundle.metadata["inputs"],
               "seconds_per_mode": args.seconds, "serving": rows}
-    table = Table(title=f"{report['student']['spec']} ({student['parameters']:,} parameters), one example of "
-                        f"{length} tokens per request")
-    for column in ("mode", "requests", "median ms", "p90 ms", "requests/s"):
-        table.add_column(column, justify="left" if column == "mode" else "right")
-    for mode, row in rows.items():
-        table.add_row(mode, f"{row['requests']:,}", f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}",
-                      f"{row['requests_per_s']:,.0f}")
-    console.print(table)
+    console.print(serving_table(f"{report['student']['spec']} ({student['parameters']:,} parameters), one example of "
+                                f"{length} tokens per request", rows))
     baseline_text = f", baseline {result['baseline_top1']:.2%}" if baseline else ""
     console.print(f"test top-1: ensemble {result['ensemble_top1']:.2%} ({ensemble['parameters']:,} parameters), "
                   f"student in the report {result['report_top1']:.2%}{baseline_text}; served over HTTP "

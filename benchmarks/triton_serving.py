@@ -77,6 +77,46 @@ def summary(samples: list[float], seconds: float) -> dict:
             "p90_ms": round(float(np.percentile(samples, 90)), 4), "requests_per_s": round(len(samples) / seconds, 1)}
 
 
+def bundle_client(bundle: Path):
+    """The bundle's own ``client.py``, imported from the bundle as a service would use it."""
+    spec = importlib.util.spec_from_file_location("bundle_client", bundle / "client.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    return client
+
+
+def serve_and_time(bundle: Path, model: str, work: Path, server: Path | None, x, y, one,
+                   seconds: float) -> tuple[dict, dict]:
+    """Serve ``model`` of ``bundle`` on loopback: its top-1 on (x, y) over HTTP and gRPC through ``client.py``, and
+    timing rows for one example ``one`` per request (1 client per protocol, 8 concurrent gRPC clients)."""
+    client = bundle_client(bundle)
+    accuracy, rows = {}, {}
+    with local_tritonserver(bundle / "triton", model, work / "server", server) as (http, grpc):
+        for protocol, url in (("http", http), ("grpc", grpc)):
+            served = client.ServedBundle(bundle, url, protocol, model)
+            accuracy[protocol] = float((served.logits(x).argmax(1) == y).mean())
+            rows[f"Triton {dict(http='HTTP', grpc='gRPC')[protocol]}, 1 client"] = summary(
+                timed(lambda: served.logits(one), seconds), seconds)
+
+        def a_client():
+            served = client.ServedBundle(bundle, grpc, "grpc", model)
+            return lambda: served.logits(one)
+
+        rows["Triton gRPC, 8 concurrent clients"] = summary(concurrent(a_client, 8, seconds), seconds)
+    return accuracy, rows
+
+
+def serving_table(title: str, rows: dict) -> Table:
+    """The timing rows as a rich table: requests, median and p90 ms, requests per second."""
+    table = Table(title=title)
+    for column in ("mode", "requests", "median ms", "p90 ms", "requests/s"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for mode, row in rows.items():
+        table.add_row(mode, f"{row['requests']:,}", f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}",
+                      f"{row['requests_per_s']:,.0f}")
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/compressor-triton-serving"))
@@ -98,40 +138,20 @@ def main() -> int:
                          "1,8,64", "--no-progress"]) == 0
     report = json.loads((run / "report.json").read_text())
     student = next(r for r in report["rows"] if r["kind"] == "student" and r["backend"] == report["export"]["target"])
-    spec = importlib.util.spec_from_file_location("bundle_client", run / "bundle" / "client.py")
-    client = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(client)
     data = load_dataset("digits", seed=0)
     x, y, one = data.test.x, data.test.y, data.test.x[:1]
     rows = {}
     if (run / "bundle" / "model.onnx").is_file():  # load_bundle serves ONNX files; a TensorRT plan only under Triton
         bundle = load_bundle(run / "bundle")
         rows["in process (Bundle.predict)"] = summary(timed(lambda: bundle.predict(one), args.seconds), args.seconds)
-    with local_tritonserver(run / "bundle" / "triton", args.model, work / "server", args.tritonserver) as (http, grpc):
-        accuracy = {}
-        for protocol, url in (("http", http), ("grpc", grpc)):
-            served = client.ServedBundle(run / "bundle", url, protocol, args.model)
-            accuracy[protocol] = float((served.logits(x).argmax(1) == y).mean())
-            rows[f"Triton {dict(http='HTTP', grpc='gRPC')[protocol]}, 1 client"] = summary(timed(lambda: served.logits(one), args.seconds),
-                                                                   args.seconds)
-
-        def a_client():
-            served = client.ServedBundle(run / "bundle", grpc, "grpc", args.model)
-            return lambda: served.logits(one)
-
-        rows["Triton gRPC, 8 concurrent clients"] = summary(concurrent(a_client, 8, args.seconds), args.seconds)
+    accuracy, served = serve_and_time(run / "bundle", args.model, work, args.tritonserver, x, y, one, args.seconds)
+    rows.update(served)
     result = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
               "model": args.model, "tritonserver": str(args.tritonserver or "nvidia-pytriton"),
               "student": report["student"]["spec"], "report_top1": student["accuracy"]["top1"],
               "report_batch1_median_ms": student["latency"]["1"]["median_ms"], "served_top1": accuracy,
               "seconds_per_mode": args.seconds, "rows": rows}
-    table = Table(title=f"{report['student']['spec']} on digits: one example per request")
-    for column in ("mode", "requests", "median ms", "p90 ms", "requests/s"):
-        table.add_column(column, justify="left" if column == "mode" else "right")
-    for mode, row in rows.items():
-        table.add_row(mode, f"{row['requests']:,}", f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}",
-                      f"{row['requests_per_s']:,.0f}")
-    console.print(table)
+    console.print(serving_table(f"{report['student']['spec']} on digits: one example per request", rows))
     console.print(f"test top-1: report {student['accuracy']['top1']:.4%}, served over HTTP {accuracy['http']:.4%}, "
                   f"gRPC {accuracy['grpc']:.4%}; the report's own batch-1 median "
                   f"{student['latency']['1']['median_ms']:.4f} ms")
