@@ -46,7 +46,7 @@ from compressor.cli import main as compress  # noqa: E402
 from compressor.core.fileio import write_json_atomic  # noqa: E402
 from compressor.data.datasets import load_dataset  # noqa: E402
 from targets.bundle import load_bundle  # noqa: E402
-from triton_serving import serve_and_time, serving_table, summary, timed  # noqa: E402  (the serving benchmark's)
+from benchmarks.triton_serving import serve_and_time, serving_table, summary, timed  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = ["sport", "science", "politics", "arts"]
