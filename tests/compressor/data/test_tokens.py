@@ -50,3 +50,13 @@ def test_data_is_checked_against_the_teachers_inputs_vocabulary_and_length(token
         load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}"), ensemble)
     with pytest.raises(CompressorError, match="gives one input tensor but the teachers .* take named inputs"):
         load_data(RunConfig(teacher=text_ensemble, data="digits"), ensemble)
+
+
+def test_parquet_files_of_token_columns_read_as_the_same_named_inputs(token_data, tmp_path):
+    """``parquet:GLOB`` (a Hub dataset's files) reads the same token columns as ``hf:DIR``; its one split is cut."""
+    saved = datasets.load_from_disk(str(token_data))["train"]
+    saved.to_parquet(str(tmp_path / "train-00000.parquet"))
+    data = load_dataset(f"parquet:{tmp_path / '*.parquet'}", seed=0)
+    assert data.named_inputs and data.train.x.names == ["input_ids", "attention_mask"]
+    assert data.train.x.dtype == torch.int64 and len(data.train) + len(data.val) + len(data.test) == 600
+    assert data.split_info["max_length"] == 15
