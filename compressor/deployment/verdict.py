@@ -90,9 +90,15 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
         text += _member_clause(member, student_acc, median(member) / median(student), target, batch)
     drop = 100 * (ensemble_acc - student_acc)
     if drop > 1.0:
+        baseline_acc = baseline["accuracy"]["top1"] if baseline else None
         if training.best_epoch == epochs:
             cause = (f"its validation accuracy was still rising at its last epoch ({epochs}), so it is likely "
                      f"undertrained: try more --epochs")
+        elif baseline_acc is not None and baseline_acc >= ensemble_acc - 0.01:
+            # the same network reaches the ensemble on labels alone: capacity is not what it lacks
+            cause = (f"the same network trained on labels alone reaches {baseline_acc:.2%}, so its size is not what "
+                     f"holds it back: the soft targets teach it the teachers' mistakes; weigh the labels more "
+                     f"(a lower --alpha) or improve the teachers")
         else:
             cause = (f"its validation accuracy peaked at epoch {training.best_epoch} of {epochs}, so more epochs "
                      f"will not help; with {student['parameters']:,} parameters against the ensemble's "

@@ -179,6 +179,22 @@ def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline(
     assert "no gain over it to pass on" in nothing
 
 
+def test_a_student_whose_baseline_matches_the_ensemble_is_not_called_too_small():
+    """Losing points to the ensemble when the same network reaches it on labels alone is the soft targets' doing."""
+    from compressor.deployment.verdict import headline
+    from compressor.training.loop import TrainResult
+
+    eager = _row("ensemble", "PyTorch eager", 0.90, 1.0, 400_000)
+    student = _row("student", "onnxruntime", 0.79, 0.05, 80_000)
+    strong = headline([eager, _row("baseline", "PyTorch eager", 0.97, 0.1, 80_000), student], "onnxruntime",
+                      TrainResult(23, 0.8), 30)
+    assert "labels alone reaches 97.00%, so its size is not what holds it back" in strong
+    assert "lower --alpha" in strong and "too small" not in strong
+    weak = headline([eager, _row("baseline", "PyTorch eager", 0.75, 0.1, 80_000), student], "onnxruntime",
+                    TrainResult(23, 0.8), 30)
+    assert "likely too small: try a wider --student" in weak
+
+
 def _scored(kind: str, correct: np.ndarray, labels: np.ndarray):
     """A Row whose argmax is right exactly where ``correct`` says (scores one-hot on the label or the next class)."""
     from compressor.deployment.rows import EAGER, Row
