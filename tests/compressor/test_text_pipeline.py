@@ -32,6 +32,10 @@ def test_the_student_is_exported_with_both_int64_inputs_and_passes_parity(report
     assert [(i["name"], i["shape"], i["dtype"]) for i in inputs] == [(n, ["batch", "sequence"], "int64") for n in NAMES]
     assert report["benchmark"]["sequence_length"] >= 2
     assert {r["kind"] for r in report["rows"]} >= {"ensemble", "member", "student"}
+    # the traced teachers too (TorchScript through the ONNX exporter), with both inputs: a like-for-like row
+    assert report["ensemble_export"]["exported"] and report["ensemble_export"]["parity"]["passed"]
+    assert [i["name"] for i in report["ensemble_export"]["artifact"]["inputs"]] == NAMES
+    assert any(r["kind"] == "ensemble" and r["backend"] == "onnxruntime" for r in report["rows"])
 
 
 def test_the_bundle_declares_every_input_and_predicts_what_the_report_scored(text_run, report, token_data):
