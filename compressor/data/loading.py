@@ -43,8 +43,14 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
         check_named_inputs(dataset, ensemble, spec, config.teacher)
         if config.normalise is not None:
             raise CompressorError(f"--normalise applies to float inputs; --data {spec} holds token ids")
+        longest = ensemble.metadata.get("max_length")
+        if config.seq_len is not None and not 1 <= config.seq_len <= (longest or config.seq_len):
+            raise CompressorError(f"--seq-len {config.seq_len}: give a length from 1 to the teachers' longest input "
+                                  f"({longest} tokens in {config.teacher})")
         align_classes(dataset, ensemble.class_names)
         return dataset, None
+    if config.seq_len is not None:
+        raise CompressorError(f"--seq-len applies to text data (token columns); --data {spec} holds one input tensor")
     if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
         raise CompressorError(
             f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "

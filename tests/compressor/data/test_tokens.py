@@ -60,3 +60,14 @@ def test_parquet_files_of_token_columns_read_as_the_same_named_inputs(token_data
     assert data.named_inputs and data.train.x.names == ["input_ids", "attention_mask"]
     assert data.train.x.dtype == torch.int64 and len(data.train) + len(data.val) + len(data.test) == 600
     assert data.split_info["max_length"] == 15
+
+
+def test_seq_len_must_fit_the_teachers_and_applies_to_text_only(token_data, text_ensemble, digits_ensemble):
+    ensemble = load_ensemble(text_ensemble)  # max_length 32: the tiny BERTs' position embeddings
+    dataset, _ = load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}", seq_len=32), ensemble)
+    assert dataset.named_inputs
+    with pytest.raises(CompressorError, match="--seq-len 40: give a length from 1 to the teachers' longest input "
+                                              r"\(32 tokens"):
+        load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}", seq_len=40), ensemble)
+    with pytest.raises(CompressorError, match="--seq-len applies to text data"):
+        load_data(RunConfig(teacher=digits_ensemble, data="digits", seq_len=16), load_ensemble(digits_ensemble))
