@@ -20,7 +20,7 @@ from rich.console import Console
 from compressor.config import PRECISIONS, RunConfig
 from compressor.core.errors import CompressorError, MissingCapabilityError
 from compressor.core.inputs import example_of
-from compressor.data.loading import load_data, to_tensors
+from compressor.data.loading import check_seq_len, load_data, to_tensors
 from compressor.deployment.export import export_all, save_student, write_student_bundle
 from compressor.deployment.report import benchmark, build_report, environment
 from compressor.teachers.formats import load_ensemble
@@ -93,6 +93,7 @@ def start(config: RunConfig, console: Console) -> RunContext:
         torch.set_num_threads(config.threads)
     ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
     dataset, normalisation = load_data(config, ensemble)
+    check_seq_len(config.seq_len, dataset, ensemble, config.teacher)
     if dataset.named_inputs and config.target == "torch-tensorrt":
         raise CompressorError(NAMED_INPUTS_REFUSED)  # before any training: it would fail at the export
     tensors = to_tensors(dataset, normalisation)

@@ -43,14 +43,8 @@ def load_data(config: RunConfig, ensemble: Ensemble) -> tuple[Dataset, dict | No
         check_named_inputs(dataset, ensemble, spec, config.teacher)
         if config.normalise is not None:
             raise CompressorError(f"--normalise applies to float inputs; --data {spec} holds token ids")
-        longest = ensemble.metadata.get("max_length")
-        if config.seq_len is not None and not 1 <= config.seq_len <= (longest or config.seq_len):
-            raise CompressorError(f"--seq-len {config.seq_len}: give a length from 1 to the teachers' longest input "
-                                  f"({longest} tokens in {config.teacher})")
         align_classes(dataset, ensemble.class_names)
         return dataset, None
-    if config.seq_len is not None:
-        raise CompressorError(f"--seq-len applies to text data (token columns); --data {spec} holds one input tensor")
     if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
         raise CompressorError(
             f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
@@ -105,6 +99,20 @@ def check_named_inputs(dataset: Dataset, ensemble: Ensemble, spec: str, teacher)
             raise CompressorError(f"--data {spec}: the {split_name} split has a row of {split.x.shape[1]} tokens (row "
                                   f"{bad}) but the teachers in {teacher} take at most {longest}; truncate the "
                                   f"sequences to {longest} when tokenizing")
+
+
+def check_seq_len(seq_len: int | None, dataset: Dataset, ensemble: Ensemble, teacher) -> None:
+    """``--seq-len`` (the length the benchmark times text rows at): 1 to the teachers' longest input, and only for
+    data of token columns; one line otherwise."""
+    if seq_len is None:
+        return
+    if not dataset.named_inputs:
+        raise CompressorError(f"--seq-len applies to text data (token columns); --data {dataset.source} holds one "
+                              "input tensor")
+    longest = ensemble.metadata.get("max_length")
+    if not 1 <= seq_len <= (longest or seq_len):
+        raise CompressorError(f"--seq-len {seq_len}: give a length from 1 to the teachers' longest input "
+                              f"({longest} tokens in {teacher})")
 
 
 def _name_key(name: str) -> str:

@@ -9,7 +9,7 @@ import torch
 from compressor.config import RunConfig
 from compressor.core.errors import CompressorError
 from compressor.data.datasets import ReadOptions, load_dataset
-from compressor.data.loading import load_data
+from compressor.data.loading import check_seq_len, load_data
 from compressor.teachers.formats import load_ensemble
 
 datasets = pytest.importorskip("datasets")
@@ -64,10 +64,20 @@ def test_parquet_files_of_token_columns_read_as_the_same_named_inputs(token_data
 
 def test_seq_len_must_fit_the_teachers_and_applies_to_text_only(token_data, text_ensemble, digits_ensemble):
     ensemble = load_ensemble(text_ensemble)  # max_length 32: the tiny BERTs' position embeddings
-    dataset, _ = load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}", seq_len=32), ensemble)
-    assert dataset.named_inputs
+    dataset, _ = load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}"), ensemble)
+    check_seq_len(32, dataset, ensemble, text_ensemble)
     with pytest.raises(CompressorError, match="--seq-len 40: give a length from 1 to the teachers' longest input "
                                               r"\(32 tokens"):
-        load_data(RunConfig(teacher=text_ensemble, data=f"hf:{token_data}", seq_len=40), ensemble)
+        check_seq_len(40, dataset, ensemble, text_ensemble)
+    digits, _ = load_data(RunConfig(teacher=digits_ensemble, data="digits"), load_ensemble(digits_ensemble))
     with pytest.raises(CompressorError, match="--seq-len applies to text data"):
-        load_data(RunConfig(teacher=digits_ensemble, data="digits", seq_len=16), load_ensemble(digits_ensemble))
+        check_seq_len(16, digits, load_ensemble(digits_ensemble), digits_ensemble)
+
+
+def test_the_main_job_refuses_a_bad_seq_len_before_any_work(text_ensemble, token_data, tmp_path, capsys):
+    from compressor.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--teacher", str(text_ensemble), "--data", f"hf:{token_data}", "--seq-len", "40", "--out",
+                 str(out), "--no-progress"]) != 0
+    assert "--seq-len 40" in capsys.readouterr().err and not out.exists()
