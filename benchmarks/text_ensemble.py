@@ -6,7 +6,8 @@ through the bundle's ``client.py``.
 The task (``token_task``): 4 topics, 48 keyword ids each, among 200 filler ids; a row of 8 to 32 tokens after
 [CLS] holds 2 to 5 keywords of its topic and 1 to 4 of another topic, each of those preceded by the NOT token,
 which cancels it, in a random order among fillers. Counting keywords is not enough (the negated ones are as many
-as the real ones or more in about a third of the rows), so a model must read each keyword's left neighbour. 5% of the training labels are redrawn at random.
+as the real ones or more in about a third of the rows), so a model must read each keyword's left neighbour. 5% of
+the training labels are redrawn at random.
 
 1. ``--train`` rows (and a test split of ``--test``), saved with ``datasets.save_to_disk``.
 2. Three BERTs (2 layers, hidden 64, 4 heads, seeds 0-2) trained ``--teacher-epochs`` epochs each with AdamW and

@@ -59,7 +59,7 @@ def by_name(feed: Feed, names: list[str], where) -> dict[str, np.ndarray]:
         return {names[0]: feed}
     missing, unknown = [n for n in names if n not in feed], [n for n in feed if n not in names]
     if missing or unknown:
-        parts = ([f"no {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])
+        parts = [f"no {', '.join(missing)}"] * bool(missing) + [f"unknown {', '.join(unknown)}"] * bool(unknown)
         raise CompressorError(f"{where}: the model's inputs are {', '.join(names)}, but the arrays given have "
                               f"{'; '.join(parts)}")
     return {name: feed[name] for name in names}

@@ -113,7 +113,8 @@ def _quiet_export(torch, model, example_input):
             if isinstance(model, torch.jit.ScriptModule):
                 return _torchscript_export(torch, model, args, names, _dynamic_axes(example_input))
             dims = {axis: torch.export.Dim(axis) for axis in (BATCH_AXIS, SEQUENCE_AXIS)}  # shared by every input
-            shapes = tuple({i: dims[axis] for i, axis in axes.items()} for axes in _dynamic_axes(example_input).values())
+            shapes = tuple({i: dims[axis] for i, axis in axes.items()}
+                           for axes in _dynamic_axes(example_input).values())
             return torch.onnx.export(model, args, None, input_names=names, output_names=[OUTPUT_NAME], dynamo=True,
                                      external_data=False, dynamic_shapes=shapes, verbose=False,
                                      optimize=True).model_proto

@@ -4,8 +4,8 @@ Both steps use ONNX Runtime's own tools rather than hand-written graph surgery (
 
 - fp16: ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` stores weights and runs
   arithmetic in float16 while the graph input and output stay float32 (a Cast at each end; int64 token ids stay
-  int64), so callers, parity and the serving bundle keep feeding what they fed the fp32 file. The converter appends its input Casts at the end of the node list, which
-  ``onnx.checker`` rejects as unsorted; ``OnnxModel.graph_topological_sort`` (same package) puts them first.
+  int64), so callers, parity and the serving bundle keep feeding what they fed the fp32 file. The converter
+  appends its input Casts at the end of the node list, which ``onnx.checker`` rejects as unsorted; ``OnnxModel.graph_topological_sort`` (same package) puts them first.
 - int8: ``quant_pre_process`` (shape inference + ONNX Runtime's basic graph optimisation), then ``quantize_static``
   in QDQ format, calibrated by MinMax on rows of the transfer set (the data the student was distilled on).
 
