@@ -34,13 +34,12 @@ from compressor.training.recipes import make_recipe
 from compressor.training.teacher_outputs import diagnose_teachers, teacher_outputs, transfer_fit
 from compressor.training.transfer import check_views, fix_bias, transfer_set
 from compressor.training.tuning import tune
-from targets.base import check_target_available, get_target
+from targets.base import check_target_available, check_target_inputs, get_target
 from targets.benchmark import measure_latency
 from targets.onnxruntime import check_provider
 from targets.parity import enforce_parity
 from targets.report import write_report
 from targets.tensorrt_preflight import preflight
-from targets.torch_tensorrt import NAMED_INPUTS_REFUSED
 
 
 def run(config: RunConfig, console: Console | None = None) -> dict | None:
@@ -94,8 +93,7 @@ def start(config: RunConfig, console: Console) -> RunContext:
     ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
     dataset, normalisation = load_data(config, ensemble)
     check_seq_len(config.seq_len, dataset, ensemble, config.teacher)
-    if dataset.named_inputs and config.target == "torch-tensorrt":
-        raise CompressorError(NAMED_INPUTS_REFUSED)  # before any training: it would fail at the export
+    check_target_inputs(config.target, dataset.named_inputs)  # before any training: it would fail at the export
     tensors = to_tensors(dataset, normalisation)
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     omitted = omitted_class_indices(config, ensemble, dataset)

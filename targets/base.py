@@ -88,6 +88,7 @@ class TargetInfo:
     description: str
     precisions: tuple[str, ...] = ("fp32",)
     packages: tuple[str, ...] = ()  # optional packages it imports at run time (the gpu extra), checked up front
+    named_inputs: bool = True       # exports models of several named (int64) inputs, a text classifier's
 
 
 # The registry, explicit and in one place (no registration as an import side effect).
@@ -102,7 +103,7 @@ TARGETS: dict[str, TargetInfo] = {
                            ("fp32", "fp16", "int8"), ("tensorrt",)),
     "torch-tensorrt": TargetInfo("targets.torch_tensorrt", True,
                                  "torch_tensorrt.compile of the PyTorch student; NVIDIA GPU", ("fp32", "fp16"),
-                                 ("torch_tensorrt",)),
+                                 ("torch_tensorrt",), named_inputs=False),
 }
 
 
@@ -151,6 +152,13 @@ def check_target_available(name: str, precision: str = "fp32") -> None:
             f"--target {name} needs the {' and '.join(missing)} package, which is not installed here; install "
             "compressor with the gpu extra (pip install -e '.[gpu]'), run the Docker image (docker build -t "
             "compressor .), or use --target onnxruntime")
+
+
+def check_target_inputs(name: str, named: bool) -> None:
+    """Refuse, in one line, a model of named inputs (a text classifier) for a target that exports one input only."""
+    if named and not _info(name).named_inputs:
+        raise CompressorError(f"--target {name} exports models of one float32 input; a text model's named int64 "
+                              "inputs go through --target tensorrt (an engine with a sequence profile) or onnxruntime")
 
 
 def _info(name: str) -> TargetInfo:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from targets.feeds import Feed, feed_rows, is_named, take_rows
+from targets.feeds import Feed, as_feed, feed_rows, take_rows
 
 NOISY_CV = 0.025  # std / mean above this and the figure is flagged
 UNSTABLE_ROUNDS = 0.10  # back-to-back rounds whose medians differ by more than this are flagged
@@ -67,7 +67,7 @@ def measure_latency(fn: Callable[[Feed], object], pool: Feed, batch_size: int, w
     The timed loop stops once ``duration_s`` has passed and at least ``min_iterations`` calls ran. The garbage
     collector is paused while timing (as ``timeit`` does) so its pauses are not charged to ``fn``.
     """
-    pool = pool if is_named(pool) else np.asarray(pool)
+    pool = as_feed(pool)
     if batch_size < 1 or min_iterations < 1 or feed_rows(pool) == 0:
         raise ValueError(f"measure_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
                          f"({min_iterations}) and a non-empty pool ({feed_rows(pool)} rows)")

@@ -38,7 +38,7 @@ import torch
 
 from compressor.core.errors import MissingCapabilityError
 from targets.benchmark import LatencyStats, batches_from_pool, latency_stats, timed_calls, warm_up
-from targets.feeds import Feed, feed_arrays, feed_rows, is_named
+from targets.feeds import Feed, as_feed, feed_arrays, feed_rows
 
 EVENT_RING = 64  # sets of four events reused in turn; each set is read before its slot is recorded again
 
@@ -67,7 +67,7 @@ def measure_cuda_latency(forward: Callable[..., torch.Tensor], pool: Feed, batch
     minimum count below 1, or a device that is not a CUDA device, and TypeError when ``forward`` does not
     return a tensor.
     """
-    pool = pool if is_named(pool) else np.asarray(pool)
+    pool = as_feed(pool)
     if batch_size < 1 or min_iterations < 1 or feed_rows(pool) == 0:
         raise ValueError(f"measure_cuda_latency needs batch_size >= 1 ({batch_size}), min_iterations >= 1 "
                          f"({min_iterations}) and a non-empty pool ({feed_rows(pool)} rows)")

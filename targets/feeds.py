@@ -23,6 +23,11 @@ def is_named(feed) -> bool:
     return isinstance(feed, dict)
 
 
+def as_feed(pool) -> Feed:
+    """``pool`` as a feed: arrays by name as they are, anything else as one numpy array."""
+    return pool if is_named(pool) else np.asarray(pool)
+
+
 def feed_rows(feed: Feed) -> int:
     """N, the rows every array of ``feed`` holds."""
     return len(next(iter(feed.values()))) if is_named(feed) else len(feed)

@@ -99,7 +99,8 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: BatchProfile, timing
                  sequence: BatchProfile | None = None) -> dict:
     """Parse ``onnx_path``, build it for the current GPU with one optimisation profile over the batch axis (and a
     text model's ``sequence`` axis), and write the serialized engine to ``plan_path``. The timing cache at
-    ``timing_cache`` is loaded when present and saved after the build (both atomically). Returns the build record: seconds, bytes, profile shapes, GPU, cache."""
+    ``timing_cache`` is loaded when present and saved after the build (both atomically). Returns the build record:
+    seconds, bytes, profile shapes, GPU, cache."""
     import torch
 
     trt = require_gpu_package("tensorrt", "tensorrt")

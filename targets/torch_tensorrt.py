@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from compressor.core.errors import CompressorError, first_line, root_cause
-from targets.base import Artifact, TensorSpec
+from targets.base import Artifact, TensorSpec, check_target_inputs
 from targets.tensorrt import batch_slices, check_input, check_threads
 from targets.tensorrt_build import DEFAULT_BATCH_SIZES, BatchProfile, choose_profile, require_gpu_package
 
@@ -56,8 +56,6 @@ DESCRIPTION_FILE = "compressor.json"  # inside model.pt2, beside the program
 TIMING_CACHE_FILE = "timing.cache"
 SUPPORTED_PRECISIONS = ("fp32", "fp16")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-NAMED_INPUTS_REFUSED = ("--target torch-tensorrt compiles students of one float32 input; a text model's named int64 "
-                        "inputs go through --target tensorrt (an engine with a sequence profile) or onnxruntime")
 TRACE_ROWS = 2  # rows of the example batch torch.export traces with: any size but 0 and 1 (always <= profile max)
 
 
@@ -70,8 +68,7 @@ def export(model, example_input, out_dir: Path, precision: str = "fp32",
     if precision not in SUPPORTED_PRECISIONS:
         raise CompressorError(f"--precision {precision}: --target torch-tensorrt compiles fp32 and fp16; use --target "
                               f"tensorrt for {precision} (a QDQ graph calibrated on the transfer set)")
-    if isinstance(example_input, dict):
-        raise CompressorError(NAMED_INPUTS_REFUSED)
+    check_target_inputs("torch-tensorrt", isinstance(example_input, dict))
     if isinstance(model, torch.jit.ScriptModule):
         raise CompressorError(f"--target torch-tensorrt compiles nn.Modules through torch.export, and "
                               f"{type(model).__name__} is TorchScript, which torch.export cannot trace; use --target "

@@ -71,15 +71,15 @@ def local_tritonserver(triton_repository: Path, model: str, work: Path,
         backends = work / "backends"
         shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
         shutil.copy(_stub(root), backends / "python" / "triton_python_backend_stub")
+        # the wheel's binary finds libpython and its own libraries there; an installed Triton needs neither
+        libraries = [sysconfig.get_config_var("LIBDIR"), str(root.parents[1] / "nvidia_pytriton.libs")]
     else:
-        root, backends = Path(server), Path(server) / "backends"
+        root, backends, libraries = Path(server), Path(server) / "backends", []
         if not (root / "bin" / "tritonserver").is_file():
             raise MissingCapabilityError(f"{root}: no bin/tritonserver there; give the folder of an installed Triton "
                                          "(/opt/tritonserver in NVIDIA's Triton container)")
     http, grpc, metrics = _free_port(), _free_port(), _free_port()
-    bundled = [sysconfig.get_config_var("LIBDIR"), str(root.parents[1] / "nvidia_pytriton.libs")] if server is None \
-        else []  # the wheel's binary finds libpython and its own libraries there; an installed Triton needs none
-    libraries = [*bundled, os.environ.get("LD_LIBRARY_PATH")]
+    libraries.append(os.environ.get("LD_LIBRARY_PATH"))
     env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, libraries))}
     command = [str(root / "bin" / "tritonserver"), "--model-repository", str(repository),
                "--backend-directory", str(backends), "--model-control-mode", "explicit", "--load-model", model,
