@@ -1,5 +1,7 @@
 # Two commands for a new user: `make demo` and `make test`. Each builds .venv on first use.
-# CPU machines: torch 2.13.0 (CPU build). On a CUDA server with torch already installed, use
+# CPU machines: torch 2.14.1 with torchvision 0.29.1 (a CUDA build that runs on the CPU; pip on Python 3.11 takes
+# both from this machine's disk), so the timm and torchvision students are tested. On a CUDA server with torch
+# already installed, use
 #   pip install -e '.[gpu,dev]'   (see README).
 PYTHON ?= python3
 VENV := .venv
@@ -13,8 +15,8 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev,images]'
 	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	touch $@
 

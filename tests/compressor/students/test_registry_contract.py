@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import warnings
 
 import numpy as np
@@ -57,6 +58,8 @@ def make_student(name: str, input_shape: tuple[int, ...]) -> nn.Module:
     try:
         student_catalogue(name)
     except CompressorError as exc:
+        if os.environ.get("CI"):  # make test installs timm and torchvision: a family missing there is a failure
+            raise
         pytest.skip(f"{name}: {exc}")
     architecture = describe_architecture(teacher_members(input_shape)[0])
     assert architecture is not None

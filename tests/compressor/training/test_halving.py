@@ -558,9 +558,10 @@ def test_a_search_sized_by_its_budget_resumes_with_the_same_choices(digits_ensem
     assert main([*with_out(args, again), "--resume"]) == 0
     resumed = json.loads((again / "report.json").read_text())["tuning"]
     # the budget is spent in the seconds the trials' histories recorded, so the same trials, rungs, accuracies and
-    # costs come out, though the resumed search took almost no time
+    # costs come out, though the resumed search took almost no time. How many trials fit 0.2 minutes depends on the
+    # machine's load, so nothing here counts them: the simulated-clock tests above size searches by a fake clock.
     assert resumed["trials"] == first["trials"] and resumed["chosen"] == first["chosen"]
-    assert resumed["trials_per_family"] == first["trials_per_family"] > 1, first
+    assert resumed["trials_per_family"] == first["trials_per_family"], first
 
 
 @pytest.mark.slow
