@@ -107,3 +107,20 @@ def default_cache_root() -> Path:
         return Path(os.environ["COMPRESSOR_CACHE_DIR"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "compressor" / "teacher-logits"
+
+
+def why_unwritable(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """Why files could not be written in ``folder`` (made later if missing): the nearest existing path at or above
+    it and "is a file, not a folder" or the system's reason; None when they can. Checked by creating and removing
+    one temporary file there, so nothing is left behind."""
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return probe, "is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".compressor-write-check-"):
+            pass
+    except OSError as exc:
+        return probe, f"cannot be written in ({exc.strerror or exc})"
+    return None

@@ -39,7 +39,8 @@ import numpy as np
 from torch import Tensor
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import directory_mode, remove_folder_atomically, sha256_file
+from compressor.core.fileio import (default_cache_root, directory_mode, remove_folder_atomically, sha256_file,
+                                   why_unwritable)
 from compressor.training.cached_logits import (CachedLogits, TopKLogits, check_top_k, index_dtype, reduce_top_k,
                                                tail_mass)
 
@@ -57,6 +58,23 @@ def cache_key(teacher_sha256: str, data_sha256: str, preprocessing: dict, top_k:
     key = {"format": CACHE_FORMAT, "teacher_sha256": teacher_sha256, "data_sha256": data_sha256,
            "preprocessing": json.loads(json.dumps(preprocessing, sort_keys=True))}
     return key if top_k is None else {**key, "top_k": int(top_k)}
+
+
+def check_cache_root(folder: Path | None, no_cache: bool) -> None:
+    """Stop before any work when the cache folder (``--teacher-cache``, else :func:`default_cache_root`) cannot hold
+    entries: it, or the nearest folder above it that exists, is a file or cannot be written in. Teacher logits,
+    views and decoded images all go there; the default is left unchecked with --no-cache (it may go unused).
+    Creates nothing."""
+    if folder is None and no_cache:
+        return
+    root = Path(folder).expanduser() if folder is not None else default_cache_root()
+    where = f"--teacher-cache {root}" if folder is not None else f"the cache folder {root}"
+    fix = ("choose another --teacher-cache" if folder is not None else "pass --teacher-cache with a writable folder") \
+        + ("" if no_cache else " or pass --no-cache")
+    problem = why_unwritable(root)
+    if problem is not None:
+        path, why = problem
+        raise CompressorError(f"{where}{'' if path == root else f': {path}'} {why}; {fix}")
 
 
 def key_digest(key: dict) -> str:

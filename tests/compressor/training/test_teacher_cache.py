@@ -23,7 +23,8 @@ from compressor import save_ensemble
 from compressor.cli import main
 from compressor.core.errors import CompressorError
 from compressor.training.cached_logits import CachedLogits
-from compressor.training.teacher_cache import ENTRY_FILE, StreamedLogits, TeacherCache, cache_key, key_digest
+from compressor.training.teacher_cache import (ENTRY_FILE, StreamedLogits, TeacherCache, cache_key,
+                                              check_cache_root, key_digest)
 from compressor.core.fileio import default_cache_root
 from compressor.teachers.formats import load_ensemble
 from tests.conftest import digits_members
@@ -209,6 +210,40 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(CompressorError, match="cannot create the teacher cache in .*a-file.*--teacher-cache"):
         TeacherCache(tmp_path / "a-file", a_key()).store(member_logits())
+
+
+def test_a_cache_folder_that_is_a_file_or_lies_under_one_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(CompressorError, match=r"^--teacher-cache \S*a-file is a file, not a folder; choose another "
+                                              r"--teacher-cache or pass --no-cache$"):
+        check_cache_root(tmp_path / "a-file", no_cache=False)
+    with pytest.raises(CompressorError, match=r"^--teacher-cache \S*a-file/cache/deeper: \S*a-file is a file, not a "
+                                              r"folder; choose another --teacher-cache$"):
+        check_cache_root(tmp_path / "a-file" / "cache" / "deeper", no_cache=True)  # images still decode there
+    check_cache_root(tmp_path / "new" / "cache", no_cache=False)  # a folder still to be made is fine...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # ...and the check creates nothing
+
+
+def test_the_default_cache_folder_is_checked_unless_no_cache_leaves_it_unused(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "a-file"))
+    with pytest.raises(CompressorError, match=r"^the cache folder \S*a-file is a file, not a folder; pass "
+                                              r"--teacher-cache with a writable folder or pass --no-cache$"):
+        check_cache_root(None, no_cache=False)
+    check_cache_root(None, no_cache=True)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_folder_is_refused_before_any_work(tmp_path):
+    root = tmp_path / "readonly"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        with pytest.raises(CompressorError, match=r"cannot write in \S*readonly \(Permission denied\); choose "
+                                                  r"another --teacher-cache or pass --no-cache"):
+            check_cache_root(root / "cache", no_cache=False)
+    finally:
+        root.chmod(0o700)
 
 
 def test_an_entry_copied_under_another_key_is_refused(tmp_path):
@@ -441,6 +476,34 @@ def test_a_damaged_entry_stops_compress_before_out_and_refresh_rebuilds_it(first
     rebuilt = TeacherCache(cache, report["teacher_cache"]["key"]).load()  # whole again
     for split in ("train", "val", "test"):
         assert np.array_equal(np.asarray(rebuilt[split].array), np.load(first_run.entry / f"{split}.npy"))
+
+
+@pytest.mark.slow
+def test_an_entry_with_flipped_bytes_stops_the_rerun_before_out(first_run, digits_ensemble, tmp_path, capsys):
+    """The same size and header, one logit's bytes changed: only the checksum can tell, and the rerun refuses it."""
+    cache, entry = copy_cache(first_run, tmp_path)
+    _flip_last_byte(entry / "val.npy")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert compress(digits_ensemble, out, "--teacher-cache", str(cache)) is None
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "internal error" not in err, err
+    assert str(entry) in errors[0] and "val.npy does not match the checksum" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("place", ["a file", "under a file"])
+def test_compress_with_a_teacher_cache_that_is_a_file_stops_in_one_line_before_out(digits_ensemble, tmp_path, capsys,
+                                                                                   place):
+    (tmp_path / "a-file").write_text("not a folder")
+    folder = tmp_path / "a-file" if place == "a file" else tmp_path / "a-file" / "cache"
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert compress(digits_ensemble, out, "--teacher-cache", str(folder)) is None
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    assert f"--teacher-cache {folder}" in err and "is a file, not a folder" in err and not out.exists()
 
 
 @pytest.mark.slow
