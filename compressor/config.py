@@ -32,7 +32,7 @@ class RunConfig:
     seed: int = 0
     normalise: tuple[tuple[float, ...], tuple[float, ...]] | None = None   # (mean, std) per channel
     max_train: int | None = None          # cap on each split, for quick runs
-    channels: int | None = None           # image folders: 1 (grayscale) or 3 (RGB); None = the teachers' channels
+    channels: int | None = None           # image folders: 1 or 3; None = from the evidence (loading.channel_chooser)
     resize: int | None = None             # image folders: the shorter side resized to this many pixels
     crop: int | None = None               # image folders: then a centred square of this many pixels
     on_bad_image: str = "stop"            # image folders: stop | skip an image that cannot be read

@@ -46,7 +46,8 @@ _INPUT_OPTIONS = [
                      help="digits | image folder (DIR/train/<class>/*.png) | hf:DIR (save_to_disk) | "
                           "parquet:GLOB | IDX folder | file.npz (default: the ensemble's hint)."),
         click.option("--channels", type=click.IntRange(min=1), default=None,
-                     help="Image folders: 1 (grayscale) or 3 (RGB) (default: the teachers' input channels)."),
+                     help="Image folders: 1 (grayscale) or 3 (RGB) (default: the teachers' recorded input, else the "
+                          "images' own modes, checked by running a teacher)."),
         click.option("--resize", type=int, default=None, metavar="PIXELS",
                      help="Image folders: resize the shorter side to PIXELS (bilinear)."),
         click.option("--crop", type=int, default=None, metavar="PIXELS",

@@ -15,11 +15,13 @@ applied by the pipeline with the very function the deployment bundle uses.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from compressor.core.preprocessing import ImageSpec
 from compressor.data.image_cache import load_split_arrays
 from compressor.data.hf import hf_sources, open_hf
 from compressor.data.tokens import token_columns, token_splits
-from compressor.data.image_folder import is_image_folder, split_listings
+from compressor.data.image_folder import explain_folder, is_image_folder, split_listings
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -134,14 +136,17 @@ def _arrays(x) -> list:
 @dataclass(frozen=True)
 class ReadOptions:
     """How a streamed source (an image folder, ``hf:``, ``parquet:``) is read: the images' decoding, where the data
-    cache lives (default: the teacher cache's root), what an unreadable image does ("stop" or "skip"), and a
-    Hugging Face dataset's columns (default: its first Image column, and ``label``)."""
+    cache lives (default: the teacher cache's root), what an unreadable image does ("stop" or "skip"), a Hugging
+    Face dataset's columns (default: its first Image column, and ``label``), and ``channels``: when given, called
+    with every split's image sources before decoding, it returns the channels to decode to and why (recorded as
+    ``split_info["channels"]``), overriding ``images.channels``."""
 
     images: ImageSpec = field(default_factory=ImageSpec)
     cache_root: Path | None = None
     on_bad_image: str = "stop"
     input_columns: str | None = None
     label_column: str | None = None
+    channels: Callable[[dict], tuple[int, str]] | None = None
 
 
 def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
@@ -167,9 +172,10 @@ def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fract
                 f"--data {spec}: no such file or directory; pass 'digits', a folder of MNIST-format IDX files "
                 f"(e.g. /usr/share/datasets/fashion-mnist after 'apt-get install -y dataset-fashion-mnist') or an .npz file")
         if path.is_dir() and is_image_folder(path):
-            sources, classes, info = split_listings(path, seed, val_fraction, test_fraction)
+            sources, classes, info = split_listings(path, seed, val_fraction, test_fraction, read.on_bad_image)
             dataset = _streamed(str(path), path.name, sources, classes, info, read)
         elif path.is_dir():
+            explain_folder(path)  # images laid out otherwise are told so, not "no IDX file"
             dataset = _load_idx_dir(path, seed, val_fraction)
         elif path.suffix == ".npz":
             dataset = _load_npz(path, seed, val_fraction, test_fraction)
@@ -238,7 +244,7 @@ def _load_npz(path: Path, seed: int, val_fraction: float, test_fraction: float) 
                 raise CompressorError(f"{path}: the .npz file has no array 'x' (found {sorted(archive.files)}); "
                                       f"save inputs as x (N, ...) and optional labels as y (N,)")
             x = np.asarray(archive["x"], dtype=np.float32)
-            y = np.asarray(archive["y"]).astype(np.int64) if "y" in archive else np.full(len(x), -1, np.int64)
+            y = _npz_labels(path, archive["y"]) if "y" in archive else np.full(len(x), -1, np.int64)
     except CompressorError:
         raise
     except Exception as exc:
@@ -249,6 +255,16 @@ def _load_npz(path: Path, seed: int, val_fraction: float, test_fraction: float) 
         raise CompressorError(f"{path}: x contains NaN or Inf values; clean the data first")
     return _from_pool(path.stem, str(path), "values as stored in the .npz, cast to float32", None, x, y,
                       seed, val_fraction, test_fraction)
+
+
+def _npz_labels(path: Path, y: np.ndarray) -> np.ndarray:
+    """An .npz file's ``y`` as int64 class indices; labels of another kind (strings, fractions) stop with the fix."""
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        return y.astype(np.int64)
+    if y.dtype.kind not in "iub":
+        raise CompressorError(f"{path}: y holds {y.dtype} values, not class indices; save y as integers 0..C-1 "
+                              f"(-1 for an unlabeled row), e.g. np.unique(names, return_inverse=True)[1]")
+    return y.astype(np.int64)
 
 
 def _find_idx(folder: Path, prefix: str, kind: str) -> Path:
@@ -304,6 +320,9 @@ def _streamed(what: str, name: str, sources: dict, classes: list[str] | None, in
               read: ReadOptions) -> Dataset:
     """A dataset whose images are decoded once into the data cache and read lazily (pixel / 255)."""
     images = read.images
+    if read.channels is not None:
+        channels, info["channels"] = read.channels(sources)
+        images = dataclasses.replace(images, channels=channels)
     splits, meta = load_split_arrays(what, sources, images, read.cache_root or default_cache_root(), read.on_bad_image,
                                      {k: info.get(k) for k in ("input_column", "label_column")})
     info["skipped_images"] = {split: len(bad) for split, bad in meta["bad"].items()}

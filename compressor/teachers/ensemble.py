@@ -213,6 +213,16 @@ class Ensemble:
         if names is not None and len(names) != num_classes:
             raise CompressorError(f"{self.path}: {len(names)} class names for {num_classes} classes; fix class_names")
 
+    @torch.no_grad()
+    def probe(self, shape: tuple[int, ...]) -> int | None:
+        """Member 0's class count C on zeros (2, *shape), None when it fails on them: what the data step asks of
+        teachers that record no input shape (a manifest), e.g. whether they take 1 or 3 channels."""
+        try:
+            out = self.members[0](torch.zeros(2, *shape))
+        except Exception:  # a member fails in many ways on a shape it does not take; each means "not this one"
+            return None
+        return int(out.shape[1]) if out.ndim == 2 and out.shape[0] == 2 else None
+
     def _run_member(self, member: Member, x: torch.Tensor, what: str = "its inputs") -> torch.Tensor:
         try:
             return member(x).float()

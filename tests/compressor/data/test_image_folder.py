@@ -139,3 +139,50 @@ def test_folder_classes_named_otherwise_than_the_teachers_keep_their_positions_a
     same = _labelled(["cat", "dog"], [0, 1])
     align_classes(same, ["cat", "dog"])
     assert same.split_info == {}
+
+
+def test_a_dangling_symlink_among_the_images_is_named_or_skipped_and_counted(digits_data, tmp_path):
+    root = write_folder(tmp_path / "linked", digits_data)
+    (root / "train" / "3" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(CompressorError, match=r"linked: 1 image\(s\) cannot be read, the first .*train/3/gone.png"
+                                              r".*pass --on-bad-image skip"):
+        load_dataset(str(root), read=ReadOptions(ImageSpec(1), tmp_path))
+    data = load_dataset(str(root), read=ReadOptions(ImageSpec(1), tmp_path, "skip"))
+    assert sum(data.split_info["skipped_images"].values()) == 1
+    assert len(data.train) + len(data.val) == len(digits_data.train)  # every real file is kept
+
+
+def test_a_class_folder_linking_nowhere_is_named_or_kept_empty_so_no_label_moves(digits_data, tmp_path):
+    root = write_folder(tmp_path / "classes", digits_data, classes=[f"c{k}" for k in range(10)])
+    for split in ("train", "test"):
+        (root / split / "c10").symlink_to(tmp_path / "moved-away", target_is_directory=True)
+    with pytest.raises(CompressorError, match=r"the class folder .*train/c10 links to .*moved-away, which does not "
+                                              r"exist; fix or remove the link, or pass --on-bad-image skip"):
+        load_dataset(str(root), read=ReadOptions(ImageSpec(1), tmp_path))
+    data = load_dataset(str(root), read=ReadOptions(ImageSpec(1), tmp_path, "skip"))
+    names = data.class_names  # "c10" keeps its place (between c1 and c2), so every other label means what it did
+    assert names == sorted(f"c{k}" for k in range(11))
+    assert data.split_info["skipped_class_folders"] == [str(root / "train" / "c10"), str(root / "test" / "c10")]
+    assert sorted(names[y] for y in data.test.y) == sorted(f"c{y}" for y in digits_data.test.y)
+
+
+def test_images_laid_out_otherwise_are_told_what_the_folder_holds_and_the_layout_expected(digits_data, tmp_path):
+    flat = tmp_path / "flat"
+    (flat / "train").mkdir(parents=True)
+    for n in range(3):
+        Image.new("L", (8, 8)).save(flat / "train" / f"{n}.png")
+    with pytest.raises(CompressorError, match=r"flat/train holds 3 images directly, without class folders; an image "
+                                              r"folder is laid out as .*flat/train/<class>/\*.png"):
+        load_dataset(str(flat), read=ReadOptions(cache_root=tmp_path))
+    root = write_folder(tmp_path / "split", digits_data)
+    with pytest.raises(CompressorError, match=r"split/train names the train split itself .* pass its parent, --data "
+                                              r".*split, laid out as .*split/train/<class>/\*.png"):
+        load_dataset(str(root / "train"), read=ReadOptions(cache_root=tmp_path))
+    (root / "test").rename(tmp_path / "classes-here")
+    with pytest.raises(CompressorError, match=r"its class folders \(0, 1, 2, 3, 4\) sit directly in it; move them "
+                                              r"into .*classes-here/train/"):
+        load_dataset(str(tmp_path / "classes-here"), read=ReadOptions(cache_root=tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CompressorError, match=r"empty holds nothing; give an image folder laid out as .* or a folder "
+                                              r"of MNIST-format IDX files"):
+        load_dataset(str(tmp_path / "empty"))

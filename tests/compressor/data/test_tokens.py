@@ -11,6 +11,7 @@ from compressor.core.errors import CompressorError
 from compressor.data.datasets import ReadOptions, load_dataset
 from compressor.data.loading import check_seq_len, load_data
 from compressor.teachers.formats import load_ensemble
+from tests.conftest import token_rows
 
 datasets = pytest.importorskip("datasets")
 
@@ -81,3 +82,15 @@ def test_the_main_job_refuses_a_bad_seq_len_before_any_work(text_ensemble, token
     assert main(["--teacher", str(text_ensemble), "--data", f"hf:{token_data}", "--seq-len", "40", "--out",
                  str(out), "--no-progress"]) != 0
     assert "--seq-len 40" in capsys.readouterr().err and not out.exists()
+
+
+def test_token_labels_beyond_the_teachers_classes_stop_before_they_run(text_ensemble, tmp_path):
+    rows = token_rows(60, seed=2)
+    rows["label"] = [k % 5 for k in range(60)]  # 0-4 for teachers of 3 classes
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                                  "attention_mask": datasets.List(datasets.Value("int64")),
+                                  "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "five"))
+    with pytest.raises(CompressorError, match=r"--data hf:.*five: .* the label\(s\) 3, 4 but the teachers in "
+                                              r".*text-ensemble.pt predict 3 classes \(0 to 2\); drop or relabel"):
+        load_data(RunConfig(teacher=text_ensemble, data=f"hf:{tmp_path / 'five'}"), load_ensemble(text_ensemble))
