@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from compressor.checks import check_before_teachers
 from compressor.config import PRECISIONS, RunConfig
 from compressor.core.errors import CompressorError, MissingCapabilityError
+from compressor.core.fileio import why_unwritable
 from compressor.core.inputs import example_of
 from compressor.data.loading import check_seq_len, load_data, to_tensors
 from compressor.deployment.export import export_all, save_student, write_student_bundle
@@ -31,6 +33,7 @@ from compressor.training.distributed import join, leave
 from compressor.training.precision import check_amp
 from compressor.training.omitted_classes import omitted_class_indices
 from compressor.training.recipes import make_recipe
+from compressor.training.teacher_cache import check_cache_root
 from compressor.training.teacher_outputs import diagnose_teachers, teacher_outputs, transfer_fit
 from compressor.training.transfer import check_views, fix_bias, transfer_set
 from compressor.training.tuning import tune
@@ -91,7 +94,7 @@ def start(config: RunConfig, console: Console) -> RunContext:
     if config.threads:
         torch.set_num_threads(config.threads)
     ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
-    dataset, normalisation = load_data(config, ensemble)
+    dataset, normalisation = load_data(config, ensemble, probe=ensemble.probe)  # one row: channels, classes
     check_seq_len(config.seq_len, dataset, ensemble, config.teacher)
     check_target_inputs(config.target, dataset.named_inputs)  # before any training: it would fail at the export
     tensors = to_tensors(dataset, normalisation)
@@ -100,11 +103,12 @@ def start(config: RunConfig, console: Console) -> RunContext:
     config, selection = resolve_student(config, ensemble, dataset, _target_latency(config, tensors.x_val[:64]))
     if selection is not None:
         console.print(f"[bold]student[/] {config.student}: {selection['why']}")
-    choose_student(config, ensemble, dataset)  # a bad --student or --student-weights stops before the teachers run
+    ctx = RunContext(config, ensemble, dataset, tensors, normalisation, world, console, omitted=omitted,
+                     student_selection=selection)
+    check_before_teachers(ctx)  # every pairing of the options, the data and the student (--student-weights too)
     console.print(f"[bold]teachers[/] {len(ensemble.members)} members, {ensemble.parameters:,} parameters; "
                   f"[bold]data[/] {dataset.name} {len(dataset.train)}/{len(dataset.val)}/{len(dataset.test)}")
-    return RunContext(config, ensemble, dataset, tensors, normalisation, world, console, omitted=omitted,
-                      student_selection=selection)
+    return ctx
 
 
 def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tuple[RunConfig, dict | None]:
@@ -163,6 +167,7 @@ def check_before_any_work(config: RunConfig) -> None:
         preflight_without_gpu(config, missing)                     # say whether the student would build, then stop
     _check_config(config)
     _check_writable(config.output_dir())
+    check_cache_root(config.teacher_cache, config.no_cache)      # the caches' folder, before the teachers run
 
 
 def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) -> None:
@@ -189,12 +194,13 @@ def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) ->
 def _check_config(config: RunConfig) -> None:
     if config.precision not in PRECISIONS:
         raise CompressorError(f"--precision {config.precision}: choose one of {', '.join(PRECISIONS)}")
-    if config.temperature <= 0:
+    if not config.temperature > 0:  # NaN too
         raise CompressorError(f"--temperature {config.temperature}: must be positive (Hinton et al. use 1 to 20)")
     if not 0 <= config.alpha <= 1:
         raise CompressorError(f"--alpha {config.alpha}: must be between 0 (labels only) and 1 (soft targets only)")
     if config.epochs < 1 or config.batch_size < 1:
         raise CompressorError("--epochs and --batch-size must be at least 1")
+    _check_numbers(config)
     if config.bias_fix not in ("auto", "none"):
         try:
             float(config.bias_fix)
@@ -215,18 +221,26 @@ def _check_config(config: RunConfig) -> None:
                               "cache stores logits; pass one of them")
 
 
+def _check_numbers(config: RunConfig) -> None:
+    """The numeric options the training and the benchmark read late: refused here, not after the teachers ran."""
+    if config.seed < 0:
+        raise CompressorError(f"--seed {config.seed}: give a whole number, 0 or more")
+    if not config.lr > 0:
+        raise CompressorError(f"--lr {config.lr:g}: give a learning rate above 0 (e.g. 3e-3)")
+    if config.threads is not None and config.threads < 1:
+        raise CompressorError(f"--threads {config.threads}: give at least 1 thread, or leave it out for the "
+                              f"libraries' default")
+    if not config.warmup_s >= 0 or not config.duration_s > 0:
+        raise CompressorError(f"--warmup {config.warmup_s:g} / --duration {config.duration_s:g}: give seconds, "
+                              f"--warmup 0 or more and --duration above 0")
+    if not config.max_accuracy_drop >= 0:
+        raise CompressorError(f"--max-accuracy-drop {config.max_accuracy_drop:g}: give the points of test accuracy "
+                              f"an int8 export may lose, 0 or more")
+
+
 def _check_writable(out_dir: Path) -> None:
     """Fail now, not after training, if ``--out`` cannot be written; leave nothing behind when checking."""
-    probe = out_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CompressorError(f"--out {out_dir}: {probe} is a file, not a folder; choose another --out")
-    try:
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".compressor-write-check-"):
-            pass
-    except OSError as exc:
-        raise CompressorError(f"--out {out_dir}: cannot write in {probe} ({exc.strerror}); choose another --out") from exc
+    problem = why_unwritable(out_dir)
+    if problem is not None:
+        raise CompressorError(f"--out {out_dir}: {problem[0]} {problem[1]}; choose another --out")
 

@@ -74,8 +74,8 @@ def scaled_config(config: dict, scale: float) -> dict:
     return out
 
 
-def _read_config(spec: str, where: str, teacher_config: dict | None) -> dict:
-    """The config dict ``hf:where`` names."""
+def _read_config(spec: str, where: str, teacher_config: dict | None) -> tuple[dict, str | None]:
+    """The config dict ``hf:where`` names, and its file (None: the teachers' config)."""
     if where.split("/")[0] == TEACHER:
         if teacher_config is None:
             raise CompressorError(f"--student {spec}: the teachers' archive records no Hugging Face config (save "
@@ -88,14 +88,14 @@ def _read_config(spec: str, where: str, teacher_config: dict | None) -> dict:
             value = -1.0
         if not 0 < value <= 1:
             raise CompressorError(f"--student {spec}: {scale!r} is not a scale in (0, 1]; e.g. hf:teacher/0.25")
-        return scaled_config(teacher_config, value)
+        return scaled_config(teacher_config, value), None
     path = Path(where)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise CompressorError(f"--student {spec}: no {file}; give a save_pretrained folder, a config.json, or "
                               f"hf:teacher/SCALE")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_text(encoding="utf-8")), str(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CompressorError(f"--student {spec}: {file} is not a JSON config ({first_line(exc)})") from exc
 
@@ -121,7 +121,7 @@ def hf_student(args: str | None, input_shape: tuple[int, ...], num_classes: int,
     """A transformers sequence classifier for ``num_classes`` from a local config (see the module docstring)."""
     where = args or TEACHER
     spec = f"hf:{where}"
-    config = config_from_dict(_read_config(spec, where, teacher_config), num_classes, spec)
+    config, _ = _student_config(where, num_classes, teacher_config)
     transformers = _transformers()
     try:
         model = transformers.AutoModelForSequenceClassification.from_config(config)
@@ -129,3 +129,42 @@ def hf_student(args: str | None, input_shape: tuple[int, ...], num_classes: int,
         raise CompressorError(f"--student {spec}: no sequence classifier for a {config.model_type!r} config "
                               f"({first_line(exc)})") from exc
     return HFClassifier(model)
+
+
+def _student_config(where: str, num_classes: int, teacher_config: dict | None):
+    """The transformers config ``hf:where`` builds its model from, and its file (None: the teachers' config)."""
+    values, source = _read_config(f"hf:{where}", where, teacher_config)
+    return config_from_dict(values, num_classes, f"hf:{where}"), source
+
+
+def student_config(spec: str, num_classes: int, teacher_config: dict | None):
+    """``(config, file)`` for an hf: ``--student spec`` (file None: the teachers' config), without building the
+    model; None for a spec of another family."""
+    family, _, args = spec.strip().partition(":")
+    if family.strip().lower() != "hf":
+        return None
+    return _student_config(args.strip() or TEACHER, num_classes, teacher_config)
+
+
+# what each named input must stay below in a Hugging Face config: (input, config key, what the data's value is)
+_ID_LIMITS = (("input_ids", "vocab_size", "its largest token id"),
+              ("token_type_ids", "type_vocab_size", "its largest token type id"))
+
+
+def check_fits_data(spec: str, config, file: str | None, data: str, largest: dict[str, int], longest: int) -> None:
+    """An hf student's config (from :func:`student_config`) against the data it will train on and be timed at:
+    its vocabulary, token types and positions. ``largest`` maps each named input to its largest value, ``longest``
+    is the longest row in tokens (or --seq-len). One line naming the config and the value to set."""
+    source = file or "the teachers' config"
+    there = "there" if file else "in a config of your own (--student hf:CONFIG.json)"
+    for name, key, what in _ID_LIMITS:
+        size = getattr(config, key, None)
+        if name in largest and size is not None and largest[name] >= size:
+            raise CompressorError(f"--student {spec}: {key} {size} in {source} does not cover {data} ({what} is "
+                                  f"{largest[name]}); set {key} to at least {largest[name] + 1} {there}, or "
+                                  f"tokenize the data with the student's tokenizer")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and longest > positions:
+        raise CompressorError(f"--student {spec}: max_position_embeddings {positions} in {source} is shorter than "
+                              f"{data} (rows of up to {longest} tokens); set max_position_embeddings to at least "
+                              f"{longest} {there}, or truncate the rows to {positions} tokens when tokenizing")

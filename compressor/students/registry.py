@@ -106,20 +106,32 @@ def create_student(spec: str, input_shape: tuple[int, ...], num_classes: int,
 
 
 def _check_output(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int, example) -> None:
-    """One dummy forward in eval mode (no running statistics touched) to hold every factory to the contract."""
+    """One dummy forward to hold every factory to the contract."""
+    batch = torch.zeros(2, *input_shape) if example is None else example[:2]
+    check_student_runs(model, spec, batch, num_classes, f"inputs of shape (N, {', '.join(map(str, input_shape))})")
+
+
+def check_student_runs(model: nn.Module, spec: str, batch, num_classes: int, rows: str) -> None:
+    """Run ``model`` once in eval mode (no running statistics touched) on ``batch`` (B, ...), a tensor or named
+    inputs, described in words by ``rows``, and hold it to the contract: finite (B, ``num_classes``) logits. The
+    main job asks again on real rows of the data (the longest, the largest ids) before the teachers run."""
     model.eval()
     try:
         with torch.no_grad():
-            logits = call(model, torch.zeros(2, *input_shape) if example is None else example[:2])  # (2, C)
-    except Exception as exc:  # a factory bug or a family that cannot serve this input shape
-        raise CompressorError(f"--student {spec}: the student does not run on inputs of shape (N, "
-                              f"{', '.join(map(str, input_shape))}) ({type(exc).__name__}: "
-                              f"{first_line(exc)}); choose another family") from exc
+            logits = call(model, batch)  # (B, C)
+    except Exception as exc:  # a factory bug or a family that cannot serve these inputs
+        raise CompressorError(f"--student {spec}: the student does not run on {rows} ({type(exc).__name__}: "
+                              f"{first_line(exc)}); choose another student") from exc
     finally:
         model.train()
-    if tuple(logits.shape) != (2, num_classes):
-        raise CompressorError(f"--student {spec}: the student returns shape {tuple(logits.shape)} for a batch of 2, "
-                              f"not (2, {num_classes}); a student must map (N, ...) inputs to (N, classes) logits")
+    n = len(batch)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CompressorError(f"--student {spec}: the student returns {shape} for a batch of {n}, not ({n}, "
+                              f"{num_classes}); a student must map (N, ...) inputs to (N, classes) logits")
+    if not bool(torch.isfinite(logits).all()):
+        raise CompressorError(f"--student {spec}: the student returns non-finite logits on {rows}; check "
+                              f"--student-weights (or its initialisation)")
 
 
 def parse_widths(family: str, args: str | None, default: tuple[int, ...]) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,9 +16,12 @@ from compressor.data.datasets import Dataset
 from compressor.students import create_student
 from compressor.students.weights import load_student_weights
 from compressor.teachers.ensemble import Ensemble
+from compressor.training.checkpoints import LAST_NAME
 from compressor.training.context import RunContext
 from compressor.training.loop import TrainConfig, TrainResult, train_student
 from compressor.training.losses import DistillationLoss, HardLabelLoss
+from compressor.training.omitted_classes import keep_rows
+from compressor.training.recipes import make_recipe, soft_weight
 from compressor.training.transfer import TransferSet
 
 
@@ -77,15 +81,7 @@ def distill(ctx: RunContext, transfer: TransferSet, student: torch.nn.Module, fo
     hard = transfer.alpha == 0
     loss = HardLabelLoss() if hard else DistillationLoss(temperature=config.temperature, alpha=transfer.alpha,
                                                          combine=transfer.combine, weights=transfer.weights)
-    fingerprint = {
-        "teacher_sha256": ctx.ensemble.fingerprint(), "data_sha256": ctx.dataset.fingerprint(),
-        "student": config.student, "temperature": config.temperature, "alpha": transfer.alpha,
-        "normalisation": json.dumps(ctx.normalisation, sort_keys=True),
-        "transfer_set": {key: transfer.info.get(key)
-                         for key in ("unlabeled", "omitted_classes", "best_epoch_by", "recipe", "augmentation")},
-        "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
-        "soft_targets": transfer.info.get("soft_targets"),
-    }
+    fingerprint = distill_fingerprint(ctx, transfer.alpha, transfer.info)
     resume = config.resume if resume is None else resume
     checkpoints = config.output_dir() / folder
     if (checkpoints / "last.pt").exists() and not resume:
@@ -99,6 +95,66 @@ def distill(ctx: RunContext, transfer: TransferSet, student: torch.nn.Module, fo
                              view=transfer.recipe.baseline_view if hard else transfer.recipe.view, until=until)
     finally:
         student.cpu()
+
+
+def distill_fingerprint(ctx: RunContext, alpha: float | None, info: dict) -> dict:
+    """What a distilled student's checkpoints are tied to, so --resume refuses one written under anything else:
+    the teachers, the data, the student, T, α and the transfer set's ``info`` (TransferSet.info)."""
+    config = ctx.config
+    return {
+        "teacher_sha256": ctx.ensemble.fingerprint(), "data_sha256": ctx.dataset.fingerprint(),
+        "student": config.student, "temperature": config.temperature, "alpha": alpha,
+        "normalisation": json.dumps(ctx.normalisation, sort_keys=True),
+        "transfer_set": {key: info.get(key)
+                         for key in ("unlabeled", "omitted_classes", "best_epoch_by", "recipe", "augmentation")},
+        "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
+        "soft_targets": info.get("soft_targets"),
+    }
+
+
+def baseline_fingerprint(ctx: RunContext) -> dict:
+    """What the hard-label baseline's checkpoints are tied to (all of it known before the teachers run)."""
+    config = ctx.config
+    return {"data_sha256": ctx.dataset.fingerprint(), "student": config.student, "loss": "hard-label",
+            "omitted_classes": list(ctx.omitted) or None, "recipe": config.recipe}
+
+
+# fingerprint entries that the options, the teachers and the data fix whatever the recipe: a tuning trial's share
+_RUN_KEYS = ("teacher_sha256", "data_sha256", "student", "normalisation", "teacher_logits")
+
+
+def resume_points(ctx: RunContext) -> list[tuple[Path, dict | None, dict]]:
+    """Every ``last.pt`` --resume may continue from in --out, with the training settings it must have been written
+    under (None: a tuning trial's own) and the part of its fingerprint known before the teachers run (the rest,
+    decided by the data and the teachers, is checked when training resumes)."""
+    config, out = ctx.config, ctx.config.output_dir()
+    settings = asdict(train_config(config))
+    if config.tuned:  # the search chooses the recipe, T and α per trial: only what every trial shares is known
+        shared = distill_fingerprint(ctx, None, {})
+        student = {key: shared[key] for key in _RUN_KEYS}
+        points = [(path, None, student) for path in sorted((out / "tuning").glob(f"**/{LAST_NAME}"))]
+    else:
+        student = _student_fingerprint(ctx)
+        points = [(out / "checkpoints" / LAST_NAME, settings, student)]
+        if config.baseline:
+            points.append((out / "checkpoints-baseline" / LAST_NAME, settings, baseline_fingerprint(ctx)))
+    if ctx.ensemble.specialist_subsets is not None:  # the same student from the generalist alone, same options
+        points.append((out / "checkpoints-generalist" / LAST_NAME, settings, student))
+    return points
+
+
+def _student_fingerprint(ctx: RunContext) -> dict:
+    """:func:`distill_fingerprint` as far as the options and the data decide it, before the teachers run: the
+    recipe, α and the labels as ``transfer_set`` will find them."""
+    config, x, y = ctx.config, ctx.tensors.x_train, ctx.tensors.y_train
+    recipe = make_recipe(config.recipe, tuple(x.shape[1:]), x, config.seed)
+    kept = y[keep_rows(y, ctx.omitted)] if ctx.omitted else y
+    alpha = soft_weight(config.alpha, recipe, not config.unlabeled and bool((kept >= 0).any()))
+    info = {"unlabeled": config.unlabeled, "omitted_classes": list(ctx.omitted) or None, **recipe.describe()}
+    fingerprint = distill_fingerprint(ctx, alpha, info)
+    # these two follow from the validation labels and the kind of ensemble, which the hashes above already cover
+    del fingerprint["transfer_set"]["best_epoch_by"], fingerprint["soft_targets"]
+    return fingerprint
 
 
 def distill_generalist(ctx: RunContext, transfer: TransferSet) -> TrainedBaseline | None:
@@ -136,9 +192,8 @@ def train_baseline(ctx: RunContext, transfer: TransferSet) -> TrainedBaseline | 
     torch.manual_seed(config.seed)
     model = choose_student(config, ctx.ensemble, ctx.dataset).to(ctx.world.device)
     ctx.console.print(f"[bold]baseline[/] {config.student} on the hard labels alone, {config.epochs} epochs")
-    fingerprint = {"data_sha256": ctx.dataset.fingerprint(), "student": config.student, "loss": "hard-label",
-                   "omitted_classes": transfer.info.get("omitted_classes"), "recipe": config.recipe}
     training = train_student(model, transfer.x, transfer.y, None, ctx.tensors.x_val, transfer.y_val,
                              HardLabelLoss(), train_config(config), config.output_dir() / "checkpoints-baseline",
-                             resume=config.resume, fingerprint=fingerprint, view=transfer.recipe.baseline_view)
+                             resume=config.resume, fingerprint=baseline_fingerprint(ctx),
+                             view=transfer.recipe.baseline_view)
     return TrainedBaseline(model.cpu(), training)

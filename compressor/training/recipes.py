@@ -55,13 +55,27 @@ class Recipe:
                 "alpha_forced": self.alpha}
 
 
+def check_recipe(name: str, named_inputs: bool, data: str = "text data") -> None:
+    """Refuse ``--recipe name`` for data it cannot take (``data`` names it): function-matching mixes pairs of
+    inputs, which token ids cannot be. The main job asks before the teachers run; :func:`make_recipe` asks again."""
+    if name == "function-matching" and named_inputs:
+        raise CompressorError(f"--recipe function-matching mixes pairs of inputs, and the token ids of {data} cannot "
+                              f"be mixed; use --recipe hinton for text")
+
+
+def soft_weight(alpha: float, recipe: Recipe, labelled: bool) -> float:
+    """The soft term's weight a transfer set trains with: the recipe's forced α, else ``alpha`` (--alpha); 1 when
+    the transfer rows have no labels (``labelled`` False)."""
+    if not labelled:
+        return 1.0
+    return alpha if recipe.alpha is None else recipe.alpha
+
+
 def make_recipe(name: str, input_shape: tuple[int, ...], x_train: Tensor, seed: int = 0) -> Recipe:
     """Resolve ``--recipe name`` for inputs of ``input_shape`` and the transfer set ``x_train`` (N, ...)."""
     if name not in RECIPES:
         raise CompressorError(f"--recipe {name}: choose one of {', '.join(RECIPES)}")
-    if name == "function-matching" and isinstance(x_train, NamedInputs):
-        raise CompressorError("--recipe function-matching mixes pairs of inputs, and token ids cannot be mixed; use "
-                              "--recipe hinton for text")
+    check_recipe(name, isinstance(x_train, NamedInputs))
     shift = default_augmentation(tuple(input_shape), seed)
     if name == "hinton" or (name == "consistent" and shift is None):
         note = "none" if name == "hinton" else ("none (no default augmentation for vectors or images under 16 px: "

@@ -18,7 +18,7 @@ from compressor.core.inference import predict_logits
 from compressor.data.lazy import RowSubset
 from compressor.training.context import RunContext
 from compressor.training.omitted_classes import apply_bias_shift, fit_bias_shift, keep_rows
-from compressor.training.recipes import Recipe, make_recipe
+from compressor.training.recipes import Recipe, make_recipe, soft_weight
 from compressor.training.cached_logits import CachedLogits
 from compressor.teachers.ensemble import Ensemble
 from compressor.training.view_cache import VariantLogits, ViewLogits, open_view_cache
@@ -69,9 +69,8 @@ def transfer_set(ctx: RunContext) -> TransferSet:
                             f"{recipe.view.variants} in all (compressor.training.view_cache)")
     elif isinstance(source, ViewLogits):
         info["teachers"] = "run once per epoch on every row's view and cached (compressor.training.view_cache)"
-    alpha = config.alpha if recipe.alpha is None else recipe.alpha
+    alpha = soft_weight(config.alpha, recipe, bool((y >= 0).any()))
     if not bool((y >= 0).any()):
-        alpha = 1.0
         if config.alpha != 1.0:
             console.print(f"[yellow]note:[/] the transfer set has no labels: training on the soft targets alone "
                           f"(alpha 1, not {config.alpha})")

@@ -11,7 +11,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.inference import parameter_count
 from compressor.data.datasets import load_dataset
 from compressor.students import create_student
-from compressor.students.hf import HFClassifier, scaled_config
+from compressor.students.hf import HFClassifier, check_fits_data, scaled_config, student_config
 from compressor.students.weights import load_student_weights
 from compressor.teachers.formats import load_ensemble
 
@@ -52,3 +52,19 @@ def test_hf_dir_or_config_file_and_local_weights(tmp_path, token_data):
         create_student(f"hf:{tmp_path / 'bad.json'}", (15,), 3, example=example)
     with pytest.raises(CompressorError, match="no .*missing.json"):
         create_student(f"hf:{tmp_path / 'missing.json'}", (15,), 3, example=example)
+
+
+def test_an_hf_config_is_held_against_the_datas_ids_and_rows_before_a_model_is_built(text_ensemble):
+    teachers = load_ensemble(text_ensemble).metadata["hf_config"]  # vocabulary 32, 32 positions, 2 token types
+    assert student_config("mlp:16", 3, teachers) is None  # other families: nothing to compare
+    config, file = student_config("hf:teacher/0.5", 3, teachers)
+    assert file is None and config.num_labels == 3 and config.hidden_size == 16
+    check_fits_data("hf:teacher/0.5", config, file, "--data D", {"input_ids": 31, "token_type_ids": 1}, 32)
+    with pytest.raises(CompressorError, match=r"type_vocab_size 2 in the teachers' config does not cover --data D "
+                                              r"\(its largest token type id is 2\); set type_vocab_size to at least 3 "
+                                              r"in a config of your own \(--student hf:CONFIG.json\)"):
+        check_fits_data("hf:teacher/0.5", config, file, "--data D", {"input_ids": 31, "token_type_ids": 2}, 32)
+    with pytest.raises(CompressorError, match="max_position_embeddings 32 in the teachers' config is shorter than "
+                                              "--data D .rows of up to 40 tokens.; set max_position_embeddings to at "
+                                              "least 40"):
+        check_fits_data("hf:teacher/0.5", config, file, "--data D", {"input_ids": 31}, 40)
