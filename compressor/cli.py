@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -21,8 +22,9 @@ from compressor.config import RunConfig, SpecialistsConfig
 from compressor.core.errors import CompressorError
 from compressor.options import config_from_options, job_options, parse_normalise
 
-stdout = Console()
-stderr = Console(stderr=True)
+# no emoji codes: a message quoting "--student cnn:abc: ..." must print ":abc:" as typed
+stdout = Console(emoji=False)
+stderr = Console(stderr=True, emoji=False)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        code = cli.main(args=args, prog_name="compress", standalone_mode=False, obj={"argv": list(args)})
+        with warnings.catch_warnings():
+            # TorchScript is the safe teacher and student format (no pickle); torch's notice that torch.jit is
+            # deprecated would add two lines to every run's output, and to every one-line error
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated", category=FutureWarning)
+            code = cli.main(args=args, prog_name="compress", standalone_mode=False, obj={"argv": list(args)})
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

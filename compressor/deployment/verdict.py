@@ -82,8 +82,12 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
                 f"this mixes what distillation buys with what {target} buys.")
     if student_acc is None or ensemble_acc is None:
         return text + " The test split has no labels, so accuracy is not known; see agreement with the ensemble."
-    text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
-             f"({student_acc:.2%} vs {ensemble_acc:.2%})")
+    if ensemble_acc > 0:
+        text += (f" It keeps {student_acc / ensemble_acc:.1%} of the ensemble's test accuracy "
+                 f"({student_acc:.2%} vs {ensemble_acc:.2%})")
+    else:  # no share of nothing: teachers that get every test row wrong (untrained, or another task's labels)
+        text += (f" The ensemble gets no test row right, so these teachers teach nothing about this data (check that "
+                 f"--data is what they were trained on); the student scores {student_acc:.2%}")
     text += _baseline_clause(baseline, student_acc, ensemble_acc, gain, causes) if baseline else "."
     member = next((row for row in rows if row["kind"] == "member" and row["backend"] == target), None)
     if member is not None and member["accuracy"]["top1"] is not None:

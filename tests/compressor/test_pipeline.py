@@ -12,6 +12,7 @@ import targets
 from compressor.cli import main
 from compressor.data.datasets import load_dataset
 from compressor.teachers.formats import load_ensemble
+from tests.compressor.test_cli import assert_one_clear_line, run_cli
 from tests.conftest import FASHION_MNIST
 
 pytestmark = pytest.mark.slow
@@ -157,6 +158,15 @@ def test_headline_compares_like_with_like_and_says_plainly_when_the_student_lose
     assert "1.00 points LESS accurate" in loses and "shipping that member alone is worth weighing" in loses
 
 
+def test_headline_of_teachers_that_get_every_test_row_wrong_says_so():
+    from compressor.training.loop import TrainResult
+    from compressor.deployment.verdict import headline
+
+    eager, student = _row("ensemble", "PyTorch eager", 0.0, 1.0, 1_500_000), _row("student", "onnxruntime", 0.1, 0.1, 5)
+    text = headline([eager, student], "onnxruntime", TrainResult(3, 0.9), 10)
+    assert "The ensemble gets no test row right" in text and "--data" in text and "10.00%" in text
+
+
 def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline():
     from compressor.deployment.verdict import headline
     from compressor.training.loop import TrainResult
@@ -279,3 +289,16 @@ def test_a_precision_the_target_lacks_stops_before_any_work(tmp_path, digits_ens
     assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--target", "onnx", "--precision", "int8",
                  *QUICK]) == 1
     assert "use --target onnxruntime for int8" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "0"), ("--lr", "nan"), ("--threads", "0"), ("--threads", "-2"), ("--warmup", "-1"), ("--duration", "0"),
+    ("--max-accuracy-drop", "-1"), ("--temperature", "nan"), ("--seed", "-1"),
+])
+def test_numbers_read_late_are_refused_before_any_work(tmp_path, digits_ensemble, capsys, flag, value):
+    out = tmp_path / "never"
+    code, output = run_cli(capsys, "--teacher", digits_ensemble, "--out", out, "--student", "mlp:16", *QUICK,
+                           flag, value)
+    assert code == 1 and not out.exists() and "internal error" not in output
+    assert_one_clear_line(output, f"{flag} {value}")
+    assert "teachers" not in output  # refused before they were even loaded
