@@ -8,8 +8,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compressor.data.datasets import load_dataset
-from compressor.data.loading import to_tensors
+from compressor.config import RunConfig
+from compressor.data.loading import load_data, to_tensors
 from compressor.teachers.diagnostics import diagnose
 from compressor.teachers.formats import load_ensemble
 
@@ -52,8 +52,10 @@ def inspect_ensemble(path: Path, data: str | None, trust_pickle: bool, max_train
                       highlight=False, soft_wrap=True)
     spec = data or info.get("dataset")
     if spec:
-        dataset = load_dataset(spec, max_train=max_train)
-        x = to_tensors(dataset, ensemble.normalisation).x_test  # preprocessed as the main job does it
+        # read, checked and preprocessed as the main job does it (an image folder's channels from the evidence)
+        dataset, normalisation = load_data(RunConfig(Path(path), data=spec, max_train=max_train), ensemble,
+                                           probe=ensemble.probe)
+        x = to_tensors(dataset, normalisation).x_test
         ensemble.validate(x[:8], f"--data {spec}")
         scores = diagnose(ensemble, ensemble.member_logits(x), torch.from_numpy(dataset.test.y), split="test")
         console.print(f"accuracy on the test split of {spec} ({len(dataset.test)} examples):", highlight=False,

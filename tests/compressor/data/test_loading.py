@@ -151,3 +151,11 @@ def test_grayscale_pngs_with_a_manifest_of_torchscript_members_distil_end_to_end
     assert report["data"]["input_shape"] == [1, 8, 8] and "grayscale" in report["data"]["preprocessing"]
     assert report["data"]["split"]["channels"].startswith("1: every one of the 1000 image headers read is grayscale")
     assert json.loads((out / "bundle" / "metadata.json").read_text())["image"]["channels"] == 1
+
+
+def test_inspect_reads_a_grayscale_folder_for_a_manifest_as_the_main_job_does(manifest, digits_data, tmp_path,
+                                                                             monkeypatch, capsys):
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_digits(tmp_path / "digits-png", digits_data)
+    assert main(["inspect", str(manifest), "--data", str(folder)]) == 0, capsys.readouterr().err
+    assert "accuracy on the test split" in capsys.readouterr().out
