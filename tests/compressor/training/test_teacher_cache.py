@@ -239,8 +239,8 @@ def test_a_read_only_cache_folder_is_refused_before_any_work(tmp_path):
     root.mkdir()
     root.chmod(0o500)
     try:
-        with pytest.raises(CompressorError, match=r"cannot write in \S*readonly \(Permission denied\); choose "
-                                                  r"another --teacher-cache or pass --no-cache"):
+        with pytest.raises(CompressorError, match=r"\S*readonly cannot be written in \(Permission denied\); "
+                                                  r"choose another --teacher-cache or pass --no-cache"):
             check_cache_root(root / "cache", no_cache=False)
     finally:
         root.chmod(0o700)
