@@ -52,7 +52,8 @@ def diagnose(ensemble: Ensemble, member_logits: torch.Tensor, labels: torch.Tens
     on test (or ``teachers_saw_val``, the user's word) are taken to have trained on it, as teachers trained on a
     whole official training set have: the fit and the under-training check then use half of the test split.
     """
-    seen = seen_validation(ensemble, member_logits, labels, test_logits, test_labels, teachers_saw_val)
+    seen = seen_validation(ensemble, member_logits, labels, test_logits, test_labels, teachers_saw_val,
+                           transfer_logits, transfer_labels)
     if seen is not None and seen["seen"]:
         half = torch.arange(0, len(test_labels), 2)  # every other test row: the half they surely did not see
         result = diagnose(ensemble, test_logits[:, half], test_labels[half], "half of the test split",
@@ -133,30 +134,43 @@ def fit_ensemble(member_logits: torch.Tensor, labels: torch.Tensor, combine: str
 
 
 def seen_validation(ensemble: Ensemble, val_logits: torch.Tensor, val_labels: torch.Tensor,
-                    test_logits: torch.Tensor | None, test_labels: torch.Tensor | None, flagged: bool) -> dict | None:
+                    test_logits: torch.Tensor | None, test_labels: torch.Tensor | None, flagged: bool,
+                    train_logits: torch.Tensor | None = None, train_labels: torch.Tensor | None = None) -> dict | None:
     """Whether the teachers trained on the validation rows: the mixture's top-1 on validation above its top-1 on
-    test by more than SEEN_GAP and two standard errors of the difference, or the user says so. None without labels
-    on both splits."""
+    test by more than SEEN_GAP and two standard errors of the difference and, where labelled training rows
+    (``train_logits``, (K, S, C)) are given, within two standard errors of their top-1 (seen rows score like the
+    rows the teachers trained on; a test file drawn a little differently from the training file scores lower on its
+    own, and unseen validation rows below the training rows); or the user says so. None without labels on both
+    splits."""
     if test_logits is None or test_labels is None:
         return None
     accuracy = {}
-    for name, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
-        keep = labels >= 0
-        if not bool(keep.any()):
+    for name, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels),
+                                 ("train", train_logits, train_labels)):
+        keep = labels >= 0 if labels is not None else None
+        if keep is None or not bool(keep.any()):
+            if name == "train":
+                continue
             return None
         right = ensemble.log_probs(logits[:, keep].double()).argmax(1) == labels[keep]  # (n,)
         accuracy[name] = (float(right.double().mean()), int(keep.sum()))
     (p_val, n_val), (p_test, n_test) = accuracy["val"], accuracy["test"]
     error = 2 * float(np.sqrt(p_val * (1 - p_val) / n_val + p_test * (1 - p_test) / n_test))
     gap = p_val - p_test
-    detected = gap > max(SEEN_GAP, error)
+    p_train, n_train = accuracy.get("train", (None, 0))
+    like_train = p_train is None or p_train - p_val <= 2 * float(np.sqrt(p_train * (1 - p_train) / n_train
+                                                                          + p_val * (1 - p_val) / n_val))
+    detected = gap > max(SEEN_GAP, error) and like_train
+    beside_train = "" if p_train is None else f", as high as the {p_train:.2%} on training rows"
     why = ("--teachers-saw-val says so" if flagged else
-           f"{p_val:.2%} on validation against {p_test:.2%} on test, {gap:.1%} apart (more than 2 standard errors)")
+           f"{p_val:.2%} on validation against {p_test:.2%} on test, {gap:.1%} apart (more than 2 standard errors)"
+           f"{beside_train}")
     note = (f"the teachers most likely trained on the validation rows ({why}), as teachers trained on a whole "
             f"official training set have: the fit of weights and temperature and the under-training check use half "
             f"of the test split instead, and validation accuracy only chooses the student's best epoch")
     return {"seen": flagged or detected, "flagged": flagged, "detected": detected, "val_accuracy": p_val,
-            "test_accuracy": p_test, "gap": gap, "two_standard_errors": error, "note": note}
+            "test_accuracy": p_test, "train_accuracy": p_train, "gap": gap, "two_standard_errors": error,
+            "note": note}
 
 
 def transfer_sample(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
