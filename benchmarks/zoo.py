@@ -83,7 +83,7 @@ class Scale:
 
 SCALES = {
     "quick": Scale("quick", 3000, 2, 10_000, 3000, 600, "resnet10t,regnetx_002,mobilenetv3_small_100", 3,
-                   (2000, 500), 3, ("--epochs", "5")),
+                   (2000, 500), 3, ("--budget", "2")),
     "full": Scale("full", None, 5, 70_000, 12_000, 2000, "resnet18,convnext_atto,regnety_002", 5, (8000, 2000), 30),
 }
 
@@ -96,7 +96,7 @@ class Built:
     data: str
     run_args: tuple[str, ...] = ()  # extra ``compress`` flags this data needs at this scale (sizes only)
     note: str = ""
-    default_epochs: bool = False  # small enough to train the student at the default epochs at every scale
+    default_epochs: bool = False  # small enough to train the student at the default budget at every scale
 
 
 def fashion(scale: Scale):
@@ -302,11 +302,21 @@ def build(name: str, root: Path, scale: Scale, console: Console) -> Built:
     return built
 
 
-def compress_command(built: Built, out: Path, cache: Path, scale: Scale) -> list[str]:
-    """The default job on this ensemble: no --student, no --alpha; --baseline, ONNX Runtime; sizes from the scale."""
+# what the defaults at 21da582 (the zoo's first column) chose, as a --student that chooses it again: a bare cnn / mlp
+# is still sized by that rule (the largest of its ladder within 0.25 × the median member's multiply-adds); text took
+# the largest hf:teacher scale within it
+PREVIOUS_DEFAULT = {"cnn-homogeneous": "cnn", "mixed-cnn-mlp": "cnn", "mlp-digits": "mlp", "timm-rgb": "cnn",
+                    "bert-text": "hf:teacher/0.5", "weak-cnn": "cnn", "pairs-100": "cnn"}
+
+
+def compress_command(built: Built, out: Path, cache: Path, scale: Scale, student: str | None = None) -> list[str]:
+    """The default job on this ensemble: no --student (unless ``student``: the previous default's), no --alpha;
+    --baseline with the defaults, ONNX Runtime; sizes from the scale."""
+    chosen = [] if student is None else ["--student", student]
     return [sys.executable, "-m", "compressor", "--teacher", str(built.teacher), "--data", built.data,
-            *built.run_args, *(() if built.default_epochs else scale.run_args), "--baseline", "--target",
-            "onnxruntime", "--out", str(out), "--teacher-cache", str(cache), "--no-progress"]
+            *built.run_args, *(() if built.default_epochs else scale.run_args), *chosen,
+            *(["--baseline"] if student is None else []), "--target", "onnxruntime", "--out", str(out),
+            "--teacher-cache", str(cache), "--no-progress"]
 
 
 def batch1_ms(row: dict | None) -> float | None:
@@ -343,6 +353,7 @@ def row_from_report(name: str, report: dict, seconds: float, command: str) -> di
                             else member_ort["accuracy"]["top1"], "batch1_ms": batch1_ms(member_ort)},
         "student": {"spec": report["student"]["spec"], "parameters": report["student"]["parameters"],
                     "selection": report["student"].get("selection")},
+        "budget": report.get("budget"),
         "student_top1": student["accuracy"]["top1"],
         "student_eager_top1": find[("student", "PyTorch eager")]["accuracy"]["top1"],
         "baseline_top1": None if baseline is None else baseline["accuracy"]["top1"],
@@ -359,23 +370,46 @@ def row_from_report(name: str, report: dict, seconds: float, command: str) -> di
 
 
 def run(name: str, built: Built, root: Path, scale: Scale, console: Console, extra: tuple[str, ...] = ()) -> dict:
-    """``compress`` with its defaults on one ensemble, in its own process; the zoo row, or the error. ``extra``
-    flags go at the end of the command (tests shorten the benchmark with them)."""
+    """``compress`` with its defaults on one ensemble, in its own process, then the previous default's student
+    with the same budget; the zoo row, or the error. ``extra`` flags go at the end of both commands (tests shorten
+    the benchmark with them)."""
     out = root / scale.name / name / "run"
+    row = _compress(compress_command(built, out, root / scale.name / "teacher-cache", scale), out, extra, name,
+                    console)
+    if row["exit"] != 0:
+        return row
+    row = {**row_from_report(name, row.pop("report"), row["seconds"], row["command"]), "note": built.note}
+    previous = root / scale.name / name / "previous-default"
+    command = compress_command(built, previous, root / scale.name / "teacher-cache", scale, PREVIOUS_DEFAULT[name])
+    earlier = _compress(command, previous, extra, f"{name} (previous default)", console)
+    row["previous_default"] = earlier if earlier["exit"] != 0 else previous_row(earlier.pop("report"), earlier)
+    return row
+
+
+def _compress(command: list[str], out: Path, extra: tuple[str, ...], name: str, console: Console) -> dict:
+    """One ``compress`` process into a fresh ``out``: ``{exit, seconds, command, report}`` or the error."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [*compress_command(built, out, root / scale.name / "teacher-cache", scale), *extra]
+    command = [*command, *extra]
     shown = "compress " + shlex.join(command[3:])
     console.print(f"[bold]{name}[/]: {shown}")
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - started
+    seconds = round(time.perf_counter() - started, 1)
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         console.print(f"[red]{name} failed ({done.returncode})[/]: {error}")
-        return {"name": name, "exit": done.returncode, "error": error, "seconds": round(seconds, 1), "command": shown}
-    row = row_from_report(name, json.loads((out / "report.json").read_text()), seconds, shown)
-    row["note"] = built.note
-    return row
+        return {"name": name, "exit": done.returncode, "error": error, "seconds": seconds, "command": shown}
+    return {"exit": 0, "seconds": seconds, "command": shown, "report": json.loads((out / "report.json").read_text())}
+
+
+def previous_row(report: dict, run: dict) -> dict:
+    """The previous default's student on the same ensemble: its spec, size, test accuracy on ONNX Runtime and
+    epochs (the budget's)."""
+    student = next(r for r in report["rows"] if (r["kind"], r["backend"]) == ("student", "onnxruntime"))
+    return {"exit": 0, "spec": report["student"]["spec"], "parameters": report["student"]["parameters"],
+            "top1": student["accuracy"]["top1"], "batch1_ms": batch1_ms(student),
+            "epochs": (report.get("budget") or {}).get("bought", {}).get("epochs"), "seconds": run["seconds"],
+            "command": run["command"]}
 
 
 def percent(value: float | None) -> str:
@@ -393,18 +427,22 @@ def zoo_table(result: dict) -> Table:
     """The zoo's one table: a row per ensemble, the column set labelled with the defaults' git hash."""
     table = Table(title=f"zoo ({result['scale']}), {result['label']}: compress --baseline --target onnxruntime")
     for column in ("ensemble", "members", "params", "ens.", "best member", "student", "st. params", "student",
-                   "baseline", "gain kept [95%]", "× ens. b1", "× best b1", "s"):
-        table.add_column(column, justify="left" if column in ("ensemble", "student") else "right")
+                   "baseline", "gain kept [95%]", "× ens. b1", "× best b1", "s", "previous default", "prev."):
+        table.add_column(column, justify="left" if column in ("ensemble", "student", "previous default") else "right")
     for row in result["rows"]:
         if row["exit"] != 0:
-            table.add_row(row["name"], *[""] * 11, f"exit {row['exit']}")
+            table.add_row(row["name"], *[""] * 11, f"exit {row['exit']}", "", "")
             continue
         times = lambda v: "" if v is None else f"{v:.1f}×"  # noqa: E731
+        previous = row.get("previous_default") or {}
         table.add_row(row["name"], str(row["members"]["count"]), f"{row['members']['parameters']:,}",
                       percent(row["ensemble_top1"]), percent(row["best_member"]["top1"]), row["student"]["spec"],
                       f"{row['student']['parameters']:,}", percent(row["student_top1"]), percent(row["baseline_top1"]),
                       gain_text(row), times(row["speedup_over_ensemble"]), times(row["speedup_over_best_member"]),
-                      f"{row['seconds']:.0f}")
+                      f"{row['seconds']:.0f}",
+                      f"{previous['spec']} ({previous['parameters']:,})" if previous.get("exit") == 0
+                      else f"exit {previous.get('exit')}" if previous else "",
+                      percent(previous.get("top1")))
     return table
 
 

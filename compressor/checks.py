@@ -5,12 +5,13 @@ the checks of the options alone, before anything is loaded, are ``pipeline.check
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import torch
 from torch import nn
 
-from compressor.core.errors import CompressorError
+from compressor.core.errors import CompressorError, first_line
 from compressor.core.inputs import NamedInputs
 from compressor.students.hf import check_fits_data, student_config
 from compressor.students.registry import check_student_runs
@@ -35,9 +36,21 @@ def check_before_teachers(ctx: RunContext) -> None:
         check_top_k(config.cache_top_k, ctx.ensemble.num_classes)
     splits = {name: x for name, x in (("train", ctx.tensors.x_train), ("val", ctx.tensors.x_val),
                                       ("test", ctx.tensors.x_test)) if len(x)}
-    if dataset.named_inputs:
+    if config.student == "auto":
+        check_candidates(ctx, splits)
+        return
+    student = check_student(ctx, splits)
+    if config.resume:
+        check_resume(ctx, student)
+
+
+def check_student(ctx: RunContext, splits: dict) -> nn.Module:
+    """--student (and --student-weights) built as training will build it, run on the data's most demanding rows,
+    and its head probed for --omit-classes' bias fix; returns it."""
+    config = ctx.config
+    if ctx.dataset.named_inputs:
         check_text_limits(ctx, splits)  # an hf: config against the data, before a model of it is built
-    student = choose_student(config, ctx.ensemble, dataset)
+    student = choose_student(config, ctx.ensemble, ctx.dataset)
     check_student_on_data(ctx, student, splits)
     if ctx.omitted and config.bias_fix != "none":
         try:
@@ -45,8 +58,26 @@ def check_before_teachers(ctx: RunContext) -> None:
         except CompressorError as exc:
             raise CompressorError(f"--omit-classes with --bias-fix {config.bias_fix}: {exc}; or pass --bias-fix "
                                   f"none") from exc
-    if config.resume:
-        check_resume(ctx, student)
+    return student
+
+
+def check_candidates(ctx: RunContext, splits: dict) -> None:
+    """--student auto: every candidate that was built is checked as :func:`check_student` checks a given one
+    (text: on the longest rows and largest ids; images and vectors ran on rows of their shape when priced, so only
+    the bias fix is probed); one that fails is kept out of the choice with the reason, and when none is left the
+    run stops with the first reason."""
+    rows = [row for row in ctx.student_selection["candidates"] if "skipped" not in row]
+    for row in rows:
+        if not ctx.dataset.named_inputs and not ctx.omitted:
+            break
+        try:
+            check_student(ctx.with_config(dataclasses.replace(ctx.config, student=row["spec"])), splits)
+        except CompressorError as exc:
+            row["skipped"] = first_line(exc)
+    if not any("skipped" not in row for row in ctx.student_selection["candidates"]):
+        reasons = [row["skipped"] for row in ctx.student_selection["candidates"]]
+        raise CompressorError(f"--student auto: no candidate student fits --data {ctx.dataset.source} "
+                              f"({reasons[0] if reasons else 'no candidates'}); give --student SPEC")
 
 
 def check_text_limits(ctx: RunContext, splits: dict[str, NamedInputs]) -> None:

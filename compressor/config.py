@@ -15,15 +15,18 @@ class RunConfig:
     teacher: Path
     target: str = "onnxruntime"
     data: str | None = None               # None: the ensemble's dataset hint, else "digits"
-    student: str = "auto"                 # auto: sized to the teachers by the three limits below (students/sizing.py)
-    student_budget: float = 0.25          # auto: at most this share of the median member's multiply-adds
-    max_params: int | None = None         # auto: at most this many parameters
-    max_latency_ms: float | None = None   # auto: at most this many ms per batch-1 call on the target
+    student: str = "auto"                 # auto: measured on the data (training/selection.py); cnn | mlp: sized
+    student_budget: float = 0.25          # bare cnn / mlp: at most this share of the median member's multiply-adds
+    min_speedup: float = 2.0              # auto: at least this many times faster than the best member at batch 1
+    max_params: int | None = None         # auto, cnn, mlp: at most this many parameters
+    max_latency_ms: float | None = None   # auto, cnn, mlp: at most this many ms per batch-1 call on the target
+    screen_trials: int | None = None      # auto: screen this many candidates instead of as many as the budget fits
+    budget: float = 10.0                  # minutes of training (choosing, distilling, tuning): training/budget.py
     student_weights: Path | None = None   # a .safetensors file to initialise the student from (matching tensors)
     out: Path | None = None
     temperature: float = 4.0              # Hinton et al. use 1-20; 2-4 suits small students
     alpha: float = 0.9                    # weight of the soft (T²-scaled KL) term
-    epochs: int = 30
+    epochs: int | None = None             # None: as many as --budget buys, at most 30
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4

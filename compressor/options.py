@@ -65,15 +65,25 @@ _INPUT_OPTIONS = [
 _TRAINING_OPTIONS = [
         click.option("--student", default=RunConfig.student, show_default=True,
                      help="Student spec, e.g. mlp:800x800, cnn:16x32, from-teacher:0.25, timm:resnet18, "
-                          "torchvision:mobilenet_v3_small (compress students lists them); auto: the largest cnn "
-                          "(images) or mlp (vectors) within --student-budget, --max-params and --max-latency-ms."),
+                          "torchvision:mobilenet_v3_small (compress students lists them); auto: candidates of every "
+                          "family that fits the data, timed on --target, screened by distillation on validation; "
+                          "cnn / mlp: the largest of that family within --student-budget."),
         click.option("--student-budget", type=float, default=RunConfig.student_budget, show_default=True,
-                     help="--student auto: at most this share of the median teacher member's multiply-adds."),
+                     help="--student cnn / mlp: at most this share of the median teacher member's multiply-adds."),
+        click.option("--min-speedup", type=float, default=RunConfig.min_speedup, show_default=True,
+                     help="--student auto: candidates at least this many times faster than the best member at "
+                          "batch 1 on --target (replaced by --max-latency-ms / --max-params when given)."),
         click.option("--max-params", type=int, default=None,
-                     help="--student auto: at most this many parameters."),
+                     help="--student auto / cnn / mlp: at most this many parameters."),
         click.option("--max-latency-ms", type=float, default=None,
-                     help="--student auto: at most this many milliseconds per batch-1 call on --target (each "
-                          "candidate is exported and timed there)."),
+                     help="--student auto / cnn / mlp: at most this many milliseconds per batch-1 call on --target "
+                          "(each candidate is exported and timed there)."),
+        click.option("--screen-trials", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="--student auto: screen N candidates in full instead of as many as the budget fits, so "
+                          "the choice does not depend on the machine's speed."),
+        click.option("--budget", type=float, default=RunConfig.budget, show_default=True, metavar="MINUTES",
+                     help="Minutes of training for the whole run: choosing the student, distilling it and its "
+                          "baseline, tuning; without --epochs, the epochs are as many as it buys (at most 30)."),
         click.option("--student-weights", type=click.Path(path_type=Path), default=None,
                      help="Initialise the student from a .safetensors file: every tensor whose name and shape "
                           "match (a classifier head for other classes stays fresh)."),
@@ -82,7 +92,8 @@ _TRAINING_OPTIONS = [
         click.option("--temperature", "-T", type=float, default=RunConfig.temperature, show_default=True),
         click.option("--alpha", type=float, default=RunConfig.alpha, show_default=True,
                      help="Weight of the soft-target term; 1 - alpha weighs the hard labels."),
-        click.option("--epochs", type=int, default=RunConfig.epochs, show_default=True),
+        click.option("--epochs", type=int, default=None,
+                     help="Epochs of the student's training (default: as many as --budget buys, at most 30)."),
         click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
         click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
@@ -176,7 +187,9 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
         max_accuracy_drop=options["max_accuracy_drop"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
         student_weights=options["student_weights"], student_budget=options["student_budget"],
-        max_params=options["max_params"], max_latency_ms=options["max_latency_ms"], channels=options["channels"], resize=options["resize"],
+        max_params=options["max_params"], max_latency_ms=options["max_latency_ms"],
+        min_speedup=options["min_speedup"], screen_trials=options["screen_trials"], budget=options["budget"],
+        channels=options["channels"], resize=options["resize"],
         crop=options["crop"], on_bad_image=options["on_bad_image"], input_columns=options["input_columns"],
         label_column=options["label_column"], seq_len=options["seq_len"],
         batch_sizes=options["batch_sizes"], warmup_s=options["warmup"], duration_s=options["duration"],
@@ -201,7 +214,8 @@ _VALUES = {"target": "--target", "data": "--data", "student": "--student", "out"
            "normalise": "--normalise", "max_train": "--max-train", "batch_sizes": "--batch-sizes",
            "warmup_s": "--warmup", "duration_s": "--duration", "rounds": "--rounds", "teacher_cache": "--teacher-cache",
            "cache_top_k": "--cache-top-k", "student_budget": "--student-budget", "max_params": "--max-params",
-           "max_latency_ms": "--max-latency-ms", "teacher_precision": "--teacher-precision",
+           "max_latency_ms": "--max-latency-ms", "min_speedup": "--min-speedup", "screen_trials": "--screen-trials",
+           "budget": "--budget", "teacher_precision": "--teacher-precision",
            "omit_classes": "--omit-classes", "bias_fix": "--bias-fix", "amp": "--amp", "device": "--device",
            "ort_provider": "--ort-provider", "recipe": "--recipe", "tune": "--tune", "tune_trials": "--tune-trials",
            "threads": "--threads", "student_weights": "--student-weights", "channels": "--channels",

@@ -23,15 +23,19 @@ from compressor.core.errors import CompressorError, MissingCapabilityError
 from compressor.core.fileio import why_unwritable
 from compressor.core.inputs import example_of
 from compressor.data.loading import check_seq_len, load_data, to_tensors
-from compressor.deployment.export import export_all, save_student, write_student_bundle
+from compressor.deployment.export import best_member, export_all, save_student, write_student_bundle
 from compressor.deployment.report import benchmark, build_report, environment
 from compressor.teachers.formats import load_ensemble
+from compressor.students.candidates import candidate_specs, price_candidates
 from compressor.students.sizing import SIZED_FAMILIES, StudentBudget, size_student
+from compressor.training.budget import RunBudget
 from compressor.training.context import RunContext
 from compressor.training.distill import choose_student, distill_generalist, distill_students
 from compressor.training.distributed import join, leave
 from compressor.training.precision import check_amp
 from compressor.training.omitted_classes import omitted_class_indices
+from compressor.training.planning import plan_training, resume_plan
+from compressor.training.selection import Timers
 from compressor.training.recipes import make_recipe
 from compressor.training.teacher_cache import check_cache_root
 from compressor.training.teacher_outputs import diagnose_teachers, teacher_outputs, transfer_fit
@@ -39,6 +43,7 @@ from compressor.training.transfer import check_views, fix_bias, transfer_set
 from compressor.training.tuning import tune
 from targets.base import check_target_available, check_target_inputs, get_target
 from targets.benchmark import measure_latency
+from targets.eager import EagerRunner
 from targets.onnxruntime import check_provider
 from targets.parity import enforce_parity
 from targets.report import write_report
@@ -59,7 +64,13 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     check_recipe_views(ctx, diagnostics, transfer)
     if ctx.world.is_main:
         config.output_dir().mkdir(parents=True, exist_ok=True)
-    students = tune(ctx) if config.tuned else distill_students(ctx, transfer)       # 3-4. student, distill
+    budget = RunBudget(60 * config.budget)
+    budget.start()
+    if ctx.student_selection and "pricing_seconds" in ctx.student_selection:
+        budget.record("pricing", ctx.student_selection["pricing_seconds"])
+    ctx, transfer, bought = plan_training(ctx, transfer, budget, timers(ctx))  # 3. choose, size
+    students = tune(ctx, budget) if config.tuned else distill_students(ctx, transfer)  # 4. distill
+    budget.record("tuning" if config.tuned else "distilling", students.seconds())
     students.from_generalist = distill_generalist(ctx, students.transfer)
     if not ctx.world.is_main:
         leave(ctx.world)
@@ -74,6 +85,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
                                                                                           ctx)
     write_student_bundle(chosen, exported.artifact, environment()["versions"])
     extras["seconds_total"] = round(time.perf_counter() - started, 2)
+    extras["budget"] = budget.describe(bought)
     report = build_report(chosen, config, students, exported, diagnostics, bench, extras)
     write_report(report, config.output_dir())
     leave(ctx.world)
@@ -100,8 +112,8 @@ def start(config: RunConfig, console: Console) -> RunContext:
     tensors = to_tensors(dataset, normalisation)
     ensemble.validate(tensors.x_val[:8], f"--data {dataset.source}")
     omitted = omitted_class_indices(config, ensemble, dataset)
-    config, selection = resolve_student(config, ensemble, dataset, _target_latency(config, tensors.x_val[:64]))
-    if selection is not None:
+    config, selection = settle_or_price(config, ensemble, dataset, tensors, world)
+    if selection is not None and "why" in selection:
         console.print(f"[bold]student[/] {config.student}: {selection['why']}")
     ctx = RunContext(config, ensemble, dataset, tensors, normalisation, world, console, omitted=omitted,
                      student_selection=selection)
@@ -111,10 +123,44 @@ def start(config: RunConfig, console: Console) -> RunContext:
     return ctx
 
 
+def settle_or_price(config: RunConfig, ensemble, dataset, tensors, world) -> tuple[RunConfig, dict | None]:
+    """The student before the teachers run: a --resume'd run's settled choice (``<out>/selection.json``); for
+    ``--student auto`` every candidate built and timed on the target (the choice comes after the teachers' pass);
+    a bare cnn / mlp sized by its ladder; any other spec as it is."""
+    resumed = resume_plan(config, ensemble, dataset)
+    if resumed is not None:
+        config, selection = resumed
+        if selection is not None:
+            return config, selection
+    if config.student != "auto":
+        return resolve_student(config, ensemble, dataset, _target_latency(config, tensors.x_val[:64]))
+    if world.size > 1:
+        raise CompressorError("--student auto measures its candidates in one process: run it without torchrun, "
+                              "then rerun under torchrun with the --student, --alpha and --temperature its report "
+                              "chose")
+    return config, price(config, ensemble, dataset)
+
+
+def price(config: RunConfig, ensemble, dataset) -> dict:
+    """``--student auto``'s candidates (compressor.students.candidates), each built and its parameters and
+    multiply-adds counted; they are timed once the best member is known (``timers``)."""
+    started = time.perf_counter()
+    architecture = next((m.architecture for m in ensemble.members if m.architecture), None)
+    hf_config = ensemble.metadata.get("hf_config")
+    if dataset.named_inputs and hf_config is None:
+        raise CompressorError("--student auto builds text students from the teachers' transformers config, and "
+                              f"{ensemble.path} records none; give --student hf:DIR or hf:CONFIG.json")
+    specs = candidate_specs(tuple(dataset.input_shape), dataset.named_inputs, hf_config, architecture is not None)
+    rows = price_candidates(specs, tuple(dataset.input_shape), ensemble.num_classes, dataset.example(), architecture,
+                            hf_config)
+    return {"requested": "auto", "candidates": rows, "target": config.target,
+            "pricing_seconds": round(time.perf_counter() - started, 2)}
+
+
 def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tuple[RunConfig, dict | None]:
-    """``--student auto`` (or a bare cnn / mlp) sized to the teachers (compressor.students.sizing): the config
-    with the chosen spec and the record of the candidates; any other spec as it is, with None."""
-    if config.student not in SIZED_FAMILIES:
+    """A bare cnn / mlp sized to the teachers by its ladder (compressor.students.sizing): the config with the chosen
+    spec and the record of the candidates; any other spec as it is, with None."""
+    if config.student not in SIZED_FAMILIES or config.student == "auto":
         return config, None
     budget = StudentBudget(config.student_budget, config.max_params, config.max_latency_ms if latency_ms else None)
     spec, selection = size_student(budget, ensemble, tuple(dataset.input_shape), ensemble.num_classes, latency_ms,
@@ -122,16 +168,46 @@ def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tu
     return dataclasses.replace(config, student=spec), selection
 
 
-def _target_latency(config: RunConfig, pool: torch.Tensor):
-    """``--max-latency-ms``'s yardstick: a model's median batch-1 latency in ms on ``--target``, exported there in
-    a scratch folder and timed briefly (0.05 s warm-up, 0.2 s of calls)."""
-    def latency_ms(model: torch.nn.Module) -> float:
+TIMING = {"warmup_s": 0.03, "duration_s": 0.15}  # how briefly candidates and the best member are timed
+
+
+def _target_latency(config: RunConfig, pool):
+    """A model's median batch-1 latency in ms on ``--target``, exported there in a scratch folder and timed briefly
+    (``TIMING``): how --student auto and --max-latency-ms price candidates and members."""
+    def latency_ms(model) -> float:
+        if not isinstance(model, torch.nn.Module):  # an ONNX member: a function over onnxruntime already
+            return _eager_latency(pool)(model)
         target = get_target(config.target)
         with tempfile.TemporaryDirectory(prefix="compressor-sizing-") as folder:
             artifact = target.export(model, example_of(pool), Path(folder), "fp32")
             runner = target.load(artifact, threads=config.threads)
-            return measure_latency(runner.infer, pool.numpy(), 1, warmup_s=0.05, duration_s=0.2).median_ms
+            return measure_latency(runner.infer, pool.numpy(), 1, **TIMING).median_ms
     return latency_ms
+
+
+def _eager_latency(pool):
+    """A model's (or an ONNX member's function's) median batch-1 latency in ms in PyTorch eager on the CPU."""
+    def latency_ms(model) -> float:
+        return EagerRunner(model).measure(pool.numpy(), 1, **TIMING).median_ms
+    return latency_ms
+
+
+def timers(ctx: RunContext) -> Timers:
+    """--student auto's clocks: a model on the target and in eager at batch 1, and the best member by validation
+    accuracy timed both ways (without one, a specialist ensemble or no labels: the fastest member)."""
+    pool = ctx.tensors.x_val[:64]
+
+    def reference() -> dict:
+        chosen = best_member(ctx)
+        members = ctx.ensemble.members if chosen is None else [ctx.ensemble.members[chosen[0]]]
+        timed = [{"member": m.name, "latency_ms": round(_target_latency(ctx.config, pool)(m.forward), 4),
+                  "eager_ms": round(_eager_latency(pool)(m.forward), 4)} for m in members]
+        if chosen is not None:
+            return {**timed[0], "val_accuracy": chosen[1], "chosen_by": "validation accuracy"}
+        return {**min(timed, key=lambda t: t["latency_ms"]),
+                "chosen_by": "the fastest member: there is no best one by validation accuracy (no labels, or a "
+                             "specialist ensemble)"}
+    return Timers(_target_latency(ctx.config, pool), _eager_latency(pool), reference)
 
 
 def check_recipe_views(ctx: RunContext, diagnostics: dict, transfer) -> None:
@@ -178,16 +254,31 @@ def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) ->
     """
     ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
     dataset, _ = load_data(config, ensemble)
-    config, _ = resolve_student(config, ensemble, dataset)  # sized without --max-latency-ms: nothing to time on
-    torch.manual_seed(config.seed)
-    student = choose_student(config, ensemble, dataset).eval()
+    if config.student == "auto":  # the choice needs training: check each family's smallest candidate's graph
+        built = [row for row in price(config, ensemble, dataset)["candidates"] if "skipped" not in row]
+        smallest = {}
+        for row in sorted(built, key=lambda r: r["parameters"]):
+            smallest.setdefault(row["family"], row["spec"])
+        specs = list(smallest.values())
+    else:
+        specs = [resolve_student(config, ensemble, dataset)[0].student]  # sized without --max-latency-ms
     example = example_of(to_tensors(dataset, None).x_test)  # only its shape matters to the graph
-    with tempfile.TemporaryDirectory(prefix="compressor-preflight-") as scratch:
-        artifact = get_target("onnx").export(student, example, Path(scratch), "fp32")
-        result = preflight(artifact.files["model"])
-    verdict = result.summary().replace(artifact.files["model"].name, f"--student {config.student}", 1)
-    if not result.ok:
-        raise CompressorError(f"{verdict}; choose another --student (TensorRT preflight, run without TensorRT)")
+    verdicts = []
+    for spec in specs:
+        torch.manual_seed(config.seed)
+        student = choose_student(dataclasses.replace(config, student=spec), ensemble, dataset).eval()
+        with tempfile.TemporaryDirectory(prefix="compressor-preflight-") as scratch:
+            artifact = get_target("onnx").export(student, example, Path(scratch), "fp32")
+            result = preflight(artifact.files["model"])
+        verdicts.append((spec, result.ok, result.summary().replace(artifact.files["model"].name, f"--student {spec}",
+                                                                    1)))
+    good = [v for v in verdicts if v[1]]
+    if not good:
+        raise CompressorError(f"{verdicts[0][2]}; choose another --student (TensorRT preflight, run without "
+                              f"TensorRT)")
+    verdict = good[0][2] if len(verdicts) == 1 else (
+        f"{good[0][2]}; --student auto: {len(good)} of {len(verdicts)} candidate families' smallest graphs would "
+        f"build ({', '.join(spec for spec, ok, _ in verdicts if ok)})")
     raise MissingCapabilityError(f"{missing} (TensorRT preflight, run without TensorRT: {verdict})")
 
 
@@ -198,7 +289,7 @@ def _check_config(config: RunConfig) -> None:
         raise CompressorError(f"--temperature {config.temperature}: must be positive (Hinton et al. use 1 to 20)")
     if not 0 <= config.alpha <= 1:
         raise CompressorError(f"--alpha {config.alpha}: must be between 0 (labels only) and 1 (soft targets only)")
-    if config.epochs < 1 or config.batch_size < 1:
+    if (config.epochs is not None and config.epochs < 1) or config.batch_size < 1:
         raise CompressorError("--epochs and --batch-size must be at least 1")
     _check_numbers(config)
     if config.bias_fix not in ("auto", "none"):
@@ -212,6 +303,13 @@ def _check_config(config: RunConfig) -> None:
             raise CompressorError(f"--ort-provider {config.ort_provider} applies to --target onnxruntime or onnx, "
                                   f"not --target {config.target}; drop it")
         check_provider(config.ort_provider)  # no onnxruntime-gpu: stop before training
+    if config.student == "auto" and config.student_weights is not None:
+        raise CompressorError(f"--student-weights {config.student_weights} belongs to one architecture: give the "
+                              f"--student spec it was saved from")
+    StudentBudget(config.student_budget, config.max_params, config.max_latency_ms).check()
+    if not config.budget > 0 or not config.min_speedup > 0:
+        raise CompressorError(f"--budget {config.budget:g} / --min-speedup {config.min_speedup:g}: give minutes above 0 "
+                              f"and a speed-up above 0 (2 = twice as fast as the best member)")
     if config.tune is not None and not config.tune > 0:
         raise CompressorError(f"--tune {config.tune:g}: give the search's budget in minutes, more than 0")
     if config.no_cache and config.refresh_teacher_cache:

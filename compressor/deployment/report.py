@@ -115,8 +115,15 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
     transfer = students.transfer
     warnings_ = report_warnings(config, diagnostics, exported, bench)
     pareto = _draw_pareto(ctx, bench.measured, warnings_)
+    transfer_error = (diagnostics.get("transfer") or {}).get("accuracy")
+    evidence = {"val_examples": int((ctx.tensors.y_val >= 0).sum()), "spec": config.student,
+                "selection": ctx.student_selection,
+                "transfer_error": None if transfer_error is None else 1.0 - transfer_error}
     text = headline(bench.measured, config.target, students.training, config.epochs, config.precision, bench.gain,
-                    diagnostics.get("warnings"))
+                    diagnostics.get("warnings"), evidence)
+    selection = ctx.student_selection or {}
+    if requested.student == "auto" and selection.get("why"):
+        text += f" The student was chosen by measurement: {selection['why']}."
     if students.tuning is not None:
         text += f" {students.tuning['explanation']}"
     transfer_info = dict(transfer.info)
@@ -145,6 +152,7 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
                     "selection": ctx.student_selection, "training": students.training.to_dict(),
                     "bias_fix": extras["bias_fix"], "transfer_fit": extras["student_transfer_fit"]},
         "baseline": baseline,
+        "budget": extras.get("budget"),
         "specialists": None if students.from_generalist is None else specialist_summary(
             ctx.ensemble, ctx.teacher.test, bench.rows, y_test, students.from_generalist, config.seed),
         "export": exported.artifact.to_dict(),

@@ -3,6 +3,8 @@ paired-bootstrap 95% interval over the test rows, and the headline a person read
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from compressor.core.metrics import BOOTSTRAP_RESAMPLES, bootstrap_means
@@ -49,7 +51,7 @@ def gain_kept(correct: np.ndarray, seed: int = 0) -> dict:
 
 
 def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, precision: str = "fp32",
-             gain: dict | None = None, causes: list[str] | None = None) -> str:
+             gain: dict | None = None, causes: list[str] | None = None, evidence: dict | None = None) -> str:
     """What a person reads first: the student's batch-1 speed-up over the ensemble on the same backend (and in
     PyTorch eager), the accuracy it keeps, the share of the ensemble's gain over the hard-label baseline it keeps,
     and, when it loses more than a point or loses to the baseline, the likely cause. ``gain`` is :func:`verdict`'s
@@ -94,22 +96,52 @@ def headline(rows: list[dict], target: str, training: TrainResult, epochs: int, 
         text += _member_clause(member, student_acc, median(member) / median(student), target, batch)
     drop = 100 * (ensemble_acc - student_acc)
     if drop > 1.0:
-        baseline_acc = baseline["accuracy"]["top1"] if baseline else None
-        if training.best_epoch == epochs:
-            cause = (f"its validation accuracy was still rising at its last epoch ({epochs}), so it is likely "
-                     f"undertrained: try more --epochs")
-        elif baseline_acc is not None and baseline_acc >= ensemble_acc - 0.01:
-            # the same network reaches the ensemble on labels alone: capacity is not what it lacks
-            cause = (f"the same network trained on labels alone reaches {baseline_acc:.2%}, so its size is not what "
-                     f"holds it back: the soft targets teach it the teachers' mistakes; weigh the labels more "
-                     f"(a lower --alpha) or improve the teachers")
-        else:
-            cause = (f"its validation accuracy peaked at epoch {training.best_epoch} of {epochs}, so more epochs "
-                     f"will not help; with {student['parameters']:,} parameters against the ensemble's "
-                     f"{eager['parameters']:,} it is likely too small: try a wider --student")
+        cause = diagnose_loss(training, epochs, student, eager, baseline, evidence or {})
         text += f" The student loses {drop:.1f} points: {cause}."
     return text
 
+
+def diagnose_loss(training: TrainResult, epochs: int, student: dict, ensemble: dict, baseline: dict | None,
+                  evidence: dict) -> str:
+    """Why the student loses to the ensemble, said only where a measurement in the report supports it, quoted
+    beside it: undertrained (validation still rising at the end, and a longer screen helped), the teachers teach
+    their errors (the labels alone do better, and the teachers disagree with the labels), too small (it cannot fit
+    its own training rows as well as the ensemble scores on unseen ones); otherwise what was measured, and that it
+    names no cause. ``evidence``: ``val_examples``, ``transfer_error`` (the teachers' disagreement with the labels
+    on the transfer set), ``spec`` and ``selection`` (the student and the screen's record)."""
+    history = training.history
+    error = math.sqrt(0.25 / max(1, evidence.get("val_examples", 1)))  # one standard error at worst (p = 0.5)
+    if history and training.best_epoch == epochs and len(history) >= 2:
+        middle = history[len(history) // 2 - 1]
+        rise = history[-1]["val_accuracy"] - middle["val_accuracy"]
+        longer = _longer_screen_gain(evidence.get("selection"), evidence.get("spec"))
+        if rise > error and (longer is None or longer > 0):
+            helped = "" if longer is None else f", and the screen's longer schedule gained {100 * longer:.1f} points"
+            return (f"validation accuracy still rose from {middle['val_accuracy']:.2%} at epoch {middle['epoch']} to "
+                    f"{history[-1]['val_accuracy']:.2%} at its last epoch ({epochs}){helped}, so it is likely "
+                    f"undertrained: give it more --epochs or a larger --budget")
+    baseline_acc = None if baseline is None else baseline["accuracy"]["top1"]
+    student_acc = student["accuracy"]["top1"]
+    wrong = evidence.get("transfer_error")
+    if baseline_acc is not None and baseline_acc > student_acc and wrong is not None and wrong > 0.05:
+        return (f"the same network trained on labels alone reaches {baseline_acc:.2%}, and the teachers disagree with "
+                f"the labels on {wrong:.1%} of the transfer set, so the soft targets teach it their errors: weigh the "
+                f"labels more (a lower --alpha) or improve the teachers")
+    fit = history[training.best_epoch - 1].get("train_accuracy") if history else None
+    if fit is not None and fit < ensemble["accuracy"]["top1"] - error:
+        return (f"it fits only {fit:.2%} of its own training rows at its best epoch, below the {ensemble['accuracy']['top1']:.2%} "
+                f"the ensemble scores on unseen test rows, so capacity limits it: try a larger --student (or a "
+                f"smaller --min-speedup)")
+    return (f"its validation accuracy peaked at epoch {training.best_epoch} of {epochs}"
+            + ("" if fit is None else f" and it fits {fit:.2%} of its training rows")
+            + "; these measurements name no single cause")
+
+
+def _longer_screen_gain(selection: dict | None, spec: str | None) -> float | None:
+    """How much the chosen spec's screen gained from its second-to-last to its last rung (None: not screened so)."""
+    trials = [t for t in ((selection or {}).get("screen") or {}).get("trials", []) if t["spec"] == spec]
+    reached = sorted(((int(e), a) for t in trials[:1] for e, a in t["val_accuracy"].items()))
+    return None if len(reached) < 2 else reached[-1][1] - reached[-2][1]
 
 def _baseline_clause(baseline: dict, student_acc: float, ensemble_acc: float, verdict_: dict | None = None,
                      causes: list[str] | None = None) -> str:

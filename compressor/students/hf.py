@@ -4,7 +4,8 @@ a local config (nothing is downloaded), randomly initialised unless ``--student-
 - ``hf:DIR`` reads ``DIR/config.json`` (a ``save_pretrained`` folder), ``hf:FILE.json`` a config file;
 - ``hf:teacher/0.25`` (bare ``hf`` or ``hf:teacher`` = 0.25) copies the teachers' own config, recorded in their
   archive by ``save_ensemble``, with the number of layers, the hidden and intermediate sizes and the attention
-  heads each multiplied by SCALE (rounded half up, at least 1; the hidden size stays a multiple of the heads).
+  heads each multiplied by SCALE (rounded half up, at least 1; the hidden size stays a multiple of the heads);
+  ``hf:teacher/0.25/2`` scales the widths alone and keeps two layers (at most the teachers' own depth).
   Vocabulary, positions and token types are kept, so the student reads exactly the teachers' inputs. Parameters
   shrink by about SCALE (embeddings) to SCALE³ (the encoder).
 
@@ -58,8 +59,9 @@ def _transformers():
     return transformers
 
 
-def scaled_config(config: dict, scale: float) -> dict:
-    """``config`` (a config's ``to_dict()``) with the sizes in SCALED_KEYS multiplied by ``scale``."""
+def scaled_config(config: dict, scale: float, layers: int | None = None) -> dict:
+    """``config`` (a config's ``to_dict()``) with the sizes in SCALED_KEYS multiplied by ``scale``; ``layers``, when
+    given, sets the depth instead of scaling it (at most the teachers' own)."""
     out = dict(config)
     missing = [key for key in SCALED_KEYS if key not in out]
     if missing:
@@ -67,7 +69,8 @@ def scaled_config(config: dict, scale: float) -> dict:
                               f"(a BERT-style encoder has them); give --student hf:CONFIG.json")
     heads = scaled(out["num_attention_heads"], scale)
     hidden = scaled(out["hidden_size"], scale)
-    out.update(num_hidden_layers=scaled(out["num_hidden_layers"], scale), num_attention_heads=heads,
+    depth = scaled(out["num_hidden_layers"], scale) if layers is None else min(layers, out["num_hidden_layers"])
+    out.update(num_hidden_layers=depth, num_attention_heads=heads,
                hidden_size=-(-hidden // heads) * heads, intermediate_size=scaled(out["intermediate_size"], scale))
     if "embedding_size" in out:  # ALBERT-style factorised embeddings
         out["embedding_size"] = scaled(out["embedding_size"], scale)
@@ -81,14 +84,17 @@ def _read_config(spec: str, where: str, teacher_config: dict | None) -> tuple[di
             raise CompressorError(f"--student {spec}: the teachers' archive records no Hugging Face config (save "
                                   f"them with compressor.save_ensemble from transformers models); give --student "
                                   f"hf:DIR or hf:CONFIG.json")
-        scale = where.partition("/")[2] or str(DEFAULT_SCALE)
+        scale, _, layers = (where.partition("/")[2] or str(DEFAULT_SCALE)).partition("/")
         try:
             value = float(scale)
         except ValueError:
             value = -1.0
         if not 0 < value <= 1:
             raise CompressorError(f"--student {spec}: {scale!r} is not a scale in (0, 1]; e.g. hf:teacher/0.25")
-        return scaled_config(teacher_config, value), None
+        if layers and not (layers.isdecimal() and int(layers) > 0):
+            raise CompressorError(f"--student {spec}: {layers!r} is not a number of layers; e.g. hf:teacher/0.25/2 "
+                                  f"(a quarter of the width, two layers)")
+        return scaled_config(teacher_config, value, int(layers) if layers else None), None
     path = Path(where)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():

@@ -47,6 +47,12 @@ class Students:
     from_generalist: TrainedBaseline | None = None
     tuning: dict | None = None
 
+    def seconds(self) -> float:
+        """Seconds the student's and the baseline's trainings took (a tuned run: its search)."""
+        if self.tuning is not None:
+            return float(self.tuning["seconds"])
+        return sum(t.training.seconds for t in (self, self.baseline) if t is not None)
+
 
 def distill_students(ctx: RunContext, transfer: TransferSet) -> Students:
     """Steps 3 and 4 at the given options: choose the student and distill it on ``transfer``, then train its

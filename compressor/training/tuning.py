@@ -10,17 +10,19 @@ import torch
 
 from compressor.config import RunConfig
 from compressor.data.augment import default_augmentation
+from compressor.training.budget import RunBudget
 from compressor.training.context import RunContext
 from compressor.training.distill import Students, TrainedBaseline, choose_student, distill
 from compressor.training.halving import DEFAULT_TUNE_MINUTES, SCREEN_ROWS, search_space, successive_halving
 from compressor.training.transfer import TransferSet, row_subset, transfer_set
 
 
-def tune(ctx: RunContext) -> Students:
+def tune(ctx: RunContext, budget: RunBudget | None = None) -> Students:
     """Successive halving on validation over recipe, T, α, lr and epochs, with the hard-label family tuned alike as
     the baseline. Trials checkpoint into ``<out>/tuning/<trial>/``; with --resume a killed search continues where
     it stopped. Each recipe's transfer set (and its view cache) is built once. Returns the chosen student, its
-    options and the tuned baseline, with the search for the report in ``tuning``."""
+    options and the tuned baseline, with the search for the report in ``tuning``. Without --tune, the search gets
+    what is left of the run's ``budget`` (else DEFAULT_TUNE_MINUTES)."""
     config, console, tensors = ctx.config, ctx.console, ctx.tensors
     transfers: dict[str, TransferSet] = {}
 
@@ -69,7 +71,9 @@ def tune(ctx: RunContext) -> Students:
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
                          default_augmentation(tuple(tensors.x_train.shape[1:])) is not None, labelled,
                          mixable=not ctx.dataset.named_inputs)
-    minutes = config.tune or DEFAULT_TUNE_MINUTES
+    minutes = config.tune or (DEFAULT_TUNE_MINUTES if budget is None else max(budget.left() / 60, 0.1))
+    if budget is not None:
+        budget.start()
     console.print(f"[bold]tune[/] successive halving on validation, budget {minutes:g} min")
     search = successive_halving(space, train, 60 * minutes, config.seed,
                                 log=lambda line: console.print(f"[bold]tune[/] {line}"), trials=config.tune_trials,

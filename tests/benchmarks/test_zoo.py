@@ -13,7 +13,8 @@ from benchmarks import zoo
 # the digits ensemble at the quick scale (its data do not depend on the scale) under its own name, so nothing is
 # shared with a real zoo folder
 TINY = replace(zoo.SCALES["quick"], name="test")
-FAST = ("--epochs", "2", "--warmup", "0", "--duration", "0.05", "--rounds", "1", "--batch-sizes", "1")
+FAST = ("--epochs", "2", "--screen-trials", "2", "--warmup", "0", "--duration", "0.05", "--rounds", "1",
+        "--batch-sizes", "1")
 
 
 def test_the_gain_and_speed_up_texts():
@@ -37,11 +38,13 @@ def test_the_command_keeps_the_defaults(tmp_path):
     assert command[1:3] == ["-m", "compressor"]
     assert "--student" not in command and "--alpha" not in command and "-T" not in command
     assert {"--baseline", "--no-progress"} <= set(command) and command[command.index("--target") + 1] == "onnxruntime"
-    assert command[command.index("--epochs") + 1] == "5" and command[command.index("--max-train") + 1] == "300"
+    assert command[command.index("--budget") + 1] == "2" and command[command.index("--max-train") + 1] == "300"
     full = zoo.compress_command(replace(built, run_args=()), tmp_path / "o", tmp_path / "c", zoo.SCALES["full"])
-    assert "--epochs" not in full and "--max-train" not in full  # the full scale changes nothing but the data
+    assert "--budget" not in full and "--max-train" not in full  # the full scale changes nothing but the data
     digits = zoo.compress_command(replace(built, default_epochs=True), tmp_path / "o", tmp_path / "c", TINY)
-    assert "--epochs" not in digits
+    assert "--budget" not in digits
+    previous = zoo.compress_command(built, tmp_path / "o", tmp_path / "c", TINY, zoo.PREVIOUS_DEFAULT["mlp-digits"])
+    assert previous[previous.index("--student") + 1] == "mlp" and "--baseline" not in previous
 
 
 @pytest.mark.slow
@@ -69,9 +72,12 @@ def test_a_built_ensemble_is_reused_and_its_run_gives_a_row(tmp_path, monkeypatc
     assert row["speedup_over_ensemble"] == round(b1["ensemble"] / b1["student"], 2)
     assert row["speedup_over_best_member"] == round(b1["best_member"] / b1["student"], 2)
     assert row["command"].startswith("compress --teacher") and "--student" not in row["command"]
+    previous = row["previous_default"]
+    assert previous["exit"] == 0 and previous["spec"].startswith("mlp:") and 0 < previous["top1"] <= 1
 
     result = {"label": "defaults at abc1234", "scale": "test", "rows": [row, {"name": "broken", "exit": 2}]}
     wide = Console(width=200, record=True)
     wide.print(zoo.zoo_table(result))
     text = wide.export_text()
     assert "defaults at abc1234" in text and row["student"]["spec"] in text and "exit 2" in text
+    assert previous["spec"] in text

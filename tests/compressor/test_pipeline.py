@@ -144,10 +144,17 @@ def test_headline_compares_like_with_like_and_says_plainly_when_the_student_lose
     assert "loses" not in close
     eager_only = headline([eager, student(0.905, 0.05)], "onnxruntime", TrainResult(3, 0.9), 10)
     assert "20.0× faster" in eager_only and "mixes what distillation buys" in eager_only
-    still_rising = headline([eager, on_target, student(0.83, 0.05)], "onnxruntime", TrainResult(10, 0.8), 10)
-    assert "loses 8.0 points" in still_rising and "more --epochs" in still_rising
-    peaked = headline([eager, on_target, student(0.83, 0.05)], "onnxruntime", TrainResult(4, 0.8), 10)
-    assert "too small" in peaked and "5,000" in peaked and "1,500,000" in peaked
+    rising = _trained(best=10, epochs=10, fit=0.95)
+    still_rising = headline([eager, on_target, student(0.83, 0.05)], "onnxruntime", rising, 10,
+                            evidence={"val_examples": 1000})
+    assert "loses 8.0 points" in still_rising and "still rose from 65.00% at epoch 5 to 80.00%" in still_rising
+    assert "more --epochs" in still_rising
+    peaked = headline([eager, on_target, student(0.83, 0.05)], "onnxruntime", _trained(4, 10, fit=0.84), 10,
+                      evidence={"val_examples": 1000})
+    assert "fits only 84.00% of its own training rows" in peaked and "capacity limits it" in peaked
+    unknown = headline([eager, on_target, student(0.83, 0.05)], "onnxruntime", _trained(4, 10, fit=0.99), 10,
+                       evidence={"val_examples": 1000})
+    assert "name no single cause" in unknown and "undertrained" not in unknown and "capacity" not in unknown
     slower = headline([eager, on_target, student(0.91, 0.6)], "onnxruntime", TrainResult(4, 0.8), 10)
     assert "2.0× SLOWER than the ensemble on onnxruntime" in slower
     member = _row("member", "onnxruntime", 0.90, 0.2, 500_000, model="member cnn")
@@ -156,6 +163,16 @@ def test_headline_compares_like_with_like_and_says_plainly_when_the_student_lose
     assert "0.50 points more accurate" in beats and "worth weighing" not in beats
     loses = headline([eager, on_target, member, student(0.89, 0.05)], "onnxruntime", TrainResult(3, 0.9), 10)
     assert "1.00 points LESS accurate" in loses and "shipping that member alone is worth weighing" in loses
+
+
+def _trained(best: int, epochs: int, fit: float):
+    """A TrainResult whose validation accuracy climbs 3 points an epoch up to ``best`` and then holds, fitting
+    ``fit`` of its training rows."""
+    from compressor.training.loop import TrainResult
+
+    history = [{"epoch": e, "val_accuracy": 0.5 + 0.03 * min(e, best), "train_accuracy": fit}
+               for e in range(1, epochs + 1)]
+    return TrainResult(best, history[best - 1]["val_accuracy"], history)
 
 
 def test_headline_of_teachers_that_get_every_test_row_wrong_says_so():
@@ -190,19 +207,20 @@ def test_headline_states_the_share_of_the_ensembles_gain_kept_over_the_baseline(
 
 
 def test_a_student_whose_baseline_matches_the_ensemble_is_not_called_too_small():
-    """Losing points to the ensemble when the same network reaches it on labels alone is the soft targets' doing."""
+    """Losing points to the ensemble when the same network does better on labels alone and the teachers disagree
+    with the labels is the soft targets' doing; capacity is named only when the student cannot fit its own rows."""
     from compressor.deployment.verdict import headline
-    from compressor.training.loop import TrainResult
 
     eager = _row("ensemble", "PyTorch eager", 0.90, 1.0, 400_000)
     student = _row("student", "onnxruntime", 0.79, 0.05, 80_000)
+    evidence = {"val_examples": 1000, "transfer_error": 0.12}
     strong = headline([eager, _row("baseline", "PyTorch eager", 0.97, 0.1, 80_000), student], "onnxruntime",
-                      TrainResult(23, 0.8), 30)
-    assert "labels alone reaches 97.00%, so its size is not what holds it back" in strong
-    assert "lower --alpha" in strong and "too small" not in strong
+                      _trained(23, 30, fit=0.8), 30, evidence=evidence)
+    assert "labels alone reaches 97.00%, and the teachers disagree with the labels on 12.0%" in strong
+    assert "lower --alpha" in strong and "capacity" not in strong
     weak = headline([eager, _row("baseline", "PyTorch eager", 0.75, 0.1, 80_000), student], "onnxruntime",
-                    TrainResult(23, 0.8), 30)
-    assert "likely too small: try a wider --student" in weak
+                    _trained(23, 30, fit=0.8), 30, evidence=evidence)
+    assert "fits only 80.00% of its own training rows" in weak and "larger --student" in weak
 
 
 def _scored(kind: str, correct: np.ndarray, labels: np.ndarray):

@@ -1,4 +1,5 @@
-"""--student auto: the student sized to the teachers by multiply-adds, parameters or target latency."""
+"""--student cnn / mlp (a bare family): the student sized to the teachers by multiply-adds, parameters or target
+latency (--student auto measures instead: tests/compressor/training/test_selection.py)."""
 
 from __future__ import annotations
 
@@ -85,12 +86,12 @@ def test_impossible_limits_are_refused(tmp_path, budget, message):
 
 
 @pytest.mark.slow
-def test_compress_without_student_sizes_one_and_reports_the_candidates(digits_ensemble, tmp_path):
+def test_compress_with_a_bare_family_sizes_one_and_reports_the_candidates(digits_ensemble, tmp_path):
     out = tmp_path / "out"
-    assert main(["--teacher", str(digits_ensemble), "--out", str(out), *QUICK]) == 0
+    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--student", "cnn", *QUICK]) == 0
     report = json.loads((out / "report.json").read_text())
     selection = report["student"]["selection"]
-    assert report["config"]["student"] == "auto" and report["student"]["spec"] == selection["chosen"]
+    assert report["config"]["student"] == "cnn" and report["student"]["spec"] == selection["chosen"]
     assert selection["chosen"] in CNN_LADDER and len(selection["candidates"]) == len(CNN_LADDER)
     assert selection["member_cost"]["measure"] == "multiply_adds"
     explicit = tmp_path / "explicit"
@@ -101,7 +102,7 @@ def test_compress_without_student_sizes_one_and_reports_the_candidates(digits_en
 @pytest.mark.slow
 def test_max_latency_times_candidates_on_the_target(digits_ensemble, tmp_path):
     out = tmp_path / "out"
-    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--student-budget", "4",
+    assert main(["--teacher", str(digits_ensemble), "--out", str(out), "--student", "cnn", "--student-budget", "4",
                  "--max-latency-ms", "1000", *QUICK]) == 0
     selection = json.loads((out / "report.json").read_text())["student"]["selection"]
     timed = [row for row in selection["candidates"] if "latency_ms" in row]

@@ -1,0 +1,64 @@
+"""``--budget MINUTES``: one bound on the run's training, spent on choosing the student (a share), then on
+distilling it with its baseline (or, with ``--recipe auto``, on tuning).
+
+The clock starts when the first training of the run starts (the teachers' pass is cached and comes before);
+exporting and the benchmark come after and are not counted. ``--epochs`` left out means "as many epochs as the
+budget buys, at most ``MAX_EPOCHS``", sized from the pace the run measured; ``--epochs N`` is obeyed and the budget
+then bounds the choice alone. The report (``budget``) says what the budget bought: candidates priced and
+screened, screen configurations, epochs, and the seconds of each phase.
+
+Default: 10 minutes. A default run on a 60k-row 28 × 28 dataset ends within 15 minutes on 2 idle CPU cores
+(teachers' pass, export and benchmark included; benchmarks/RESULTS.md); on a GPU the same minutes buy more
+epochs, capped at ``MAX_EPOCHS``, so such a run usually ends well inside it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+DEFAULT_BUDGET_MINUTES = 10.0
+MAX_EPOCHS = 30          # --epochs left out: at most this many, as many as the budget buys
+CHOICE_SHARE = 1 / 3     # of the budget, for choosing the student (pricing and screening)
+
+
+@dataclass
+class RunBudget:
+    """The run's budget in seconds, its clock and what each phase spent."""
+
+    seconds: float
+    clock: Callable[[], float] = time.perf_counter
+    spent: dict[str, float] = field(default_factory=dict)
+    started: float | None = None
+
+    def start(self) -> None:
+        """Start the clock (once: the first training phase calls it)."""
+        if self.started is None:
+            self.started = self.clock()
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start` (0 before)."""
+        return 0.0 if self.started is None else self.clock() - self.started
+
+    def left(self) -> float:
+        """Seconds of the budget left (negative once overrun)."""
+        return self.seconds - self.elapsed()
+
+    def record(self, phase: str, seconds: float) -> None:
+        """Charge ``seconds`` to ``phase`` for the report."""
+        self.spent[phase] = round(self.spent.get(phase, 0.0) + seconds, 2)
+
+    def describe(self, bought: dict) -> dict:
+        """The report's ``budget`` section: minutes, seconds used per phase, and ``bought`` (what they paid for)."""
+        return {"minutes": round(self.seconds / 60, 2), "seconds_used": round(self.elapsed(), 1),
+                "phases": dict(self.spent), "bought": bought}
+
+
+def epochs_that_fit(seconds_left: float, seconds_per_epoch: float, runs: int, cap: int = MAX_EPOCHS) -> int:
+    """How many epochs each of ``runs`` trainings (the student, its baseline, ...) can take at ``seconds_per_epoch``
+    within ``seconds_left``: at least 1, at most ``cap``."""
+    if seconds_per_epoch <= 0:
+        return cap
+    return max(1, min(cap, math.floor(seconds_left / (runs * seconds_per_epoch))))
