@@ -17,13 +17,14 @@ scale's settings it depends on change:
 
 Every member trains on the training split that ``compress --data SPEC --seed 0`` makes, so none saw its validation
 or test rows. Each run is ``compress --teacher T --data D --baseline --target onnxruntime --out ... --teacher-cache
-... --no-progress`` plus, with ``--quick``, ``--epochs 5`` (not on the digits, which train at the default) and
-``--max-train`` on the Fashion-MNIST IDX folder: sizes, never choices. The table's columns are labelled "defaults at
-<git short hash>", so a later change of the defaults can be set beside them (issue 29's "previous default" column).
+... --no-progress`` plus, with ``--quick``, ``--budget 3`` (not on the digits, which train at the default budget) and
+``--max-train`` on the Fashion-MNIST IDX folder: sizes, never choices. Then the previous default's student
+(``PREVIOUS_DEFAULT``: what the defaults at 21da582 chose, which a bare ``--student cnn`` / ``mlp`` still sizes the
+same way) runs with the same budget, for the table's "previous default" column. The columns are labelled
+"defaults at <git short hash>", so a later change of the defaults can be set beside them.
 
-    python benchmarks/zoo.py --quick                   # small data, 5 student epochs: about 13 minutes on 2 cores
-                                                       # from nothing (builds about 7, runs about 6.5)
-    python benchmarks/zoo.py                           # full data, default epochs (not yet timed)
+    python benchmarks/zoo.py --quick                   # small data, a 3-minute budget per run
+    python benchmarks/zoo.py                           # full data, the default 10-minute budget per run
     python benchmarks/zoo.py --quick --only mlp-digits,pairs-100
 
 Prints a table and writes ``benchmarks/results/zoo[-quick].json``. Needs Fashion-MNIST
@@ -83,7 +84,7 @@ class Scale:
 
 SCALES = {
     "quick": Scale("quick", 3000, 2, 10_000, 3000, 600, "resnet10t,regnetx_002,mobilenetv3_small_100", 3,
-                   (2000, 500), 3, ("--budget", "2")),
+                   (2000, 500), 3, ("--budget", "3")),
     "full": Scale("full", None, 5, 70_000, 12_000, 2000, "resnet18,convnext_atto,regnety_002", 5, (8000, 2000), 30),
 }
 

@@ -168,27 +168,28 @@ def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tu
     return dataclasses.replace(config, student=spec), selection
 
 
-TIMING = {"warmup_s": 0.03, "duration_s": 0.15}  # how briefly candidates and the best member are timed
+TIMING = {"warmup_s": 0.03, "duration_s": 0.15}  # how briefly candidates are timed
+PRECISE = {"warmup_s": 0.1, "duration_s": 0.6}  # the best member, and candidates near the limit
 
 
-def _target_latency(config: RunConfig, pool):
-    """A model's median batch-1 latency in ms on ``--target``, exported there in a scratch folder and timed briefly
-    (``TIMING``): how --student auto and --max-latency-ms price candidates and members."""
+def _target_latency(config: RunConfig, pool, timing: dict = TIMING):
+    """A model's median batch-1 latency in ms on ``--target``, exported there in a scratch folder and timed for
+    ``timing``: how --student auto and --max-latency-ms price candidates and members."""
     def latency_ms(model) -> float:
         if not isinstance(model, torch.nn.Module):  # an ONNX member: a function over onnxruntime already
-            return _eager_latency(pool)(model)
+            return _eager_latency(pool, timing)(model)
         target = get_target(config.target)
         with tempfile.TemporaryDirectory(prefix="compressor-sizing-") as folder:
             artifact = target.export(model, example_of(pool), Path(folder), "fp32")
             runner = target.load(artifact, threads=config.threads)
-            return measure_latency(runner.infer, pool.numpy(), 1, **TIMING).median_ms
+            return measure_latency(runner.infer, pool.numpy(), 1, **timing).median_ms
     return latency_ms
 
 
-def _eager_latency(pool):
+def _eager_latency(pool, timing: dict = TIMING):
     """A model's (or an ONNX member's function's) median batch-1 latency in ms in PyTorch eager on the CPU."""
     def latency_ms(model) -> float:
-        return EagerRunner(model).measure(pool.numpy(), 1, **TIMING).median_ms
+        return EagerRunner(model).measure(pool.numpy(), 1, **timing).median_ms
     return latency_ms
 
 
@@ -200,14 +201,15 @@ def timers(ctx: RunContext) -> Timers:
     def reference() -> dict:
         chosen = best_member(ctx)
         members = ctx.ensemble.members if chosen is None else [ctx.ensemble.members[chosen[0]]]
-        timed = [{"member": m.name, "latency_ms": round(_target_latency(ctx.config, pool)(m.forward), 4),
-                  "eager_ms": round(_eager_latency(pool)(m.forward), 4)} for m in members]
+        timed = [{"member": m.name, "latency_ms": round(_target_latency(ctx.config, pool, PRECISE)(m.forward), 4),
+                  "eager_ms": round(_eager_latency(pool, PRECISE)(m.forward), 4)} for m in members]
         if chosen is not None:
             return {**timed[0], "val_accuracy": chosen[1], "chosen_by": "validation accuracy"}
         return {**min(timed, key=lambda t: t["latency_ms"]),
                 "chosen_by": "the fastest member: there is no best one by validation accuracy (no labels, or a "
                              "specialist ensemble)"}
-    return Timers(_target_latency(ctx.config, pool), _eager_latency(pool), reference)
+    return Timers(_target_latency(ctx.config, pool), _eager_latency(pool), reference,
+                  _target_latency(ctx.config, pool, PRECISE))
 
 
 def check_recipe_views(ctx: RunContext, diagnostics: dict, transfer) -> None:

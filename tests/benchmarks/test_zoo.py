@@ -38,7 +38,7 @@ def test_the_command_keeps_the_defaults(tmp_path):
     assert command[1:3] == ["-m", "compressor"]
     assert "--student" not in command and "--alpha" not in command and "-T" not in command
     assert {"--baseline", "--no-progress"} <= set(command) and command[command.index("--target") + 1] == "onnxruntime"
-    assert command[command.index("--budget") + 1] == "2" and command[command.index("--max-train") + 1] == "300"
+    assert command[command.index("--budget") + 1] == "3" and command[command.index("--max-train") + 1] == "300"
     full = zoo.compress_command(replace(built, run_args=()), tmp_path / "o", tmp_path / "c", zoo.SCALES["full"])
     assert "--budget" not in full and "--max-train" not in full  # the full scale changes nothing but the data
     digits = zoo.compress_command(replace(built, default_epochs=True), tmp_path / "o", tmp_path / "c", TINY)
