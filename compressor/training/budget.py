@@ -22,6 +22,7 @@ from typing import Callable
 DEFAULT_BUDGET_MINUTES = 10.0
 MAX_EPOCHS = 30          # --epochs left out: at most this many, as many as the budget buys
 CHOICE_SHARE = 1 / 3     # of the budget, for choosing the student (pricing and screening)
+MIN_SCREEN_SHARE = 1 / 6  # of the budget, for the screen however long pricing took (exports of library models)
 
 
 @dataclass

@@ -17,8 +17,9 @@ always in it) is screened on the winner. The choice is the best on validation.
    (the first when the budget says so); the best validation accuracy wins, where points within one standard error
    of the best (what the validation split cannot tell apart) count as ties, which go to the winner's own mix.
 
-The budget (:mod:`compressor.training.budget`): the choice gets ``CHOICE_SHARE`` of ``--budget``; a rung or grid point
-that its measured pace says would not fit is not started. Budgets count the seconds of the trainings' own
+The budget (:mod:`compressor.training.budget`): the choice gets ``CHOICE_SHARE`` of ``--budget``, pricing included,
+and the screen at least ``MIN_SCREEN_SHARE`` however long pricing took; a rung or grid point that its measured pace
+says would not fit is not started. Budgets count the seconds of the trainings' own
 histories, so the same search resumed from its checkpoints (``--resume``) decides as it did. ``--screen-trials N``
 fixes the number of candidates screened instead (tests, reproducible searches), and the rungs then run in full.
 """
@@ -36,7 +37,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.students.candidates import build_candidate, time_candidates
-from compressor.training.budget import CHOICE_SHARE, RunBudget
+from compressor.training.budget import CHOICE_SHARE, MIN_SCREEN_SHARE, RunBudget
 from compressor.training.context import RunContext
 from compressor.training.distill import choose_student, distill
 from compressor.training.halving import ETA
@@ -276,7 +277,8 @@ def choose_by_measurement(ctx: RunContext, transfer: TransferSet, budget: RunBud
     n = len(transfer.x)
     rows = torch.randperm(n, generator=generator)[:min(n, SCREEN_ROWS)].sort().values
     screen = Screen(ctx, transfer, rows)
-    allowance = max(0.0, budget.seconds * CHOICE_SHARE - budget.spent.get("pricing", 0.0))
+    allowance = max(budget.seconds * MIN_SCREEN_SHARE,
+                    budget.seconds * CHOICE_SHARE - budget.spent.get("pricing", 0.0))
     budget.start()
     winner = run_screen(screen, specs, allowance, config.screen_trials, log)
     labelled = bool((transfer.y >= 0).any())
