@@ -160,7 +160,7 @@ def price(config: RunConfig, ensemble, dataset) -> dict:
 def resolve_student(config: RunConfig, ensemble, dataset, latency_ms=None) -> tuple[RunConfig, dict | None]:
     """A bare cnn / mlp sized to the teachers by its ladder (compressor.students.sizing): the config with the chosen
     spec and the record of the candidates; any other spec as it is, with None."""
-    if config.student not in SIZED_FAMILIES or config.student == "auto":
+    if config.student not in SIZED_FAMILIES:
         return config, None
     budget = StudentBudget(config.student_budget, config.max_params, config.max_latency_ms if latency_ms else None)
     spec, selection = size_student(budget, ensemble, tuple(dataset.input_shape), ensemble.num_classes, latency_ms,

@@ -1,6 +1,7 @@
-"""``--student auto`` (the default): a student sized to the teachers, chosen from a ladder of registry specs by a
-budget the user can name. A bare ``--student cnn`` or ``--student mlp`` is sized the same way within that family
-(``create_student("cnn")`` from Python keeps the family's fixed default).
+"""A bare ``--student cnn`` or ``--student mlp``: a student of that family sized to the teachers by rule, chosen
+from the family's ladder by a budget the user can name (``create_student("cnn")`` from Python keeps the family's
+fixed default). ``--student auto`` measures instead (:mod:`compressor.training.selection`); this rule was its
+default until the zoo showed it choosing 1.4k-parameter students for multi-million-parameter ensembles.
 
 - ``--student-budget S`` (default 0.25): at most S × the multiply-adds per example of the ensemble's median member,
   counted by PyTorch's own ``torch.utils.flop_counter.FlopCounterMode`` on one example (a multiply-add is two of
@@ -10,10 +11,8 @@ budget the user can name. A bare ``--student cnn`` or ``--student mlp`` is sized
   timed there, by a function the pipeline passes in; the training side never imports the targets).
 
 The largest candidate, by multiply-adds, that meets every named limit is chosen; when none does, the smallest, with a
-note. The ladder is the ``cnn`` family for images and the ``mlp`` family for vectors, from a few thousand
-parameters to a few million, so the choice tracks the teachers' size on any data; for text teachers saved from
-transformers models it is ``hf:teacher/SCALE``, the teachers' own config scaled down. Every candidate priced is kept
-for the report (``student.selection``).
+note. The ladders run from a few thousand parameters to a few million. Every candidate priced is kept for the report
+(``student.selection``).
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from compressor.students.registry import create_student
 # to ~6 M on 784 inputs.
 CNN_LADDER = ("cnn:8x16", "cnn:16x32", "cnn:16x32x32x64", "cnn:24x48x48x96", "cnn:32x64x64x128",
               "cnn:48x96x96x192", "cnn:64x128x128x256", "cnn:96x192x192x384", "cnn:128x256x256x512")
-HF_LADDER = tuple(f"hf:teacher/{scale}" for scale in (0.125, 0.25, 0.375, 0.5, 0.75))
 MLP_LADDER = ("mlp:32", "mlp:64x64", "mlp:128x128", "mlp:256x256", "mlp:512x512", "mlp:800x800",
               "mlp:1200x1200", "mlp:2048x2048")
 
@@ -73,15 +71,12 @@ def multiply_adds(model: nn.Module, example) -> int | None:
     return counter.get_total_flops() // 2
 
 
-SIZED_FAMILIES = ("auto", "cnn", "mlp")  # the --student values compress sizes to the teachers
+SIZED_FAMILIES = ("cnn", "mlp")  # the bare --student values sized to the teachers by this rule
 
 
-def ladder(input_shape: tuple[int, ...], family: str = "auto", named_inputs: bool = False) -> tuple[str, ...]:
-    """The candidate specs: the ``cnn`` or ``mlp`` ladder as ``family`` says; for ``auto``, hf for named inputs (text),
-    cnn for images and mlp for everything else."""
-    if family == "auto" and named_inputs:
-        return HF_LADDER
-    if family == "auto":
+def ladder(input_shape: tuple[int, ...], family: str | None = None) -> tuple[str, ...]:
+    """The candidate specs: the ``cnn`` or ``mlp`` ladder as ``family`` says; None: cnn for images, mlp otherwise."""
+    if family is None:
         family = "cnn" if len(input_shape) == 3 else "mlp"
     return CNN_LADDER if family == "cnn" else MLP_LADDER
 
@@ -98,23 +93,18 @@ def _member_cost(ensemble, example) -> dict:
 
 
 def size_student(budget: StudentBudget, ensemble, input_shape: tuple[int, ...], num_classes: int,
-                 latency_ms: Callable[[nn.Module], float] | None = None, family: str = "auto",
+                 latency_ms: Callable[[nn.Module], float] | None = None, family: str | None = None,
                  named_example=None) -> tuple[str, dict]:
-    """The spec ``--student auto`` (or a bare ``cnn`` / ``mlp``, ``family``) resolves to under ``budget``, and the
-    record of every candidate priced. ``named_example`` is a row of named inputs (text data), priced on instead of
-    zeros of ``input_shape``."""
+    """The spec a bare ``cnn`` / ``mlp`` (``family``; None: by the input's shape) resolves to under ``budget``, and
+    the record of every candidate priced. ``named_example`` is a row of named inputs (text data), priced on instead
+    of zeros of ``input_shape``."""
     budget.check()
     example = torch.zeros(1, *input_shape) if named_example is None else named_example[:1]
     cost = _member_cost(ensemble, example)
     limit = budget.share * cost["member"]
     candidates = []
-    hf_config = ensemble.metadata.get("hf_config")
-    if named_example is not None and family == "auto" and hf_config is None:
-        raise CompressorError("--student auto sizes a text student from the teachers' transformers config, and "
-                              f"{ensemble.path} records none; give --student hf:DIR or hf:CONFIG.json")
-    for spec in ladder(input_shape, family, named_example is not None):
-        model = create_student(spec, input_shape, num_classes, teacher_config=hf_config,
-                               example=named_example).eval()
+    for spec in ladder(input_shape, family):
+        model = create_student(spec, input_shape, num_classes, example=named_example).eval()
         params = sum(p.numel() for p in model.parameters())
         macs = multiply_adds(model, example)
         size = macs if cost["measure"] == "multiply_adds" else params
@@ -136,6 +126,6 @@ def size_student(budget: StudentBudget, ensemble, input_shape: tuple[int, ...], 
         limits.append(f"at most {budget.max_latency_ms:g} ms at batch 1 on the target")
     why = (f"the largest of {len(candidates)} candidates within " + " and ".join(limits) if fitting else
            f"no candidate meets {' and '.join(limits)}; the smallest was taken")
-    record = {"requested": family, "chosen": chosen["spec"], "why": why, "budget": {"share": budget.share, "max_params": budget.max_params,
+    record = {"requested": family or ladder(input_shape)[0].partition(":")[0], "chosen": chosen["spec"], "why": why, "budget": {"share": budget.share, "max_params": budget.max_params,
               "max_latency_ms": budget.max_latency_ms}, "member_cost": cost, "candidates": candidates}
     return chosen["spec"], record

@@ -4,7 +4,9 @@ screened by short distillation on a subset of the transfer set, and a small grid
 always in it) is screened on the winner. The choice is the best on validation.
 
 1. **Speed.** Default: at least ``--min-speedup`` (2×) faster than the best member (by validation accuracy; the
-   fastest member where none is best: no labels, a specialist ensemble) at batch 1 on ``--target``, both timed there. ``--max-latency-ms`` and ``--max-params`` replace it when given.
+   fastest member where none is best: no labels, a specialist ensemble) at batch 1 on ``--target``, both timed there;
+   the member is timed before and after the candidates and the faster reading sets the limit (sub-0.1 ms timings
+   on a CPU move by tens of percent with what ran just before). ``--max-latency-ms`` and ``--max-params`` replace it when given.
    When no candidate meets it, the candidates within 25% of the fastest one's latency are screened, and the report
    says so.
 2. **Architecture screen.** Successive halving (η = 3, as ``--tune``'s, :mod:`compressor.training.halving`) on
@@ -251,6 +253,10 @@ def time_all(ctx: RunContext, timers: Timers) -> dict:
 
     rows = ctx.student_selection["candidates"]
     time_candidates(rows, build, timers.eager, timers.target, eager_limit)
+    again = timers.reference()  # timed before and after the candidates: the faster reading sets the stricter limit
+    if again.get("latency_ms") and reference.get("latency_ms"):
+        runs = [reference["latency_ms"], again["latency_ms"]]
+        reference = {**reference, "latency_ms": min(runs), "latency_ms_runs": runs}
     limit = config.max_latency_ms if named else (
         None if not reference.get("latency_ms") else reference["latency_ms"] / config.min_speedup)
     for row in rows:  # a brief timing decides the clear cases; those near the limit are timed as long as the member
