@@ -55,7 +55,8 @@ def plan_training(ctx: RunContext, transfer: TransferSet | None, budget: RunBudg
         bought.update(epochs=epochs, epochs_why=f"{runs} training(s) at an estimated {pace:.2f} s per epoch in the "
                                                 f"{max(0.0, budget.left()) / 60:.1f} min left (at most {MAX_EPOCHS})")
     else:
-        bought.update(epochs=config.epochs, epochs_why="as given (--epochs)")
+        bought.update(epochs=config.epochs, epochs_why="as given (--epochs), or as the run --resume continues "
+                                                        "settled them (selection.json)")
     if transfer is not None:
         alpha = soft_weight(config.alpha, transfer.recipe, bool((transfer.y >= 0).any()))
         transfer = dataclasses.replace(transfer, alpha=alpha, info={**transfer.info, "alpha": alpha})
