@@ -113,7 +113,8 @@ def build_report(ctx: RunContext, requested: RunConfig, students: Students, expo
     and of the baseline, and ``seconds_total``."""
     config = students.config
     transfer = students.transfer
-    warnings_ = report_warnings(config, diagnostics, exported, bench)
+    warnings_ = report_warnings(config, diagnostics, exported, bench) + speed_warnings(ctx.student_selection,
+                                                                                        bench.measured, config)
     pareto = _draw_pareto(ctx, bench.measured, warnings_)
     transfer_error = (diagnostics.get("transfer") or {}).get("accuracy")
     evidence = {"val_examples": int((ctx.tensors.y_val >= 0).sum()), "spec": config.student,
@@ -196,6 +197,29 @@ def report_warnings(config: RunConfig, diagnostics: dict, exported: Exported, be
                          f"no measurable gain for distillation to keep (a stronger ensemble, or more test data to "
                          f"tell the two apart, would change that)")
     return warnings_
+
+
+def speed_warnings(selection: dict | None, measured: list[dict], config: RunConfig) -> list[str]:
+    """--student auto priced its candidates against the best member; when this run's own benchmark (longer, in
+    interleaved rounds) puts the student below the speed-up the choice asked for, say so with both figures."""
+    constraint = (selection or {}).get("constraint") or {}
+    if not constraint.get("reference_ms") or constraint["max_latency_ms"] is not None or \
+            constraint["max_params"] is not None:  # an absolute limit asked for no speed-up
+        return []
+    rows = {row["kind"]: row for row in measured
+            if row["backend"] == config.target and row["precision"] == "fp32" and row["kind"] in ("member", "student")}
+    if len(rows) < 2 or "1" not in rows["student"]["latency"] or "1" not in rows["member"]["latency"]:
+        return []
+    benchmarked = rows["member"]["latency"]["1"]["median_ms"] / rows["student"]["latency"]["1"]["median_ms"]
+    chosen = next((row for row in selection["candidates"] if row["spec"] == selection.get("chosen")), {})
+    asked = constraint["min_speedup"]
+    if benchmarked >= asked or not chosen.get("latency_ms"):
+        return []
+    priced = constraint["reference_ms"] / chosen["latency_ms"]
+    return [f"the choice priced the student {priced:.1f}× faster than the best member at batch 1, but this "
+            f"benchmark measures {benchmarked:.1f}×, below the {asked:g}× asked (--min-speedup): batch-1 calls of "
+            f"well under a millisecond move by tens of percent with what the machine ran just before; rerun the "
+            f"benchmark on an idle machine, or ask for more (--min-speedup) or an absolute --max-latency-ms"]
 
 
 def _draw_pareto(ctx: RunContext, measured: list[dict], warnings_: list[str]):

@@ -320,3 +320,19 @@ def test_numbers_read_late_are_refused_before_any_work(tmp_path, digits_ensemble
     assert code == 1 and not out.exists() and "internal error" not in output
     assert_one_clear_line(output, f"{flag} {value}")
     assert "teachers" not in output  # refused before they were even loaded
+
+
+def test_a_student_benchmarked_below_the_speed_up_its_choice_priced_is_named():
+    from compressor.config import RunConfig
+    from compressor.deployment.report import speed_warnings
+
+    selection = {"chosen": "mlp:64", "candidates": [{"spec": "mlp:64", "latency_ms": 0.05}],
+                 "constraint": {"reference_ms": 0.13, "min_speedup": 2.0, "max_latency_ms": None, "max_params": None}}
+    config = RunConfig(teacher="t.pt")
+    slow = [_row("member", "onnxruntime", 0.9, 0.10, 10), _row("student", "onnxruntime", 0.9, 0.066, 1)]
+    (warning,) = speed_warnings(selection, slow, config)
+    assert "priced the student 2.6× faster" in warning and "measures 1.5×" in warning and "--min-speedup" in warning
+    fast = [_row("member", "onnxruntime", 0.9, 0.10, 10), _row("student", "onnxruntime", 0.9, 0.04, 1)]
+    assert speed_warnings(selection, fast, config) == []
+    absolute = {**selection, "constraint": {**selection["constraint"], "max_latency_ms": 0.06}}
+    assert speed_warnings(absolute, slow, config) == [] and speed_warnings(None, slow, config) == []
