@@ -13,10 +13,12 @@ scale's settings it depends on change:
   and tokenised by a WordPiece tokenizer trained here with ``tokenizers``, saved with ``save_to_disk``;
 - ``weak-cnn``: three 16-wide CNNs trained one epoch on a tenth of the Fashion-MNIST training split;
 - ``pairs-100``: two Fashion-MNIST images side by side (1 × 28 × 56, each image used once), label 10·a + b, 100
-  classes, in an ``.npz``; three CNNs.
+  classes, in an ``.npz``; three CNNs;
+- ``rich-teachers``: three 32-wide CNNs trained on the whole 54,000-row training split, compressed with
+  ``--max-train 3000`` at every scale: a small transfer set beside well-trained teachers.
 
-Every member trains on the training split that ``compress --data SPEC --seed 0`` makes, so none saw its validation
-or test rows. Each run is ``compress --teacher T --data D --baseline --target onnxruntime --out ... --teacher-cache
+Every member trains on the training split that ``compress --data SPEC --seed 0`` makes (rich-teachers: all of it),
+so none saw its validation or test rows. Each run is ``compress --teacher T --data D --baseline --target onnxruntime --out ... --teacher-cache
 ... --no-progress`` plus, with ``--quick``, ``--budget 3`` (not on the digits, which train at the default budget) and
 ``--max-train`` on the Fashion-MNIST IDX folder: sizes, never choices. Then the previous default's student
 (``PREVIOUS_DEFAULT``: what the defaults at 21da582 chose, which a bare ``--student cnn`` / ``mlp`` still sizes the
@@ -156,6 +158,23 @@ def build_weak_cnn(folder: Path, scale: Scale, console: Console) -> Built:
                  fashion_args(scale), f"1 epoch on {rows:,} rows")
 
 
+def build_rich_teachers(folder: Path, scale: Scale, console: Console) -> Built:
+    """Teachers trained on all 54,000 training rows; compress gets the first 3,000 of each split (a small transfer
+    set beside well-trained teachers: the case distillation was made for). Validation and test rows stay unseen."""
+    data = load_dataset(str(FASHION), seed=0)
+    x, y = torch.from_numpy(np.asarray(data.train.x)), torch.from_numpy(np.asarray(data.train.y))
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(train(fashion_cnn(32), x, y, scale.teacher_epochs, seed))
+    return Built(save(members, folder, x, data.class_names, [f"cnn32-{k}" for k in range(3)]), str(FASHION),
+                 ("--max-train", str(RICH_TRANSFER_ROWS)), f"teachers on {len(y):,} rows, compress on "
+                                                           f"{RICH_TRANSFER_ROWS:,}")
+
+
+RICH_TRANSFER_ROWS = 3000
+
+
 def build_mlp_digits(folder: Path, scale: Scale, console: Console) -> Built:
     from sklearn.datasets import load_digits
 
@@ -276,6 +295,7 @@ ZOO: dict[str, tuple[Callable[[Path, Scale, Console], Built], tuple[str, ...]]] 
     "bert-text": (build_bert_text, ("text_rows", "text_epochs")),
     "weak-cnn": (build_weak_cnn, ("fashion_rows",)),
     "pairs-100": (build_pairs_100, ("pair_images", "teacher_epochs")),
+    "rich-teachers": (build_rich_teachers, ("teacher_epochs",)),
 }
 
 
@@ -307,7 +327,7 @@ def build(name: str, root: Path, scale: Scale, console: Console) -> Built:
 # is still sized by that rule (the largest of its ladder within 0.25 × the median member's multiply-adds); text took
 # the largest hf:teacher scale within it
 PREVIOUS_DEFAULT = {"cnn-homogeneous": "cnn", "mixed-cnn-mlp": "cnn", "mlp-digits": "mlp", "timm-rgb": "cnn",
-                    "bert-text": "hf:teacher/0.5", "weak-cnn": "cnn", "pairs-100": "cnn"}
+                    "bert-text": "hf:teacher/0.5", "weak-cnn": "cnn", "pairs-100": "cnn", "rich-teachers": "cnn"}
 
 
 def compress_command(built: Built, out: Path, cache: Path, scale: Scale, student: str | None = None) -> list[str]:

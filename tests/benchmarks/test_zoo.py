@@ -24,9 +24,10 @@ def test_the_gain_and_speed_up_texts():
     assert zoo.gain_text({"gain_kept": None}) == "no gain"
 
 
-def test_the_zoo_has_the_seven_ensembles_and_the_quick_scale_is_smaller():
+def test_the_zoo_has_its_eight_ensembles_and_the_quick_scale_is_smaller():
     assert list(zoo.ZOO) == ["cnn-homogeneous", "mixed-cnn-mlp", "mlp-digits", "timm-rgb", "bert-text", "weak-cnn",
-                             "pairs-100"]
+                             "pairs-100", "rich-teachers"]
+    assert set(zoo.PREVIOUS_DEFAULT) == set(zoo.ZOO)
     quick, full = zoo.SCALES["quick"], zoo.SCALES["full"]
     assert quick.fashion_rows < 60_000 and full.fashion_rows is None and full.run_args == ()
     assert quick.pair_images < full.pair_images and full.pair_images // 2 >= 100 * 100  # 100 classes, enough rows
