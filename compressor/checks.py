@@ -66,10 +66,8 @@ def check_candidates(ctx: RunContext, splits: dict) -> None:
     (text: on the longest rows and largest ids; images and vectors ran on rows of their shape when priced, so only
     the bias fix is probed); one that fails is kept out of the choice with the reason, and when none is left the
     run stops with the first reason."""
-    rows = [row for row in ctx.student_selection["candidates"] if "skipped" not in row]
-    for row in rows:
-        if not ctx.dataset.named_inputs and not ctx.omitted:
-            break
+    built = [row for row in ctx.student_selection["candidates"] if "skipped" not in row]
+    for row in built if ctx.dataset.named_inputs or ctx.omitted else []:
         try:
             check_student(ctx.with_config(dataclasses.replace(ctx.config, student=row["spec"])), splits)
         except CompressorError as exc:
