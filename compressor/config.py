@@ -26,7 +26,7 @@ class RunConfig:
     out: Path | None = None
     temperature: float = 4.0              # Hinton et al. use 1-20; 2-4 suits small students
     alpha: float = 0.9                    # weight of the soft (T²-scaled KL) term
-    epochs: int | None = None             # None: as many as --budget buys, at most 30
+    epochs: int | None = None             # None: as many as --budget buys (training/budget.py: epoch_cap)
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4

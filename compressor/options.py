@@ -83,7 +83,7 @@ _TRAINING_OPTIONS = [
                           "the choice does not depend on the machine's speed."),
         click.option("--budget", type=float, default=RunConfig.budget, show_default=True, metavar="MINUTES",
                      help="Minutes of training for the whole run: choosing the student, distilling it and its "
-                          "baseline, tuning; without --epochs, the epochs are as many as it buys (at most 30)."),
+                          "baseline, tuning; without --epochs, the epochs are as many as it buys (at most 30, or 3,000 optimiser steps where that is more)."),
         click.option("--student-weights", type=click.Path(path_type=Path), default=None,
                      help="Initialise the student from a .safetensors file: every tensor whose name and shape "
                           "match (a classifier head for other classes stays fresh)."),
@@ -93,7 +93,7 @@ _TRAINING_OPTIONS = [
         click.option("--alpha", type=float, default=RunConfig.alpha, show_default=True,
                      help="Weight of the soft-target term; 1 - alpha weighs the hard labels."),
         click.option("--epochs", type=int, default=None,
-                     help="Epochs of the student's training (default: as many as --budget buys, at most 30)."),
+                     help="Epochs of the student's training (default: as many as --budget buys, at most 30 or 3,000 optimiser steps, whichever is more)."),
         click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
         click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,

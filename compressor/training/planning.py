@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from compressor.config import RunConfig
 from compressor.core.errors import CompressorError
 from compressor.core.fileio import write_json_atomic
-from compressor.training.budget import MAX_EPOCHS, RunBudget, epochs_that_fit
+from compressor.training.budget import MAX_EPOCHS, MAX_STEPS, RunBudget, epoch_cap, epochs_that_fit
 from compressor.training.context import RunContext
 from compressor.training.distill import choose_student, distill
 from compressor.training.recipes import soft_weight
@@ -49,11 +50,15 @@ def plan_training(ctx: RunContext, transfer: TransferSet | None, budget: RunBudg
         if pace is None:
             pace = _probe_pace(ctx, transfer if transfer is not None else _hinton_transfer(ctx), budget)
         runs = 1 + int(config.baseline) + int(ctx.ensemble.specialist_subsets is not None)
-        epochs = epochs_that_fit(budget.left() * FINAL_SHARE, pace, runs)
+        rows = len(transfer.x) if transfer is not None else len(ctx.tensors.x_train)
+        steps = math.ceil(rows / (config.batch_size * ctx.world.size))
+        cap = epoch_cap(steps)
+        epochs = epochs_that_fit(budget.left() * FINAL_SHARE, pace, runs, cap)
         config = dataclasses.replace(config, epochs=epochs)
         ctx = ctx.with_config(config)
         bought.update(epochs=epochs, epochs_why=f"{runs} training(s) at an estimated {pace:.2f} s per epoch in the "
-                                                f"{max(0.0, budget.left()) / 60:.1f} min left (at most {MAX_EPOCHS})")
+                                                f"{max(0.0, budget.left()) / 60:.1f} min left (at most {cap}: the more of "
+                                                f"{MAX_EPOCHS} epochs and {MAX_STEPS:,} steps at {steps} an epoch)")
     else:
         bought.update(epochs=config.epochs, epochs_why="as given (--epochs), or as the run --resume continues "
                                                         "settled them (selection.json)")

@@ -10,7 +10,7 @@ import pytest
 from compressor.cli import main
 from compressor.students.candidates import candidate_specs, family_of
 from compressor.students.registry import create_student
-from compressor.training.budget import RunBudget, epochs_that_fit
+from compressor.training.budget import MAX_EPOCHS, RunBudget, epoch_cap, epochs_that_fit
 from compressor.training.selection import (GRID, SCREEN_MIX, ScreenTrial, apply_speed_constraint, run_grid,
                                            run_screen, screen_order, within_noise)
 
@@ -141,6 +141,12 @@ def test_the_budget_buys_epochs_by_measured_pace():
     assert budget.left() == 500.0
     assert epochs_that_fit(500.0, 10.0, 2) == 25 and epochs_that_fit(500.0, 1.0, 1) == 30
     assert epochs_that_fit(5.0, 10.0, 2) == 1
+
+
+def test_the_epoch_cap_counts_steps_for_small_transfer_sets():
+    assert epoch_cap(24) == 125          # 3,000 rows at batch 128: 3,000 steps, not 30 epochs of 720
+    assert epoch_cap(422) == MAX_EPOCHS  # 54,000 rows: 30 epochs are more than 3,000 steps
+    assert epochs_that_fit(500.0, 1.0, 2, cap=epoch_cap(24)) == 125
 
 
 @pytest.mark.slow
