@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PRECISIONS = ("fp32", "fp16", "int8")  # each target offers a subset (targets.base.TARGETS)
+LOSSES = ("kd", "dkd", "ls", "dist")  # --loss: compressor.kernels.VARIANTS (tests/test_cli.py holds them equal)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class RunConfig:
     out: Path | None = None
     temperature: float = 4.0              # Hinton et al. use 1-20; 2-4 suits small students
     alpha: float = 0.9                    # weight of the soft (T²-scaled KL) term
+    loss: str = "kd"                      # the soft term: kd (Hinton's), dkd, ls, dist (compressor/kernels)
+    beta: float = 8.0                     # dkd's weight on the non-target classes
     epochs: int | None = None             # None: as many as --budget buys (training/budget.py: epoch_cap)
     batch_size: int = 128
     lr: float = 3e-3

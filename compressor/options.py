@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from compressor.config import PRECISIONS, RunConfig
+from compressor.config import LOSSES, PRECISIONS, RunConfig
 from compressor.training.halving import DEFAULT_TUNE_MINUTES
 
 TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
@@ -83,7 +83,8 @@ _TRAINING_OPTIONS = [
                           "the choice does not depend on the machine's speed."),
         click.option("--budget", type=float, default=RunConfig.budget, show_default=True, metavar="MINUTES",
                      help="Minutes of training for the whole run: choosing the student, distilling it and its "
-                          "baseline, tuning; without --epochs, the epochs are as many as it buys (at most 30, or 3,000 optimiser steps where that is more)."),
+                          "baseline, tuning; without --epochs, the epochs are as many as it buys (at most 30, or "
+                          "3,000 optimiser steps where that is more)."),
         click.option("--student-weights", type=click.Path(path_type=Path), default=None,
                      help="Initialise the student from a .safetensors file: every tensor whose name and shape "
                           "match (a classifier head for other classes stays fresh)."),
@@ -92,8 +93,14 @@ _TRAINING_OPTIONS = [
         click.option("--temperature", "-T", type=float, default=RunConfig.temperature, show_default=True),
         click.option("--alpha", type=float, default=RunConfig.alpha, show_default=True,
                      help="Weight of the soft-target term; 1 - alpha weighs the hard labels."),
+        click.option("--loss", type=click.Choice(LOSSES), default=RunConfig.loss, show_default=True,
+                     help="The soft-target term: kd (Hinton et al.), dkd (decoupled KD), ls (KD on standardised "
+                          "logits), dist (DIST's correlations); docs/kernels.md."),
+        click.option("--beta", type=click.FloatRange(min=0), default=RunConfig.beta, show_default=True,
+                     help="--loss dkd: the weight on the non-target classes."),
         click.option("--epochs", type=int, default=None,
-                     help="Epochs of the student's training (default: as many as --budget buys, at most 30 or 3,000 optimiser steps, whichever is more)."),
+                     help="Epochs of the student's training (default: as many as --budget buys, at most 30 or "
+                          "3,000 optimiser steps, whichever is more)."),
         click.option("--batch-size", type=int, default=RunConfig.batch_size, show_default=True),
         click.option("--lr", type=float, default=RunConfig.lr, show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
@@ -183,6 +190,7 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
     return RunConfig(
         teacher=teacher, target=options["target"], data=options["data"], student=options["student"],
         out=options["out"], temperature=options["temperature"], alpha=options["alpha"], epochs=options["epochs"],
+        loss=options["loss"], beta=options["beta"],
         batch_size=options["batch_size"], lr=options["lr"], precision=options["precision"], seed=options["seed"],
         max_accuracy_drop=options["max_accuracy_drop"],
         normalise=options["normalise"], max_train=options["max_train"], resume=options["resume"],
@@ -209,7 +217,8 @@ _FLAGS = {"trust_pickle": "--trust-pickle", "resume": "--resume", "baseline": "-
           "refresh_teacher_cache": "--refresh-teacher-cache", "unlabeled": "--unlabeled",
           "teachers_saw_val": "--teachers-saw-val"}
 _VALUES = {"target": "--target", "data": "--data", "student": "--student", "out": "--out",
-           "temperature": "--temperature", "alpha": "--alpha", "epochs": "--epochs", "batch_size": "--batch-size",
+           "temperature": "--temperature", "alpha": "--alpha", "loss": "--loss", "beta": "--beta",
+           "epochs": "--epochs", "batch_size": "--batch-size",
            "lr": "--lr", "precision": "--precision", "max_accuracy_drop": "--max-accuracy-drop", "seed": "--seed",
            "normalise": "--normalise", "max_train": "--max-train", "batch_sizes": "--batch-sizes",
            "warmup_s": "--warmup", "duration_s": "--duration", "rounds": "--rounds", "teacher_cache": "--teacher-cache",

@@ -9,6 +9,10 @@ Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network". The
   teacher logits.
 
 ``impl="auto"`` is resolved in one place, :func:`resolve_impl`, from the inputs at call time (never at import).
+
+``variant`` replaces Hinton's soft term by a later one (``VARIANTS``: ``"dkd"``, ``"ls"``, ``"dist"``; defined in
+the reference, docs/kernels.md). The CPU path computes them in :mod:`.tempered_kl_variants_cpu`; the Triton kernel
+has Hinton's term only, so on CUDA ``auto`` takes the reference for them and ``impl="triton"`` refuses them.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from compressor.kernels.tempered_kl_reference import (COMBINES, ensemble_log_probs, ensemble_weights,
-                                                      tempered_kl_reference)
+from compressor.kernels.tempered_kl_reference import (COMBINES, VARIANTS, check_variant, ensemble_log_probs,
+                                                      ensemble_weights, tempered_kl_reference)
 
-__all__ = ["COMBINES", "IMPLS", "ensemble_log_probs", "ensemble_weights", "resolve_impl", "tempered_kl",
+__all__ = ["COMBINES", "IMPLS", "VARIANTS", "ensemble_log_probs", "ensemble_weights", "resolve_impl", "tempered_kl",
            "tempered_kl_reference"]
 
 IMPLS = ("auto", "reference", "cpu", "triton")  # what ``impl`` accepts
@@ -32,22 +36,26 @@ AUTO_CPU_MIN_ELEMENTS = 65536
 
 
 def resolve_impl(impl: str, device: torch.device | str, teacher_requires_grad: bool = False,
-                 elements: int | None = None) -> str:
+                 elements: int | None = None, variant: str = "kd") -> str:
     """The implementation that runs for ``impl`` on ``device``: ``"auto"`` becomes a concrete name here and only here.
 
     ``"auto"``: ``"triton"`` on CUDA when triton is installed, ``"cpu"`` on the CPU, ``"reference"`` otherwise, and
     ``"reference"`` whenever the teacher logits need a gradient (the fused paths give the student's only), and on
     the CPU for inputs of fewer than AUTO_CPU_MIN_ELEMENTS teacher logits (``elements``, K·N·C).
-    Raises ValueError for a name outside :data:`IMPLS`.
+    A ``variant`` other than ``"kd"`` has no Triton kernel: ``auto`` takes the reference on CUDA for it.
+    Raises ValueError for a name outside :data:`IMPLS`, and for ``impl="triton"`` with such a variant.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
+    if impl == "triton" and variant != "kd":
+        raise ValueError(f"impl='triton' computes variant='kd' only; variant={variant!r} runs on impl='cpu' or "
+                         f"'reference' (impl='auto' picks)")
     if impl != "auto":
         return impl
     device = torch.device(device)
     if teacher_requires_grad:
         return "reference"
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if device.type == "cuda" and variant == "kd" and importlib.util.find_spec("triton") is not None:
         return "triton"
     if device.type == "cpu":
         return "cpu" if elements is None or elements >= AUTO_CPU_MIN_ELEMENTS else "reference"
@@ -56,20 +64,30 @@ def resolve_impl(impl: str, device: torch.device | str, teacher_requires_grad: b
 
 def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, temperature: float,
                 alpha: float, weights: Tensor | Sequence[float] | None = None, combine: str = "arithmetic",
-                impl: str = "auto") -> Tensor:
+                impl: str = "auto", variant: str = "kd", beta: float = 8.0) -> Tensor:
     """The distillation loss (a 0-dim tensor), averaged over all N rows.
 
     ``student_logits`` (N, C); ``teacher_logits`` (K, N, C); ``labels`` (N,) int64 with -1 for unlabeled rows,
     or None. Per row: ``alpha · T² · KL(p_T ‖ softmax(s / T)) + (1 − alpha) · CE(softmax(s), y)`` with
     ``p_T`` the ensemble's tempered soft target (``combine`` "arithmetic" or "geometric", member ``weights``
-    (K,) normalised to sum to 1). ``impl`` picks the implementation (see :func:`resolve_impl`).
+    (K,) normalised to sum to 1). ``variant`` replaces the soft term (``"dkd"``, ``"ls"``, ``"dist"``; ``beta`` is
+    dkd's β). ``impl`` picks the implementation (see :func:`resolve_impl`).
 
     Example::
 
         loss = tempered_kl(student(x), teacher_logits, y, temperature=4.0, alpha=0.9)
         loss.backward()
     """
-    resolved = resolve_impl(impl, student_logits.device, teacher_logits.requires_grad, teacher_logits.numel())
+    check_variant(variant, beta)
+    resolved = resolve_impl(impl, student_logits.device, teacher_logits.requires_grad, teacher_logits.numel(),
+                            variant)
+    if variant != "kd":
+        if resolved == "cpu":
+            from compressor.kernels.tempered_kl_variants_cpu import tempered_kl_variants_cpu
+            return tempered_kl_variants_cpu(student_logits, teacher_logits, labels, temperature, alpha, weights,
+                                            combine, variant=variant, beta=beta)
+        return tempered_kl_reference(student_logits, teacher_logits, labels, temperature, alpha, weights, combine,
+                                     variant, beta)
     if resolved == "triton":
         from compressor.kernels.tempered_kl_triton import tempered_kl_triton
         return tempered_kl_triton(student_logits, teacher_logits, labels, temperature, alpha, weights, combine)

@@ -7,7 +7,10 @@ labels ``y`` (N,) with -1 for an unlabeled row:
     L = mean over rows of  α · T² · KL(p_T ‖ softmax(s / T))  +  (1 − α) · CE(softmax(s), y)
 
 where ``p_T`` is the ensemble's soft target at temperature T (:func:`ensemble_log_probs`). The T² factor
-keeps the soft term's gradient magnitude independent of T (paper §2). Everything is computed in log space,
+keeps the soft term's gradient magnitude independent of T (paper §2). That soft term is ``variant="kd"``; three
+later logit-only losses replace it (``VARIANTS``, :func:`soft_term`, docs/kernels.md): decoupled KD (``"dkd"``,
+Zhao et al. 2022), KD on standardised logits (``"ls"``, Sun et al. 2024) and DIST's correlations (``"dist"``,
+Huang et al. 2022). The hard-label term and the mean over all N rows are the same in every variant. Everything is computed in log space,
 so logits in the hundreds stay finite; inputs are computed in at least float32 (float64 stays float64), which
 makes this module the test oracle, the CPU fallback and the benchmark baseline at once. Autograd supplies
 the backward pass.
@@ -15,6 +18,7 @@ the backward pass.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -22,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 COMBINES = ("arithmetic", "geometric")  # how K members' predictions become one soft target
+VARIANTS = ("kd", "dkd", "ls", "dist")   # the soft term: Hinton's KL, decoupled KD, standardised logits, DIST
+STANDARDISE_EPS = 1e-7                  # ls: (z − mean) / (std + eps), as Sun et al. 2024's code
+PEARSON_EPS = 1e-8                      # dist: the cosine similarity's floor on the norms' product, as DIST's code
 
 
 def ensemble_weights(weights: Tensor | Sequence[float] | None, num_members: int, like: Tensor) -> Tensor:
@@ -72,21 +79,100 @@ def ensemble_log_probs(teacher_logits: Tensor, temperature: float, weights: Tens
 
 def tempered_kl_reference(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, temperature: float,
                           alpha: float, weights: Tensor | Sequence[float] | None = None,
-                          combine: str = "arithmetic") -> Tensor:
+                          combine: str = "arithmetic", variant: str = "kd", beta: float = 8.0) -> Tensor:
     """The distillation loss (a 0-dim tensor), averaged over all N rows.
 
     ``student_logits`` (N, C); ``teacher_logits`` (K, N, C); ``labels`` (N,) integer class indices with -1
     for an unlabeled row, or None when no row is labeled. Per row:
-    ``alpha · T² · KL(p_T ‖ softmax(s / T)) + (1 − alpha) · CE(softmax(s), y)``; an unlabeled row has no hard
+    ``alpha · soft + (1 − alpha) · CE(softmax(s), y)``, ``soft`` being ``T² · KL(p_T ‖ softmax(s / T))`` for
+    ``variant="kd"`` and :func:`soft_term`'s for the others (``beta``: dkd's β); an unlabeled row has no hard
     term but still counts in the mean. KL uses the convention 0 · log 0 = 0. ``weights`` (K,) and ``combine``
     are as in :func:`ensemble_log_probs`. Computes in float64 for float64 inputs and in float32 otherwise.
     """
     _check_shapes(student_logits, teacher_logits, labels)
     _check_temperature(temperature)
     _check_alpha(alpha)
+    check_variant(variant, beta)
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    log_p = ensemble_log_probs(teacher_logits.to(dtype), temperature, weights, combine)  # (N, C) teacher, tempered
-    return _loss_from_log_probs(student_logits.to(dtype), log_p, labels, temperature, alpha)
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    if variant == "kd":
+        log_p = ensemble_log_probs(t, temperature, weights, combine)  # (N, C) teacher, tempered
+        return _loss_from_log_probs(s, log_p, labels, temperature, alpha)
+    soft = soft_term(s, t, labels, temperature, weights, combine, variant, beta)  # (N,) or a batch's scalar
+    return (alpha * soft).mean() + (1.0 - alpha) * _hard_term(s, labels).mean()
+
+
+def check_variant(variant: str, beta: float) -> None:
+    """Refuse a variant outside :data:`VARIANTS` or a β that is not finite and ≥ 0 (ValueError)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {', '.join(map(repr, VARIANTS))}")
+    if not (float(beta) >= 0.0 and float(beta) != float("inf")):
+        raise ValueError(f"beta={beta}: must be a finite number >= 0 (decoupled KD's weight on the non-target term)")
+
+
+def standardise(z: Tensor) -> Tensor:
+    """Each row of ``z`` (..., C) as ``(z − mean) / (std + 1e-7)``, std as ``torch.std`` (divided by C − 1)."""
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + STANDARDISE_EPS)
+
+
+def soft_term(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float,
+              weights: Tensor | Sequence[float] | None, combine: str, variant: str, beta: float) -> Tensor:
+    """The soft term of ``variant`` ("dkd", "ls" or "dist"; see docs/kernels.md), T² included: (N,) per row, or for
+    "dist" a 0-dim tensor whose second part is a property of the whole batch.
+
+    - ``ls``: ``T² · KL(p̂_T ‖ softmax(ŝ / T))`` where every member's logits and the student's are standardised per
+      row (:func:`standardise`) before the temperature and ``p̂_T`` is the ensemble's mixture of those.
+    - ``dkd``: with ``p`` the mixture and ``q = softmax(s / T)``, ``y`` the label (the argmax of ``p`` where the row
+      has none): ``T² · (KL(b_p ‖ b_q) + β · KL(p̃ ‖ q̃))``, ``b`` the (target, rest) split and ``p̃``, ``q̃`` the
+      non-target classes renormalised (0 for a row whose teachers put all mass on the target, or C = 1).
+    - ``dist``: ``T² · ((1 − mean over rows of ρ(p_n, q_n)) + (1 − mean over classes of ρ(p_:c, q_:c)))``,
+      ``ρ`` Pearson's correlation as DIST computes it (the cosine of the centred vectors, norms' product at least
+      1e-8), over the classes of a row and over the batch's rows of a class.
+    """
+    if variant == "ls":
+        log_p = ensemble_log_probs(standardise(t), temperature, weights, combine)
+        log_q = F.log_softmax(standardise(s) / temperature, dim=-1)
+        return temperature * temperature * _kl_rows(log_p, log_q)
+    log_p = ensemble_log_probs(t, temperature, weights, combine)  # (N, C)
+    log_q = F.log_softmax(s / temperature, dim=-1)  # (N, C)
+    if variant == "dist":
+        p, q = log_p.exp(), log_q.exp()
+        return temperature * temperature * ((1 - _pearson(p, q, dim=1).mean()) + (1 - _pearson(p, q, dim=0).mean()))
+    target = log_p.argmax(dim=-1) if labels is None else torch.where(labels >= 0, labels.long(), log_p.argmax(dim=-1))
+    is_target = F.one_hot(target, log_p.shape[-1]).bool()  # (N, C)
+    rest_p = torch.logsumexp(log_p.masked_fill(is_target, -math.inf), dim=-1)  # log(1 − p_t), -inf when C = 1
+    rest_q = torch.logsumexp(log_q.masked_fill(is_target, -math.inf), dim=-1)
+    binary_p = torch.stack([log_p[is_target], rest_p], dim=-1)  # (N, 2) log (p_t, 1 − p_t)
+    binary_q = torch.stack([log_q[is_target], rest_q], dim=-1)
+    tckd = _kl_rows(binary_p, binary_q)
+    has_rest = torch.isfinite(rest_p)[:, None]  # a row with mass off the target (and C > 1)
+    rest_log_p = torch.where(has_rest, log_p - rest_p[:, None].where(has_rest, 0.0), -math.inf).masked_fill(
+        is_target, -math.inf)  # log p̃ (N, C): the non-target classes renormalised, -inf on the target
+    rest_log_q = (log_q - rest_q[:, None].where(has_rest, 0.0)).masked_fill(is_target, -math.inf)
+    nckd = torch.where(has_rest[:, 0], _kl_rows(rest_log_p, rest_log_q), 0.0)
+    return temperature * temperature * (tckd + beta * nckd)
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p ‖ q) per row (N,) from log-probabilities, with 0 · log 0 = 0 and nothing where p is 0."""
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (torch.where(p > 0, log_p, 0.0) - torch.where(p > 0, log_q, 0.0)), 0.0)
+    return terms.sum(dim=-1)
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """Pearson's correlation of ``a`` and ``b`` along ``dim``: the cosine of the centred vectors, as DIST's code."""
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    norms = (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(PEARSON_EPS)
+    return (a * b).sum(dim=dim) / norms
+
+
+def _hard_term(s: Tensor, labels: Tensor | None) -> Tensor:
+    """Cross-entropy per row (N,) on the raw logits, 0 where the row is unlabeled (-1) or there are no labels."""
+    if labels is None:
+        return torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+    return F.cross_entropy(s, labels.long(), ignore_index=-1, reduction="none")
 
 
 def tempered_kl_reference_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,
@@ -123,11 +209,7 @@ def _loss_from_log_probs(s: Tensor, log_p: Tensor, labels: Tensor | None, temper
     kl = (p * (safe_log_p - log_q)).sum(dim=-1)  # (N,)
     soft = temperature * temperature * kl  # (N,)
 
-    if labels is None:
-        hard = torch.zeros_like(soft)  # (N,)
-    else:
-        hard = F.cross_entropy(s, labels.long(), ignore_index=-1, reduction="none")  # (N,), 0 where y = -1
-    return (alpha * soft + (1.0 - alpha) * hard).mean()
+    return (alpha * soft + (1.0 - alpha) * _hard_term(s, labels)).mean()
 
 
 def _check_alpha(alpha: float) -> None:

@@ -86,7 +86,8 @@ def distill(ctx: RunContext, transfer: TransferSet, student: torch.nn.Module, fo
     config = ctx.config
     hard = transfer.alpha == 0
     loss = HardLabelLoss() if hard else DistillationLoss(temperature=config.temperature, alpha=transfer.alpha,
-                                                         combine=transfer.combine, weights=transfer.weights)
+                                                         combine=transfer.combine, weights=transfer.weights,
+                                                         variant=config.loss, beta=config.beta)
     fingerprint = distill_fingerprint(ctx, transfer.alpha, transfer.info)
     resume = config.resume if resume is None else resume
     checkpoints = config.output_dir() / folder
@@ -115,6 +116,7 @@ def distill_fingerprint(ctx: RunContext, alpha: float | None, info: dict) -> dic
                          for key in ("unlabeled", "omitted_classes", "best_epoch_by", "recipe", "augmentation")},
         "teacher_logits": "recomputed every batch" if config.no_cache else "teacher cache",
         "soft_targets": info.get("soft_targets"),
+        **({} if config.loss == "kd" else {"loss": config.loss, "beta": config.beta}),  # kd: as before --loss
     }
 
 

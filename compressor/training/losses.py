@@ -4,7 +4,7 @@ Every loss is a frozen dataclass called as ``loss(student_logits (B, C), teacher
 labels (B,) int64, -1 = unlabeled) -> scalar``, so :func:`compressor.training.loop.train_student` takes any of them:
 
 - :class:`DistillationLoss` — the paper's loss: ``α · T² · KL(p_T ‖ q_T) + (1 − α) · CE``, via
-  :func:`compressor.kernels.tempered_kl`;
+  :func:`compressor.kernels.tempered_kl`, or with a later soft term (``variant``: dkd, ls, dist; docs/kernels.md);
 - :class:`LogitMatchingLoss` — squared error between centred logits, the high-temperature limit (§2.1);
 - :class:`HardLabelLoss` — cross-entropy on the labels alone, the baseline that shows what distillation buys.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compressor.kernels import COMBINES, IMPLS, ensemble_weights, tempered_kl
+from compressor.kernels import COMBINES, IMPLS, VARIANTS, ensemble_weights, tempered_kl
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class DistillationLoss:
 
     ``temperature`` T > 0 softens both distributions; ``alpha`` in [0, 1] weighs the T²-scaled KL term against
     the hard-label cross-entropy; ``combine`` ("arithmetic" or "geometric") and ``weights`` (one per member)
-    say how the K teachers become one soft target; ``impl`` picks the kernel ("auto" resolves per device).
+    say how the K teachers become one soft target; ``impl`` picks the kernel ("auto" resolves per device);
+    ``variant`` replaces the soft term ("kd" is the paper's; "dkd", "ls", "dist"), ``beta`` is dkd's β.
 
     Example::
 
@@ -39,8 +40,12 @@ class DistillationLoss:
     combine: str = "arithmetic"
     weights: tuple[float, ...] | None = None
     impl: str = "auto"
+    variant: str = "kd"
+    beta: float = 8.0
 
     def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is not one of {', '.join(map(repr, VARIANTS))}")
         if not (self.temperature > 0 and self.temperature != float("inf")):
             raise ValueError(f"temperature={self.temperature}: must be a positive finite number "
                              f"(Hinton et al. use 1 to 20)")
@@ -56,7 +61,7 @@ class DistillationLoss:
         if teacher_logits is None:
             raise ValueError("DistillationLoss needs teacher logits (K, B, C); use HardLabelLoss to train on labels only")
         return tempered_kl(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.weights,
-                           self.combine, self.impl)
+                           self.combine, self.impl, self.variant, self.beta)
 
 
 @dataclass(frozen=True)
