@@ -8,7 +8,8 @@ rows of ∂L/∂s, the one (N, C) allocation, which autograd adopts as ``.grad``
 (∂L/∂s = α · T · g_x / N, plus the hard term's (1 − α)(softmax(s) − 1[c = y]) / N on labelled rows):
 
 - ``ls``: g_x = q − p on the standardised logits ŝ = (s − μ) / (σ + ε), then through the standardisation:
-  ∂/∂s = (g − mean g) / (σ + ε) − (s − μ) · Σ g (s − μ) / ((C − 1) σ (σ + ε)²) (0 for a constant row).
+  ∂/∂s = (g − mean g) / (σ + ε) − (s − μ) · Σ g (s − μ) / ((C − 1) σ (σ + ε)²) (the second term 0 for a
+  constant row, as autograd has it).
 - ``dkd``: for the target y, g_x[y] = q_y − p_y and, off it, g_x = −(q_y − p_y) · q̃ + β (q̃ − p̃).
 - ``dist``: its class term couples the rows, so a first pass sums each class's moments over the batch and a second
   writes the gradient: g_q = −T · (∂ρ_n/∂q_n / N + ∂ρ_c/∂q_:c / C), with ∂ρ/∂b = a / (|a||b|) − ρ b / |b|² for
