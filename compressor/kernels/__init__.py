@@ -11,8 +11,8 @@ Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network". The
 ``impl="auto"`` is resolved in one place, :func:`resolve_impl`, from the inputs at call time (never at import).
 
 ``variant`` replaces Hinton's soft term by a later one (``VARIANTS``: ``"dkd"``, ``"ls"``, ``"dist"``; defined in
-the reference, docs/kernels.md). The CPU path computes them in :mod:`.tempered_kl_variants_cpu`; the Triton kernel
-has Hinton's term only, so on CUDA ``auto`` takes the reference for them and ``impl="triton"`` refuses them.
+the reference, docs/kernels.md), fused in :mod:`.tempered_kl_variants_cpu` and :mod:`.tempered_kl_variants_triton`
+(dist's kernels: :mod:`.tempered_kl_dist_triton`).
 """
 
 from __future__ import annotations
@@ -36,26 +36,22 @@ AUTO_CPU_MIN_ELEMENTS = 65536
 
 
 def resolve_impl(impl: str, device: torch.device | str, teacher_requires_grad: bool = False,
-                 elements: int | None = None, variant: str = "kd") -> str:
+                 elements: int | None = None) -> str:
     """The implementation that runs for ``impl`` on ``device``: ``"auto"`` becomes a concrete name here and only here.
 
     ``"auto"``: ``"triton"`` on CUDA when triton is installed, ``"cpu"`` on the CPU, ``"reference"`` otherwise, and
     ``"reference"`` whenever the teacher logits need a gradient (the fused paths give the student's only), and on
     the CPU for inputs of fewer than AUTO_CPU_MIN_ELEMENTS teacher logits (``elements``, K·N·C).
-    A ``variant`` other than ``"kd"`` has no Triton kernel: ``auto`` takes the reference on CUDA for it.
-    Raises ValueError for a name outside :data:`IMPLS`, and for ``impl="triton"`` with such a variant.
+    Raises ValueError for a name outside :data:`IMPLS`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
-    if impl == "triton" and variant != "kd":
-        raise ValueError(f"impl='triton' computes variant='kd' only; variant={variant!r} runs on impl='cpu' or "
-                         f"'reference' (impl='auto' picks)")
     if impl != "auto":
         return impl
     device = torch.device(device)
     if teacher_requires_grad:
         return "reference"
-    if device.type == "cuda" and variant == "kd" and importlib.util.find_spec("triton") is not None:
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
     if device.type == "cpu":
         return "cpu" if elements is None or elements >= AUTO_CPU_MIN_ELEMENTS else "reference"
@@ -79,9 +75,12 @@ def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor |
         loss.backward()
     """
     check_variant(variant, beta)
-    resolved = resolve_impl(impl, student_logits.device, teacher_logits.requires_grad, teacher_logits.numel(),
-                            variant)
+    resolved = resolve_impl(impl, student_logits.device, teacher_logits.requires_grad, teacher_logits.numel())
     if variant != "kd":
+        if resolved == "triton":
+            from compressor.kernels.tempered_kl_variants_triton import tempered_kl_variants_triton
+            return tempered_kl_variants_triton(student_logits, teacher_logits, labels, temperature, alpha, weights,
+                                               combine, variant=variant, beta=beta)
         if resolved == "cpu":
             from compressor.kernels.tempered_kl_variants_cpu import tempered_kl_variants_cpu
             return tempered_kl_variants_cpu(student_logits, teacher_logits, labels, temperature, alpha, weights,

@@ -57,6 +57,8 @@ def tempered_kl_variants_cpu(student_logits: Tensor, teacher_logits: Tensor, lab
         raise ValueError("variant='kd' runs in compressor.kernels.tempered_kl_cpu; this module has the others")
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is not one of {', '.join(map(repr, COMBINES))}")
+    if variant == "ls" and student_logits.shape[1] < 2:
+        raise ValueError("variant='ls' standardises each row over its classes and needs at least 2 of them")
     if student_logits.device.type != "cpu":
         raise ValueError(f"tempered_kl_variants_cpu got inputs on {student_logits.device}; it runs on the CPU only "
                          f"— use tempered_kl(..., impl='auto') to pick the implementation for the device")
