@@ -18,6 +18,12 @@ RSS before the call — every page the call touches anew, the student's gradient
     python benchmarks/bench_tempered_kl.py                 # all shapes, default device
     python benchmarks/bench_tempered_kl.py --quick         # smoke run
     python benchmarks/bench_tempered_kl.py --device cpu --shapes '4096,1000,5;512,32000,3'
+    python benchmarks/bench_tempered_kl.py --variant dkd   # a later soft term (benchmarks/loss_variants.py)
+
+With ``--variant dkd|ls|dist`` the providers are that term's eager formula, the reference, the fused CPU path (or
+the Triton kernels on CUDA) and ``floor``: one pass that reads what every provider must read (K + 1 logit arrays)
+and writes one (N, C) array, the memory-bound floor measured in the same run; the table gives each provider's
+fraction of it (floor ms / provider ms).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.loss_variants import variant_providers  # noqa: E402
 from compressor.kernels.tempered_kl_cpu import tempered_kl_cpu  # noqa: E402
 from compressor.kernels.tempered_kl_reference import tempered_kl_reference  # noqa: E402
 
@@ -57,7 +64,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     parser.add_argument("--rounds", type=int,
                         help=f"interleaved rounds at least (default {MIN_ROUNDS}, 3 with --quick)")
-    parser.add_argument("--json", help="output path (default benchmarks/results/bench_tempered_kl-<device>.json)")
+    parser.add_argument("--variant", default="kd", choices=["kd", "dkd", "ls", "dist"],
+                        help="the soft term (default kd: Hinton's, with torch.compile and Liger beside it)")
+    parser.add_argument("--json", help="output path (default benchmarks/results/bench_tempered_kl-<device>"
+                                       "[-<variant>].json)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = ([tuple(int(v) for v in item.split(",")) for item in args.shapes.split(";")] if args.shapes
@@ -74,7 +84,9 @@ def main() -> None:
         y = torch.randint(-1, c, (n,), device=device)  # (N,)
         model_bytes = ((k + 1) * n * c + n * c) * s.element_size()
         available = []
-        for name, fn, why in providers(device, k, n * c * k):
+        listed = providers(device, k, n * c * k) if args.variant == "kd" else \
+            variant_providers(args.variant, device, TEMPERATURE, ALPHA)
+        for name, fn, why in listed:
             if fn is None:
                 notes.append(f"{name} skipped at ({n}, {c}, {k}): {why}")
             else:
@@ -88,6 +100,7 @@ def main() -> None:
             for name, fn in available:
                 if name not in times:
                     continue
+                floor = medians.get("floor")
                 try:
                     peak = peak_mib(fn, s, t, y, mode, device)
                 except Exception as error:
@@ -98,18 +111,20 @@ def main() -> None:
                 rows.append(dict(N=n, C=c, K=k, provider=name, mode=mode, median_ms=ms, rounds=len(times[name]),
                                  times_ms=times[name], peak_mib=peak, cold_compile_s=cold.get(name),
                                  model_gb_s=gbs, copy_gb_s=copy_gbs, fraction_of_copy=gbs / copy_gbs,
+                                 fraction_of_floor=None if floor is None else floor / ms,
                                  **speedups(name, times, medians)))
             torch._dynamo.reset()
         del s, t, y
 
     record = dict(command=" ".join([Path(sys.executable).name] + sys.argv), date=datetime.date.today().isoformat(),
                   device=device_name(device), threads=torch.get_num_threads(), dtype=args.dtype,
-                  temperature=TEMPERATURE, alpha=ALPHA, copy_gb_s=copy_gbs,
+                  variant=args.variant, temperature=TEMPERATURE, alpha=ALPHA, copy_gb_s=copy_gbs,
                   load_average=dict(before=load_before, after=os.getloadavg()),
                   versions=dict(python=platform.python_version(), torch=torch.__version__, triton=version("triton"),
                                 liger_kernel=version("liger_kernel")),
                   results=rows, notes=notes)
-    out = Path(args.json or Path(__file__).parent / "results" / f"bench_tempered_kl-{device.type}.json")
+    suffix = "" if args.variant == "kd" else f"-{args.variant}"
+    out = Path(args.json or Path(__file__).parent / "results" / f"bench_tempered_kl-{device.type}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print_table(record)
@@ -284,16 +299,18 @@ def print_table(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"tempered KL, {record['device']}, {record['dtype']}, copy {record['copy_gb_s']:.1f} GB/s")
+    table = Table(title=f"tempered KL ({record['variant']}), {record['device']}, {record['dtype']}, "
+                        f"copy {record['copy_gb_s']:.1f} GB/s")
     for column in ("N, C, K", "mode", "provider", "median ms", "vs eager formula", "vs reference", "peak MiB",
-                   "GB/s", "of copy", "cold compile s"):
+                   "GB/s", "of copy", "of floor", "cold compile s"):
         table.add_column(column, justify="right")
     ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in record["results"]:
         cold = "" if r["cold_compile_s"] is None else f"{r['cold_compile_s']:.1f}"
         table.add_row(f"{r['N']}, {r['C']}, {r['K']}", r["mode"], r["provider"], f"{r['median_ms']:.2f}",
                       ratio(r["x_vs_eager_formula"]), ratio(r["x_vs_reference"]), f"{r['peak_mib']:.1f}",
-                      f"{r['model_gb_s']:.1f}", f"{100 * r['fraction_of_copy']:.0f}%", cold)
+                      f"{r['model_gb_s']:.1f}", f"{100 * r['fraction_of_copy']:.0f}%",
+                      "" if r.get("fraction_of_floor") is None else f"{100 * r['fraction_of_floor']:.0f}%", cold)
     Console(width=160).print(table)
     for r in record["results"]:
         if r["provider"] == "cpu" and r["x_vs_eager_formula"] is not None:
