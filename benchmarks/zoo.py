@@ -407,9 +407,12 @@ def run(name: str, built: Built, root: Path, scale: Scale, console: Console, ext
     return row
 
 
-def _compress(command: list[str], out: Path, extra: tuple[str, ...], name: str, console: Console) -> dict:
-    """One ``compress`` process into a fresh ``out``: ``{exit, seconds, command, report}`` or the error."""
-    shutil.rmtree(out, ignore_errors=True)
+def _compress(command: list[str], out: Path, extra: tuple[str, ...], name: str, console: Console,
+              fresh: bool = True) -> dict:
+    """One ``compress`` process into ``out`` (emptied first when ``fresh``): ``{exit, seconds, command, report}`` or
+    the error."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
     command = [*command, *extra]
     shown = "compress " + shlex.join(command[3:])
     console.print(f"[bold]{name}[/]: {shown}")
@@ -492,7 +495,7 @@ def environment() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small data and 5 student epochs")
+    parser.add_argument("--quick", action="store_true", help="small data and a 3-minute budget per run")
     parser.add_argument("--only", default=None, help=f"comma-separated names among {', '.join(ZOO)}")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/compressor-zoo"))
     parser.add_argument("--out", type=Path, default=None)

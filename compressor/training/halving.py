@@ -6,7 +6,7 @@ and a baseline trained shorter or with a worse learning rate than the student ma
 it is. So two *families* of configurations are searched side by side, each with the same number of trials and
 the same rungs:
 
-- ``distilled``: every recipe that applies to the inputs × T × α × lr × epochs;
+- ``distilled``: every recipe that applies to the inputs × T × α × lr × epochs × soft-target loss (``--loss``);
 - ``labels``: α = 0 (the hard labels alone), with or without the recipes' augmentation × lr × epochs.
 
 The labels family's winner is the tuned baseline; the student is whichever family's winner has the higher
@@ -43,6 +43,7 @@ from itertools import product
 from pathlib import Path
 from typing import Callable
 
+from compressor.config import LOSSES
 from compressor.training.search_text import explain, rerun_command
 
 DEFAULT_TUNE_MINUTES = 10.0          # --recipe auto without --tune
@@ -66,6 +67,7 @@ class Trial:
     alpha: float
     lr: float
     epochs: int
+    loss: str = "kd"     # the soft term (--loss): kd | dkd | ls | dist
 
     @property
     def name(self) -> str:
@@ -74,7 +76,7 @@ class Trial:
         if self.family == "labels":
             return f"labels-{self.recipe}-lr{_exact(self.lr)}-e{self.epochs}"
         return (f"distilled-{self.recipe}-T{_exact(self.temperature)}-a{_exact(self.alpha)}-lr{_exact(self.lr)}"
-                f"-e{self.epochs}")
+                f"-e{self.epochs}" + ("" if self.loss == "kd" else f"-{self.loss}"))
 
     def rung_epochs(self, rung: int) -> int:
         """Epochs trained by the end of ``rung`` (0-based): a fraction of this trial's own schedule, at least 1."""
@@ -85,7 +87,8 @@ class Trial:
     def flags(self) -> list[str]:
         """The ``compress`` options that select this configuration, numbers written exactly."""
         return ["--recipe", self.recipe, "--temperature", _exact(self.temperature), "--alpha", _exact(self.alpha),
-                "--lr", _exact(self.lr), "--epochs", str(self.epochs)]
+                "--lr", _exact(self.lr), "--epochs", str(self.epochs)] + ([] if self.loss == "kd" else
+                                                                           ["--loss", self.loss])
 
 
 def _exact(value: float) -> str:
@@ -95,9 +98,9 @@ def _exact(value: float) -> str:
 
 
 def search_space(recipe: str, temperature: float, alpha: float, lr: float, epochs: int, augmenting: bool,
-                 labelled: bool, mixable: bool = True) -> dict[str, list[Trial]]:
+                 labelled: bool, mixable: bool = True, loss: str = "kd") -> dict[str, list[Trial]]:
     """Every configuration of each family; the first of each is the user's own setting (``recipe`` "auto" means
-    hinton). ``augmenting``: the inputs have a default augmentation (images of 16 px or more); ``labelled``: the
+    hinton, ``loss`` the user's --loss); the distilled family spans every soft-target loss. ``augmenting``: the inputs have a default augmentation (images of 16 px or more); ``labelled``: the
     transfer set has labels (without them there is no labels family and α is 1); ``mixable``: inputs can be mixed
     (not token ids), so function-matching applies."""
     own_recipe = "hinton" if recipe == "auto" else recipe
@@ -105,10 +108,10 @@ def search_space(recipe: str, temperature: float, alpha: float, lr: float, epoch
     lengths = sorted({max(1, round(epochs * f)) for f in EPOCH_FACTORS})
     recipes = ("hinton",) + (("consistent",) if augmenting else ()) + (("function-matching",) if mixable else ())
     alphas = ALPHAS if labelled else (1.0,)
-    distilled = [Trial("distilled", r, t, 1.0 if r == "function-matching" else a, rate, e)
-                 for r, t, a, rate, e in product(recipes, TEMPERATURES, alphas, lrs, lengths)]
+    distilled = [Trial("distilled", r, t, 1.0 if r == "function-matching" else a, rate, e, soft)
+                 for r, t, a, rate, e, soft in product(recipes, TEMPERATURES, alphas, lrs, lengths, LOSSES)]
     own = Trial("distilled", own_recipe, temperature, 1.0 if own_recipe == "function-matching" or not labelled
-                else alpha, lr, epochs)
+                else alpha, lr, epochs, loss)
     space = {"distilled": _first(own, distilled)}
     if labelled:
         views = ("hinton", "consistent") if augmenting else ("hinton",)

@@ -1,5 +1,5 @@
 """The main job's tuning step (``--tune MINUTES``, ``--recipe auto``): successive halving on validation
-(:mod:`compressor.training.halving`) over recipe, T, α, lr and epochs, with the hard-label family tuned alike as
+(:mod:`compressor.training.halving`) over recipe, T, α, lr, epochs and the soft-target loss, with the hard-label family tuned alike as
 the baseline; each trial is the main job's own :func:`compressor.training.distill.distill`, paused at each rung."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from compressor.training.transfer import TransferSet, row_subset, transfer_set
 
 
 def tune(ctx: RunContext, budget: RunBudget | None = None) -> Students:
-    """Successive halving on validation over recipe, T, α, lr and epochs, with the hard-label family tuned alike as
-    the baseline. Trials checkpoint into ``<out>/tuning/<trial>/``; with --resume a killed search continues where
+    """Successive halving on validation over recipe, T, α, lr, epochs and loss, with the hard-label family tuned
+    alike as the baseline. Trials checkpoint into ``<out>/tuning/<trial>/``; with --resume a killed search continues where
     it stopped. Each recipe's transfer set (and its view cache) is built once. Returns the chosen student, its
     options and the tuned baseline, with the search for the report in ``tuning``. Without --tune, the search gets
     what is left of the run's ``budget`` (else DEFAULT_TUNE_MINUTES)."""
@@ -28,7 +28,7 @@ def tune(ctx: RunContext, budget: RunBudget | None = None) -> Students:
 
     def trial_config(trial) -> RunConfig:
         return dataclasses.replace(config, recipe=trial.recipe, temperature=trial.temperature, alpha=trial.alpha,
-                                   lr=trial.lr, epochs=trial.epochs)
+                                   lr=trial.lr, epochs=trial.epochs, loss=trial.loss)
 
     def trial_transfer(trial) -> TransferSet:
         if trial.recipe not in transfers:
@@ -70,7 +70,7 @@ def tune(ctx: RunContext, budget: RunBudget | None = None) -> Students:
     labelled = bool((tensors.y_train >= 0).any()) and not config.unlabeled
     space = search_space(config.recipe, config.temperature, config.alpha, config.lr, config.epochs,
                          default_augmentation(tuple(tensors.x_train.shape[1:])) is not None, labelled,
-                         mixable=not ctx.dataset.named_inputs)
+                         mixable=not ctx.dataset.named_inputs, loss=config.loss)
     minutes = config.tune or (DEFAULT_TUNE_MINUTES if budget is None else max(budget.left() / 60, 0.1))
     if budget is not None:
         budget.start()

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from benchmarks import zoo
+from benchmarks import zoo, zoo_losses
 
 # the digits ensemble at the quick scale (its data do not depend on the scale) under its own name, so nothing is
 # shared with a real zoo folder
@@ -82,3 +82,18 @@ def test_a_built_ensemble_is_reused_and_its_run_gives_a_row(tmp_path, monkeypatc
     text = wide.export_text()
     assert "defaults at abc1234" in text and row["student"]["spec"] in text and "exit 2" in text
     assert previous["spec"] in text
+
+    # the loss columns: the settled student at --loss dkd, the baseline resumed from the default run's checkpoint
+    folder = tmp_path / "test" / "mlp-digits"
+    entry = zoo_losses.run_loss("mlp-digits", folder, "dkd", console)
+    assert entry["exit"] == 0, entry.get("error")
+    again = json.loads((folder / "loss-dkd" / "report.json").read_text())
+    assert again["student"]["loss"]["soft_term"] == "dkd" and again["student"]["spec"] == row["student"]["spec"]
+    assert entry["baseline_top1"] == row["baseline_top1"]
+    assert again["baseline"]["training"]["resumed_from_epoch"] == len(again["baseline"]["training"]["history"])
+    losses = {"label": "at abc1234", "scale": "test", "losses": ["dkd"],
+              "rows": [{"name": "mlp-digits", "student": row["student"]["spec"],
+                        "losses": {"kd": {"exit": 0, **{k: row[k] for k in ("student_top1", "gain_kept",
+                                                                              "interval_95")}}, "dkd": entry}}]}
+    wide.print(zoo_losses.table(losses))
+    assert "dkd: gain kept" in wide.export_text()

@@ -77,8 +77,17 @@ def test_the_families_cover_the_grid_without_duplicates():
     for trials in (distilled, labels):
         assert len(set(trials)) == len(trials)
         assert len({t.name for t in trials}) == len(trials)  # each names its own checkpoint folder
-    # 2 recipes x 4 T x 2 alpha x 3 lr x 3 epochs, plus function-matching's 4 T x 3 lr x 3 epochs at alpha 1
-    assert len(distilled) == 2 * 4 * 2 * 3 * 3 + 4 * 3 * 3 and len(labels) == 2 * 3 * 3
+    assert {t.loss for t in distilled} == {"kd", "dkd", "ls", "dist"} and {t.loss for t in labels} == {"kd"}
+    # (2 recipes x 4 T x 2 alpha x 3 lr x 3 epochs, plus function-matching's 4 T x 3 lr x 3 epochs at alpha 1) x 4 losses
+    assert len(distilled) == (2 * 4 * 2 * 3 * 3 + 4 * 3 * 3) * 4 and len(labels) == 2 * 3 * 3
+
+
+def test_a_trial_with_another_loss_names_its_folder_and_flags_by_it():
+    kd = Trial("distilled", "hinton", 4.0, 0.9, 3e-3, 30)
+    dkd = Trial("distilled", "hinton", 4.0, 0.9, 3e-3, 30, "dkd")
+    assert kd.name == "distilled-hinton-T4-a0.9-lr0.003-e30" and dkd.name == kd.name + "-dkd"
+    assert "--loss" not in kd.flags() and dkd.flags()[-2:] == ["--loss", "dkd"]
+    assert space(loss="ls")["distilled"][0].loss == "ls"
 
 
 @pytest.mark.parametrize("recipe", ["auto", "hinton"])
