@@ -21,7 +21,6 @@ The gradient is written straight into ∂L/∂s; the teacher logits get none.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -31,7 +30,7 @@ from torch import Tensor
 from compressor.kernels.tempered_kl_cpu import _workers, default_chunk_rows
 from compressor.kernels.tempered_kl_reference import (COMBINES, PEARSON_EPS, STANDARDISE_EPS, _check_alpha,
                                                       _check_shapes, _check_temperature, check_variant,
-                                                      ensemble_log_probs, ensemble_weights)
+                                                      ensemble_weights)
 
 __all__ = ["tempered_kl_variants_cpu"]
 
@@ -138,11 +137,21 @@ class _Pass:
         else:
             workers.run(work, min(workers.size, self.chunks))
 
-    def _mixture(self, i: int, j: int, standardised: bool) -> Tensor:
+    def _mixture(self, i: int, j: int, standardised: bool) -> tuple[Tensor, Tensor]:
+        """Rows i:j's soft target p and its log (−inf where p underflows to 0): the arithmetic mixture in
+        probability space, one softmax call over the K members and one (1, K) @ (K, r·C) product (a third of the
+        passes of the log-space mixture, whose logsumexp over members allocates and exponentiates again)."""
         t = self.t[:, i:j].to(self.cd)
-        if standardised:
-            t = _standardise(t)
-        return ensemble_log_probs(t, self.temperature, self.w, self.combine)
+        scale = 1.0 / self.temperature
+        if standardised:  # softmax ignores a row's shift, so (t − mean) / (std + eps) / T needs only the scale
+            scale = t.std(dim=-1, keepdim=True).add_(STANDARDISE_EPS).reciprocal_().mul_(scale)
+        if self.combine == "geometric":
+            log_p = F.log_softmax(torch.einsum("k,krc->rc", self.w, t * scale), dim=-1)
+            return log_p.exp(), log_p
+        k, r, c = t.shape
+        probs = torch.softmax(t * scale, dim=-1)
+        p = torch.mm(self.w[None], probs.view(k, r * c)).view(r, c)
+        return p, p.log()
 
     def _chunk(self, chunk: int, i: int, j: int) -> None:
         """Rows i:j: their soft and hard terms and their rows of ∂L/∂s."""
@@ -153,13 +162,13 @@ class _Pass:
             centred = s - s.mean(-1, keepdim=True)
             sigma = centred.square().sum(-1, keepdim=True).div_(s.shape[1] - 1).sqrt_()
             scale = sigma + STANDARDISE_EPS
-            log_p, log_q = self._mixture(i, j, True), F.log_softmax(centred / scale * inv_t, dim=-1)
-            p, q = log_p.exp(), log_q.exp()
+            (p, log_p), log_q = self._mixture(i, j, True), F.log_softmax(centred / scale * inv_t, dim=-1)
+            q = log_q.exp()
             self.soft_rows[i:j] = _kl_rows(p, log_p, log_q).double()
             g_x = q - p
         else:
-            log_p, log_q = self._mixture(i, j, False), F.log_softmax(s * inv_t, dim=-1)
-            p, q = log_p.exp(), log_q.exp()
+            (p, log_p), log_q = self._mixture(i, j, False), F.log_softmax(s * inv_t, dim=-1)
+            q = log_q.exp()
             g_x = self._dkd(i, j, p, log_p, q, log_q) if self.variant == "dkd" else self._dist(i, j, p, q)
         g = None if self.grad is None else g_x.mul_(self.alpha * self.temperature / n)
         if g is not None and self.variant == "ls":  # back through the standardisation
@@ -185,45 +194,53 @@ class _Pass:
         return g.scatter_add_(1, y.clamp_min(0)[:, None], -coef)
 
     def _dkd(self, i: int, j: int, p: Tensor, log_p: Tensor, q: Tensor, log_q: Tensor) -> Tensor:
-        """Decoupled KD on rows i:j: writes the soft term, returns g_x."""
+        """Decoupled KD on rows i:j: writes the soft term, returns g_x (in q's buffer; p is zeroed on the target).
+
+        With p and q zeroed on the target, 1 − p_y and 1 − q_y are sums of positive terms (no cancellation near
+        p_y = 1), KL(p̃ ‖ q̃) = Σ_{c≠y} p (log p − log q) / (1 − p_y) − log((1 − p_y) / (1 − q_y)), and off the target
+        g_x = (β − (q_y − p_y)) · q / (1 − q_y) − β · p / (1 − p_y): a few passes over the chunk, no renormalised
+        copies."""
         y = log_p.argmax(-1) if self.y is None else torch.where(self.y[i:j] >= 0, self.y[i:j], log_p.argmax(-1))
-        on = F.one_hot(y, p.shape[1]).bool()
-        rest_p = torch.logsumexp(log_p.masked_fill(on, -math.inf), -1, keepdim=True)  # log(1 − p_y)
-        rest_q = torch.logsumexp(log_q.masked_fill(on, -math.inf), -1, keepdim=True)
-        p_y, q_y = p.gather(1, y[:, None]), q.gather(1, y[:, None])
-        binary_p = torch.cat([log_p.gather(1, y[:, None]), rest_p], 1)
-        binary_q = torch.cat([log_q.gather(1, y[:, None]), rest_q], 1)
-        tckd = _kl_rows(binary_p.exp(), binary_p, binary_q)
-        has_rest = torch.isfinite(rest_p)
-        tilde_log_p = (log_p - rest_p.where(has_rest, 0.0)).masked_fill(on | ~has_rest, -math.inf)
-        tilde_log_q = (log_q - rest_q).masked_fill(on, -math.inf)
-        tilde_p, tilde_q = tilde_log_p.exp(), tilde_log_q.exp()
-        nckd = _kl_rows(tilde_p, tilde_log_p, tilde_log_q)
-        self.soft_rows[i:j] = (tckd + self.beta * nckd).double()
-        g_x = tilde_q.mul(-(q_y - p_y))
-        g_x.add_((tilde_q - tilde_p).mul_(has_rest.to(self.cd)), alpha=self.beta)
-        return g_x.masked_scatter_(on, (q_y - p_y)[:, 0])
+        col = y[:, None]
+        p_y, q_y = p.gather(1, col), q.gather(1, col)  # (r, 1)
+        log_p_y, log_q_y = log_p.gather(1, col), log_q.gather(1, col)
+        p.scatter_(1, col, 0.0)
+        q.scatter_(1, col, 0.0)
+        rest_p, rest_q = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)  # 1 − p_y, 1 − q_y
+        has_rest = rest_p > 0  # some mass off the target (and C > 1)
+        log_ratio = rest_p.log() - rest_q.log()
+        off = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1, keepdim=True)  # Σ_{c≠y} p (log p − log q)
+        tckd = torch.where(p_y > 0, p_y * (log_p_y - log_q_y), 0.0) + torch.where(has_rest, rest_p * log_ratio, 0.0)
+        nckd = torch.where(has_rest, off / rest_p.clamp_min(torch.finfo(self.cd).tiny) - log_ratio, 0.0)
+        self.soft_rows[i:j] = (tckd + self.beta * nckd)[:, 0].double()
+        gap = q_y - p_y
+        tiny = torch.finfo(self.cd).tiny
+        g_x = q.mul_((self.beta - gap) / rest_q.clamp_min(tiny))
+        g_x.addcmul_(p, torch.where(has_rest, -self.beta / rest_p.clamp_min(tiny), 0.0))
+        return g_x.scatter_(1, col, gap)
 
     def _dist_moments(self, chunk: int, i: int, j: int) -> None:
         """First pass of dist: Σ p, Σ q, Σ p², Σ q², Σ p q per class over rows i:j (float64)."""
-        p = self._mixture(i, j, False).exp_().double()
-        q = F.softmax(self.s[i:j].to(self.cd) / self.temperature, dim=-1).double()
-        self.moments[chunk] = torch.stack([p.sum(0), q.sum(0), p.square().sum(0), q.square().sum(0),
-                                           (p * q).sum(0)])
+        p = self._mixture(i, j, False)[0]
+        q = F.softmax(self.s[i:j].to(self.cd) / self.temperature, dim=-1)
+        wide = torch.float64  # summed in double: the centred moments below subtract nearly equal sums
+        self.moments[chunk] = torch.stack([p.sum(0, dtype=wide), q.sum(0, dtype=wide), p.square().sum(0, dtype=wide),
+                                           q.square().sum(0, dtype=wide), (p * q).sum(0, dtype=wide)])
 
     def _class_terms(self) -> None:
-        """From the moments: each class's mean p and q, ρ_c and the two factors of ∂ρ_c/∂q."""
+        """From the moments: each class's ρ_c and the factors of ∂ρ_c/∂q (class_a, class_b, class_shift)."""
         n = self.s.shape[0]
         sp, sq, spp, sqq, spq = self.moments.sum(0)
-        self.mean_p, self.mean_q = (sp / n).to(self.cd), (sq / n).to(self.cd)
         norm_a = (spp - sp * sp / n).clamp_min(0).sqrt()  # |p_:c − mean|
         norm_b = (sqq - sq * sq / n).clamp_min(0).sqrt()
         product = norm_a * norm_b
         self.rho_class = (spq - sp * sq / n) / product.clamp_min(PEARSON_EPS)
-        # ∂ρ_c/∂q_:c = a / max(|a||b|, eps) − [|a||b| ≥ eps] ρ_c b / |b|²
-        self.class_a = (1 / product.clamp_min(PEARSON_EPS)).to(self.cd)
-        self.class_b = torch.where(product >= PEARSON_EPS, self.rho_class / norm_b.square().clamp_min(1e-300),
-                                   0.0).to(self.cd)
+        # ∂ρ_c/∂q_:c = a / max(|a||b|, eps) − [|a||b| ≥ eps] ρ_c b / |b|², a = p − mean p, b = q − mean q:
+        # class_a · p − class_b · q plus a per-class shift, the (N/C)-scaled shift folded in here once
+        class_a = 1 / product.clamp_min(PEARSON_EPS)
+        class_b = torch.where(product >= PEARSON_EPS, self.rho_class / norm_b.square().clamp_min(1e-300), 0.0)
+        self.class_a, self.class_b = class_a.to(self.cd), class_b.to(self.cd)
+        self.class_shift = ((class_b * sq - class_a * sp) / n * (n / self.s.shape[1])).to(self.cd)
 
     def _dist(self, i: int, j: int, p: Tensor, q: Tensor) -> Tensor:
         """Second pass of dist on rows i:j: writes their correlations over the classes, returns g_x (scaled so that
@@ -234,18 +251,18 @@ class _Pass:
         product = a.norm(dim=-1, keepdim=True) * norm_b
         rho = (a * b).sum(-1, keepdim=True) / product.clamp_min(PEARSON_EPS)
         self.soft_rows[i:j] = rho[:, 0].double()
-        row_grad = a / product.clamp_min(PEARSON_EPS) - torch.where(
-            product >= PEARSON_EPS, rho / norm_b.square().clamp_min(torch.finfo(self.cd).tiny), 0.0) * b
-        class_grad = (p - self.mean_p) * self.class_a - (q - self.mean_q) * self.class_b
-        g_q = row_grad.add_(class_grad, alpha=n / c).neg_()  # ∂(1 − ρ)/∂q
-        return q * (g_q - (q * g_q).sum(-1, keepdim=True))
-
-
-def _standardise(z: Tensor) -> Tensor:
-    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + STANDARDISE_EPS)
+        if self.grad is None:
+            return q  # the loss alone: the rows' correlations are all it needs from this pass
+        # ∂(1 − ρ)/∂q = −(∂ρ_n/∂q + (N/C) ∂ρ_c/∂q), built in a's buffer with fused multiply-adds
+        g_q = a.mul_(1.0 / product.clamp_min(PEARSON_EPS))
+        g_q.addcmul_(b, torch.where(product >= PEARSON_EPS, rho / norm_b.square().clamp_min(torch.finfo(self.cd).tiny),
+                                    0.0), value=-1.0)
+        g_q.addcmul_(p, self.class_a, value=n / c).addcmul_(q, self.class_b, value=-n / c)
+        g_q.add_(self.class_shift).neg_()
+        return q.mul_(g_q - (q * g_q).sum(-1, keepdim=True))
 
 
 def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) per row from p and the two log-probabilities, 0 · log 0 = 0."""
-    positive = p > 0
-    return torch.where(positive, p * (log_p.where(positive, 0.0) - log_q.where(positive, 0.0)), 0.0).sum(-1)
+    """KL(p ‖ q) per row from p and the two log-probabilities, 0 · log 0 = 0 (no autograd here, so the NaN of
+    0 · −inf in a discarded branch costs nothing)."""
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
