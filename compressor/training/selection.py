@@ -12,7 +12,8 @@ always in it) is screened on the winner. The choice is the best on validation.
 2. **Architecture screen.** Successive halving (η = 3, as ``--tune``'s, :mod:`compressor.training.halving`) on
    ``SCREEN_ROWS`` seeded rows: every surviving candidate trains a first rung of about ``FIRST_RUNG_STEPS`` optimiser
    steps (whole epochs) of a schedule 9 times as long at α = 0.5, T = 4; the best third continue to 3 first rungs,
-   the best third of those to 9. Rungs count steps, not epochs, so a small dataset's first rung is not a few
+   the best third of those to 9, and with them every candidate within one standard error of the rung's best (a
+   difference the validation split cannot resolve does not end a candidate; the budget still caps how many go on). Rungs count steps, not epochs, so a small dataset's first rung is not a few
    batches that only the fastest starters win. Candidates enter in an order that alternates families, each family
    largest first, so a budget that stops the first rung early still spans families.
 3. **α and T.** The winner is trained on the same rows and schedule at each point of ``GRID`` to the second rung
@@ -181,7 +182,10 @@ def run_screen(screen: Screen, specs: list[str], allowance_s: float, trials: int
         ranked = sorted(started, key=lambda t: -screen.results[t][epochs])  # ties keep the earlier
         if rung == len(screen.rungs) - 1:
             return ranked[0]
-        keep = max(1, math.ceil(len(ranked) / ETA))
+        best = screen.results[ranked[0]][epochs]
+        tied = sum(screen.results[t][epochs] >= best - standard_error(best, len(screen.ctx.tensors.y_val))
+                   for t in ranked)
+        keep = max(1, math.ceil(len(ranked) / ETA), tied)
         more = screen.rungs[rung + 1] - epochs
         while trials is None and keep > 0 and \
                 screen.spent() + sum(screen.pace(t) * more for t in ranked[:keep]) > allowance_s:
@@ -219,8 +223,12 @@ def within_noise(scored: dict, examples: int):
     """The first of ``scored`` (in order) whose validation accuracy is within one standard error of the best, so a
     difference the validation split cannot resolve does not move the choice off the first (the screen's own mix)."""
     best = max(scored.values())
-    error = math.sqrt(max(best * (1 - best), 1e-12) / max(1, examples))
-    return next(t for t, accuracy in scored.items() if accuracy >= best - error)
+    return next(t for t, accuracy in scored.items() if accuracy >= best - standard_error(best, examples))
+
+
+def standard_error(accuracy: float, examples: int) -> float:
+    """One standard error of an accuracy measured on ``examples`` rows (binomial)."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(1, examples))
 
 
 @dataclass

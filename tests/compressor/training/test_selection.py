@@ -98,12 +98,25 @@ class FakeScreen:
 
 def test_successive_halving_keeps_the_best_third_each_rung():
     specs = [f"mlp:{w}" for w in (8, 16, 32, 64, 128, 256, 512, 1024, 2048)]
-    screen = FakeScreen({(s, *SCREEN_MIX): 0.5 + 0.01 * k for k, s in enumerate(specs)})
+    screen = FakeScreen({(s, *SCREEN_MIX): 0.5 + 0.05 * k for k, s in enumerate(specs)})
     winner = run_screen(screen, specs, 1e9, None, print)
     assert winner.spec == "mlp:2048"
     reached = {t.spec: max(r) for t, r in screen.results.items()}
     assert sorted(s for s, e in reached.items() if e == 18) == ["mlp:2048"]
     assert sorted(s for s, e in reached.items() if e >= 6) == ["mlp:1024", "mlp:2048", "mlp:512"]
+
+
+def test_candidates_the_validation_split_cannot_tell_apart_all_go_on():
+    specs = ["cnn:8x16", "mlp:512x512", "mlp:128x128"]
+    scores = {("cnn:8x16", *SCREEN_MIX): 0.85 * 9, ("mlp:512x512", *SCREEN_MIX): 0.8467 * 9,
+              ("mlp:128x128", *SCREEN_MIX): 0.70 * 9}  # at the first rung (2 of 18 epochs): 85.0%, 84.67%, 70.0%
+    screen = FakeScreen(scores, examples=300)  # one standard error is 2.1 points on 300 rows
+    run_screen(screen, specs, 1e9, None, print)
+    reached = {t.spec: max(r) for t, r in screen.results.items()}
+    assert reached == {"cnn:8x16": 18, "mlp:512x512": 6, "mlp:128x128": 2}  # 0.33 points apart: both went on
+    screen = FakeScreen(scores, examples=1_000_000)
+    run_screen(screen, specs, 1e9, None, print)
+    assert {t.spec: max(r) for t, r in screen.results.items()}["mlp:512x512"] == 2  # resolvable: the third only
 
 
 def test_a_small_budget_stops_starting_candidates_and_promotes_fewer():
