@@ -17,6 +17,11 @@ tests_rc=${PIPESTATUS[0]}
 python benchmarks/bench_tempered_kl.py --device cuda --json "$dest/bench_tempered_kl-cuda.json" 2>&1 \
     | tee "$dest/bench_tempered_kl-cuda.txt"
 bench_rc=${PIPESTATUS[0]}
+for variant in dkd ls dist; do  # the later soft terms: eager formula, compile, reference, Triton, memory-bound floor
+    python benchmarks/bench_tempered_kl.py --device cuda --variant "$variant" --shapes '4096,1000,5;512,32000,3' \
+        --json "$dest/bench_tempered_kl-cuda-$variant.json" 2>&1 | tee "$dest/bench_tempered_kl-cuda-$variant.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+done
 python benchmarks/teacher_throughput.py --json "$dest/teacher_throughput.json" 2>&1 | tee "$dest/teacher_throughput.txt"
 teachers_rc=${PIPESTATUS[0]}
 if python -c "import onnxruntime, matplotlib" 2>/dev/null; then

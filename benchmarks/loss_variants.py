@@ -16,14 +16,16 @@ from compressor.kernels.tempered_kl_reference import tempered_kl_reference
 
 def variant_providers(variant: str, device: torch.device, temperature: float, alpha: float):
     """(name, fn(s, t, y) -> loss or None, reason when None) for ``variant``: eager formula, reference, the fused
-    path of the device, and the floor."""
+    path of the device (on CUDA with torch.compile of the eager formula beside it), and the floor."""
     eager = EAGER[variant]
     yield "eager_formula", lambda s, t, y: eager(s, t, y, temperature, alpha), ""
     yield "reference", lambda s, t, y: tempered_kl_reference(s, t, y, temperature, alpha, variant=variant), ""
     if device.type == "cpu":
         from compressor.kernels.tempered_kl_variants_cpu import tempered_kl_variants_cpu
         yield "cpu", lambda s, t, y: tempered_kl_variants_cpu(s, t, y, temperature, alpha, variant=variant), ""
-    else:
+    else:  # on CUDA also torch.compile of the eager formula (its cold compile is timed apart, as for kd)
+        compiled = torch.compile(eager, dynamic=False)
+        yield "compile", lambda s, t, y: compiled(s, t, y, temperature, alpha), ""
         from compressor.kernels.tempered_kl_variants_triton import tempered_kl_variants_triton
         yield "triton", lambda s, t, y: tempered_kl_variants_triton(s, t, y, temperature, alpha, variant=variant), ""
     yield "floor", floor, ""
