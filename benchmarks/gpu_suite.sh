@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU- and TensorRT-marked tests of the whole suite (the TensorRT ones skip where
-# TensorRT is absent), the tempered-KL benchmark on CUDA (kd, then dkd, ls, dist), the teachers' inference
-# throughput on CPU and CUDA (fp32 and bf16), and the demo's main job with its PyTorch rows timed on CUDA (host latency beside H2D / compute / D2H
-# CUDA events). Where NVIDIA's Triton container provides /opt/tritonserver with its onnxruntime (and tensorrt)
-# backends, the demo's bundle is served by them too: its onnxruntime_onnx model, and a --target tensorrt run's
-# tensorrt_plan model, through the bundle's client.py (benchmarks/triton_serving.py).
-# Assumes `pip install --no-deps -e .` (plus the dev extras) is done. Results go to $OUT when set, else
-# benchmarks/results/; the summary file is gpu_suite-summary.txt there.
+# TensorRT is absent), the tempered-KL benchmark on CUDA (kd, then dkd, ls, dist), the teachers' inference throughput
+# on CPU and CUDA (fp32 and bf16), and the demo's main job with its PyTorch rows timed on CUDA (host latency beside
+# H2D / compute / D2H CUDA events). Where NVIDIA's Triton container provides /opt/tritonserver with its onnxruntime
+# (and tensorrt) backends, the demo's bundle is served by them too: its onnxruntime_onnx model, and a --target
+# tensorrt run's tensorrt_plan model, through the bundle's client.py (benchmarks/triton_serving.py). Assumes `pip
+# install --no-deps -e .` (plus the dev extras) is done. Results go to $OUT when set, else benchmarks/results/; the
+# summary file is gpu_suite-summary.txt there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest="${OUT:-benchmarks/results}"
