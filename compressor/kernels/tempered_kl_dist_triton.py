@@ -19,19 +19,19 @@ from torch import Tensor
 
 from compressor.kernels.tempered_kl_reference import PEARSON_EPS
 from compressor.kernels.tempered_kl_triton import tl, triton
-from compressor.kernels.tempered_kl_variant_tiles_triton import _hard, _log_p_block, _member_stats, _student_lse
+from compressor.kernels.tempered_kl_variant_tiles_triton import _hard, _member_stats, _mixture_tile, _student_lse
 
 
 @triton.jit
-def _tile_pq(s_ptr, t_ptr, w_ptr, offs, mask, K, member_stride, stats, lse_q, inv_t, GEOMETRIC: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The mixture's p and the student's q over one tile (0 where masked), and the student's raw logits."""
-    b_tile, mean_tile, inv_tile, lse_g = stats
-    log_p = _log_p_block(t_ptr, w_ptr, offs, mask, K, member_stride, b_tile, mean_tile, inv_tile, lse_g, inv_t,
-                         GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+def _tile_pq(s_ptr, t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats, lse_q, inv_t,
+             GEOMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column block ``start``: its columns and mask, the mixture's p and the student's q there (0 where masked),
+    and the student's raw logits."""
+    cols, mask, offs, log_p = _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                            inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q = tl.where(mask, tl.exp(s * inv_t - lse_q[:, None]), 0.0)
-    return tl.where(mask, tl.exp(log_p), 0.0), q, s
+    return cols, mask, tl.where(mask, tl.exp(log_p), 0.0), q, s
 
 
 @triton.jit
@@ -57,11 +57,9 @@ def _dist_kernel(s_ptr, t_ptr, w_ptr, y_ptr, sums_ptr, moments_ptr, rows_ptr, cl
         norm_a = tl.zeros([BLOCK_N], tl.float32)
         norm_b = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
+            cols, mask, p, q, s = _tile_pq(s_ptr, t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                           lse_q, inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
             col_mask = cols < C
-            mask = row_mask[:, None] & col_mask[None, :]
-            p, q, s = _tile_pq(s_ptr, t_ptr, w_ptr, row_off + cols[None, :], mask, K, member_stride, stats, lse_q,
-                               inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
             if PHASE == 1:
                 tl.atomic_add(sums_ptr + cols, tl.sum(p, axis=0), mask=col_mask)
                 tl.atomic_add(sums_ptr + C + cols, tl.sum(q, axis=0), mask=col_mask)
@@ -99,11 +97,9 @@ def _dist_gradient(s_ptr, t_ptr, w_ptr, y_ptr, rows_ptr, class_ptr, loss_ptr, gr
     weighted = tl.zeros([BLOCK_N], tl.float32)
     for sweep in range(2):  # 0: Σ_c q g_q; 1: the gradient
         for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
+            cols, mask, p, q, s = _tile_pq(s_ptr, t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                           lse_q, inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
             col_mask = cols < C
-            mask = row_mask[:, None] & col_mask[None, :]
-            p, q, s = _tile_pq(s_ptr, t_ptr, w_ptr, row_off + cols[None, :], mask, K, member_stride, stats, lse_q,
-                               inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
             mean_p = tl.load(class_ptr + cols, mask=col_mask, other=0.0)[None, :]
             mean_q = tl.load(class_ptr + C + cols, mask=col_mask, other=0.0)[None, :]
             class_a = tl.load(class_ptr + 2 * C + cols, mask=col_mask, other=0.0)[None, :]

@@ -11,6 +11,14 @@ from compressor.kernels.tempered_kl_triton import _online_lse_update, _pairwise_
 
 
 @triton.jit
+def _columns(start, row_mask, row_off, C, BLOCK_C: tl.constexpr):
+    """Column block ``start`` of the rows: its column indices, the tile's mask and the elements' offsets."""
+    cols = start + tl.arange(0, BLOCK_C)
+    mask = row_mask[:, None] & (cols[None, :] < C)
+    return cols, mask, row_off + cols[None, :]
+
+
+@triton.jit
 def _pick(tile, k, kidx):
     """Column k of a (BLOCK_N, BLOCK_K) per-member tile, as (BLOCK_N,)."""
     return tl.sum(tl.where(kidx[None, :] == k, tile, 0.0), axis=1)
@@ -21,15 +29,13 @@ def _row_moments(ptr, row_off, row_mask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.c
     """A row's mean and 1 / (std + eps), std divided by C − 1 (two passes: the mean, then the squares)."""
     total = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        total += tl.sum(tl.load(ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
+        cols, mask, offs = _columns(start, row_mask, row_off, C, BLOCK_C)
+        total += tl.sum(tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
     mean = total / C
     squares = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        z = tl.load(ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask, offs = _columns(start, row_mask, row_off, C, BLOCK_C)
+        z = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
         centred = tl.where(mask, z - mean[:, None], 0.0)
         squares += tl.sum(centred * centred, axis=1)
     return mean, 1.0 / (tl.sqrt(squares / (C - 1)) + 1e-7)  # the reference's STANDARDISE_EPS
@@ -54,9 +60,8 @@ def _member_stats(t_ptr, w_ptr, row_off, row_mask, C, K, member_stride, inv_t, G
         d = tl.zeros([BLOCK_N], tl.float32)
         if not GEOMETRIC:
             for start in range(0, C, BLOCK_C):
-                cols = start + tl.arange(0, BLOCK_C)
-                mask = row_mask[:, None] & (cols[None, :] < C)
-                z = tl.load(t_k + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                cols, mask, offs = _columns(start, row_mask, row_off, C, BLOCK_C)
+                z = tl.load(t_k + offs, mask=mask, other=0.0).to(tl.float32)
                 m, d = _online_lse_update(m, d, tl.where(mask, (z - mean_k[:, None]) * (inv_k * inv_t)[:, None],
                                                          float("-inf")))
         b_tile = tl.where(kidx[None, :] == k, (tl.log(tl.load(w_ptr + k)) - m - tl.log(d))[:, None], b_tile)
@@ -67,10 +72,9 @@ def _member_stats(t_ptr, w_ptr, row_off, row_mask, C, K, member_stride, inv_t, G
     d_g = tl.zeros([BLOCK_N], tl.float32)
     if GEOMETRIC:
         for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            mask = row_mask[:, None] & (cols[None, :] < C)
-            g = _geometric_logits(t_ptr, w_ptr, row_off + cols[None, :], mask, K, member_stride, mean_tile, inv_tile,
-                                  inv_t, BLOCK_N, BLOCK_C, BLOCK_K)
+            cols, mask, offs = _columns(start, row_mask, row_off, C, BLOCK_C)
+            g = _geometric_logits(t_ptr, w_ptr, offs, mask, K, member_stride, mean_tile, inv_tile, inv_t, BLOCK_N,
+                                  BLOCK_C, BLOCK_K)
             m_g, d_g = _online_lse_update(m_g, d_g, tl.where(mask, g, float("-inf")))
     return b_tile, mean_tile, inv_tile, m_g + tl.log(d_g)
 
@@ -118,9 +122,8 @@ def _student_lse(s_ptr, row_off, row_mask, C, mean_s, inv_s, inv_t, BLOCK_N: tl.
     m_1 = tl.full([BLOCK_N], float("-inf"), tl.float32)
     d_1 = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        s = tl.load(s_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask, offs = _columns(start, row_mask, row_off, C, BLOCK_C)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m_q, d_q = _online_lse_update(m_q, d_q, tl.where(mask, (s - mean_s[:, None]) * (inv_s * inv_t)[:, None],
                                                          float("-inf")))
         m_1, d_1 = _online_lse_update(m_1, d_1, tl.where(mask, s, float("-inf")))
@@ -132,3 +135,15 @@ def _hard(s, lse_1, cols, y, has_label):
     """The hard term's gradient (before (1 − α) / N) over one tile."""
     return tl.where(has_label[:, None], tl.exp(s - lse_1[:, None]) - tl.where(cols[None, :] == y[:, None], 1.0, 0.0),
                     0.0)
+
+
+@triton.jit
+def _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats, inv_t, GEOMETRIC: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column block ``start``: its columns, mask and offsets (as :func:`_columns`) and the mixture's log p there,
+    from ``stats`` (what :func:`_member_stats` returned)."""
+    cols, mask, offs = _columns(start, row_mask, row_off, C, BLOCK_C)
+    b_tile, mean_tile, inv_tile, lse_g = stats
+    log_p = _log_p_block(t_ptr, w_ptr, offs, mask, K, member_stride, b_tile, mean_tile, inv_tile, lse_g, inv_t,
+                         GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+    return cols, mask, offs, log_p

@@ -29,7 +29,7 @@ from compressor.kernels.tempered_kl_dist_triton import dist_fwd_triton
 from compressor.kernels.tempered_kl_reference import (COMBINES, _check_alpha, _check_shapes, _check_temperature,
                                                       check_variant, ensemble_weights)
 from compressor.kernels.tempered_kl_triton import TILE_ELEMENTS, _online_lse_update, tl, triton
-from compressor.kernels.tempered_kl_variant_tiles_triton import (_hard, _log_p_block, _member_stats, _row_moments,
+from compressor.kernels.tempered_kl_variant_tiles_triton import (_hard, _member_stats, _mixture_tile, _row_moments,
                                                                  _student_lse)
 
 BLOCK_C_MAX = 4096  # column block; rows up to this many classes are one block
@@ -41,14 +41,11 @@ VARIANT_IDS = {"dkd": DKD, "ls": LS, "dist": DIST}
 def _dkd_target(t_ptr, w_ptr, row_off, row_mask, y, has_label, C, K, member_stride, stats, inv_t,
                 GEOMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """The label, or the mixture's argmax where the row has none."""
-    b_tile, mean_tile, inv_tile, lse_g = stats
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        log_p = _log_p_block(t_ptr, w_ptr, row_off + cols[None, :], mask, K, member_stride, b_tile, mean_tile,
-                             inv_tile, lse_g, inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+        cols, mask, offs, log_p = _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                                inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
         top = tl.max(log_p, axis=1)
         at = tl.argmax(log_p, axis=1).to(tl.int32) + start
         arg = tl.where(top > best, at, arg)
@@ -61,7 +58,6 @@ def _dkd_rows(s_ptr, t_ptr, w_ptr, grad_ptr, row_off, row_mask, y, has_label, C,
               lse_1, temperature, alpha, beta, inv_n, GEOMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decoupled KD: writes the rows' gradient, returns their soft term without T² (BLOCK_N,)."""
-    b_tile, mean_tile, inv_tile, lse_g = stats
     inv_t = 1.0 / temperature
     target = _dkd_target(t_ptr, w_ptr, row_off, row_mask, y, has_label, C, K, member_stride, stats, inv_t,
                          GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
@@ -72,11 +68,8 @@ def _dkd_rows(s_ptr, t_ptr, w_ptr, grad_ptr, row_off, row_mask, y, has_label, C,
     log_p_y = tl.zeros([BLOCK_N], tl.float32)
     log_q_y = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, C, BLOCK_C):  # the target's log p and log q, the rest's log-sum-exps
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        offs = row_off + cols[None, :]
-        log_p = _log_p_block(t_ptr, w_ptr, offs, mask, K, member_stride, b_tile, mean_tile, inv_tile, lse_g, inv_t,
-                             GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+        cols, mask, offs, log_p = _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                                inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
         log_q = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_q[:, None]
         on = mask & (cols[None, :] == target[:, None])
         log_p_y += tl.sum(tl.where(on, log_p, 0.0), axis=1)
@@ -92,11 +85,8 @@ def _dkd_rows(s_ptr, t_ptr, w_ptr, grad_ptr, row_off, row_mask, y, has_label, C,
         + tl.where(has_rest, tl.exp(rest_p) * (rest_p - rest_q), 0.0)
     nckd = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, C, BLOCK_C):  # the non-target KL and the gradient
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        offs = row_off + cols[None, :]
-        log_p = _log_p_block(t_ptr, w_ptr, offs, mask, K, member_stride, b_tile, mean_tile, inv_tile, lse_g, inv_t,
-                             GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+        cols, mask, offs, log_p = _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                                inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         on = cols[None, :] == target[:, None]
         off_target = mask & ~on
@@ -117,17 +107,13 @@ def _ls_rows(s_ptr, t_ptr, w_ptr, grad_ptr, row_off, row_mask, y, has_label, C, 
              lse_1, mean_s, inv_s, temperature, alpha, inv_n, GEOMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """KD on standardised logits: writes the rows' gradient, returns their KL (BLOCK_N,)."""
-    b_tile, mean_tile, inv_tile, lse_g = stats
     inv_t = 1.0 / temperature
     kl = tl.zeros([BLOCK_N], tl.float32)
     sum_g = tl.zeros([BLOCK_N], tl.float32)
     sum_gd = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, C, BLOCK_C):  # KL, Σ g and Σ g (s − μ), g = q − p
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        offs = row_off + cols[None, :]
-        log_p = _log_p_block(t_ptr, w_ptr, offs, mask, K, member_stride, b_tile, mean_tile, inv_tile, lse_g, inv_t,
-                             GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+        cols, mask, offs, log_p = _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                                inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
         d = tl.where(mask, tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean_s[:, None], 0.0)
         log_q = d * (inv_s * inv_t)[:, None] - lse_q[:, None]
         p = tl.exp(log_p)
@@ -138,11 +124,8 @@ def _ls_rows(s_ptr, t_ptr, w_ptr, grad_ptr, row_off, row_mask, y, has_label, C, 
     sigma = 1.0 / inv_s - 1e-7  # std, from 1 / (std + STANDARDISE_EPS)
     back = tl.where(sigma > 0, sum_gd * inv_s * inv_s / ((C - 1) * sigma), 0.0)
     for start in range(0, C, BLOCK_C):  # the gradient, through the standardisation
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols[None, :] < C)
-        offs = row_off + cols[None, :]
-        log_p = _log_p_block(t_ptr, w_ptr, offs, mask, K, member_stride, b_tile, mean_tile, inv_tile, lse_g, inv_t,
-                             GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
+        cols, mask, offs, log_p = _mixture_tile(t_ptr, w_ptr, start, row_mask, row_off, C, K, member_stride, stats,
+                                                inv_t, GEOMETRIC, BLOCK_N, BLOCK_C, BLOCK_K)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = s - mean_s[:, None]
         g = tl.exp(d * (inv_s * inv_t)[:, None] - lse_q[:, None]) - tl.exp(log_p)

@@ -5,7 +5,6 @@ same cases run on CUDA with ``-m gpu``. ``block_c`` below C sends a row through 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -24,15 +23,6 @@ CASES = [
     (9, 37, 5, "arithmetic", "unlabeled", None, None, torch.bfloat16),
     (33, 10, 2, "geometric", "some", "random", 4, torch.float16),
 ]
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request) -> str:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter was not chosen (a GPU machine); the cuda case runs the kernel")
-    return request.param
 
 
 def _inputs(n, c, k, labels, weights, dtype, device, seed):

@@ -10,7 +10,6 @@ an element the kernel forgets to write fails the comparison.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from dataclasses import dataclass
 
@@ -33,15 +32,6 @@ TOL = {
     torch.bfloat16: (1e-2, 1e-2),
     torch.float16: (2e-3, 2e-3),
 }
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request) -> str:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter was not chosen (a GPU machine); the cuda case runs the kernel")
-    return request.param
 
 
 @dataclass(frozen=True)
