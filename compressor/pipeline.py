@@ -72,6 +72,7 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     students = tune(ctx, budget) if config.tuned else distill_students(ctx, transfer)  # 4. distill
     budget.record("tuning" if config.tuned else "distilling", students.seconds())
     students.from_generalist = distill_generalist(ctx, students.transfer)
+    budget.stop()                                                        # training ends: the budget's clock too
     if not ctx.world.is_main:
         leave(ctx.world)
         return None

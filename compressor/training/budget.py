@@ -36,15 +36,23 @@ class RunBudget:
     clock: Callable[[], float] = time.perf_counter
     spent: dict[str, float] = field(default_factory=dict)
     started: float | None = None
+    stopped: float | None = None
 
     def start(self) -> None:
         """Start the clock (once: the first training phase calls it)."""
         if self.started is None:
             self.started = self.clock()
 
+    def stop(self) -> None:
+        """Stop the clock when the last training ends: the export and the benchmark after it are not the budget's."""
+        if self.started is not None and self.stopped is None:
+            self.stopped = self.clock()
+
     def elapsed(self) -> float:
-        """Seconds since :meth:`start` (0 before)."""
-        return 0.0 if self.started is None else self.clock() - self.started
+        """Seconds from :meth:`start` to :meth:`stop`, or to now while running (0 before the start)."""
+        if self.started is None:
+            return 0.0
+        return (self.clock() if self.stopped is None else self.stopped) - self.started
 
     def left(self) -> float:
         """Seconds of the budget left (negative once overrun)."""

@@ -156,6 +156,15 @@ def test_the_budget_buys_epochs_by_measured_pace():
     assert epochs_that_fit(5.0, 10.0, 2) == 1
 
 
+def test_the_budget_clock_stops_when_training_ends():
+    ticks = iter([0.0, 50.0, 80.0, 500.0])
+    budget = RunBudget(600.0, clock=lambda: next(ticks))
+    budget.start()
+    assert budget.elapsed() == 50.0
+    budget.stop()  # at 80 s; the export and the benchmark come after
+    assert budget.elapsed() == 80.0 and budget.describe({})["seconds_used"] == 80.0
+
+
 def test_the_epoch_cap_counts_steps_for_small_transfer_sets():
     assert epoch_cap(24) == 125          # 3,000 rows at batch 128: 3,000 steps, not 30 epochs of 720
     assert epoch_cap(422) == MAX_EPOCHS  # 54,000 rows: 30 epochs are more than 3,000 steps
