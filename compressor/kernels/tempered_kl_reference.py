@@ -154,7 +154,8 @@ def soft_term(s: Tensor, t: Tensor, labels: Tensor | None, temperature: float,
 
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) per row (N,) from log-probabilities, with 0 · log 0 = 0 and nothing where p is 0."""
+    """KL(p ‖ q) per row (N,) from log-probabilities, with 0 · log 0 = 0: where p is exactly 0 (a −inf teacher
+    logit) finite stand-ins replace both logs, so neither the value nor the gradient sees 0 · inf."""
     p = log_p.exp()
     terms = torch.where(p > 0, p * (torch.where(p > 0, log_p, 0.0) - torch.where(p > 0, log_q, 0.0)), 0.0)
     return terms.sum(dim=-1)
@@ -202,12 +203,7 @@ def tempered_kl_reference_from_log_probs(student_logits: Tensor, teacher_log_pro
 def _loss_from_log_probs(s: Tensor, log_p: Tensor, labels: Tensor | None, temperature: float, alpha: float) -> Tensor:
     """The per-row formula on student logits ``s`` (N, C) and teacher log-probs ``log_p`` (N, C), averaged."""
     log_q = F.log_softmax(s / temperature, dim=-1)  # (N, C) student, tempered
-    p = log_p.exp()
-    # 0 · log 0 = 0: where p is exactly 0 (a -inf teacher logit), put a finite log p so that neither the
-    # forward value nor the gradient sees 0 · inf.
-    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
-    kl = (p * (safe_log_p - log_q)).sum(dim=-1)  # (N,)
-    soft = temperature * temperature * kl  # (N,)
+    soft = temperature * temperature * _kl_rows(log_p, log_q)  # (N,)
 
     return (alpha * soft + (1.0 - alpha) * _hard_term(s, labels)).mean()
 

@@ -101,7 +101,7 @@ class _Pass:
         self.grad = torch.empty(n, c, dtype=s.dtype) if need_grad else None
         self.soft_rows = torch.zeros(n, dtype=torch.float64)  # per-row soft term (dist: its row correlation)
         self.hard_rows = torch.zeros(n, dtype=torch.float64)  # per-row cross-entropy, 0 where unlabeled
-        workers = _workers()
+        self.workers = workers = _workers()
         size = 1 if workers is None else workers.size
         self.rows = max(1, min(n, int(chunk_rows))) if chunk_rows is not None else \
             max(1, min(default_chunk_rows(c), -(-n // size)))
@@ -131,11 +131,10 @@ class _Pass:
                 i = chunk * self.rows
                 fn(chunk, i, min(i + self.rows, self.s.shape[0]))
 
-        workers = _workers()
-        if workers is None:
+        if self.workers is None:
             work()
         else:
-            workers.run(work, min(workers.size, self.chunks))
+            self.workers.run(work, min(self.workers.size, self.chunks))
 
     def _mixture(self, i: int, j: int, standardised: bool) -> tuple[Tensor, Tensor]:
         """Rows i:j's soft target p and its log (−inf where p underflows to 0): the arithmetic mixture in
