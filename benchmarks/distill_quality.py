@@ -198,7 +198,7 @@ def evaluate_family(family: str, teacher: Path, teacher_seconds: float, args, wo
             config = run_config(args, teacher, work, student, recipe)
             report = finished_report(config, ensemble.fingerprint())
             console.print(f"[bold]{family} · {student} · {recipe}[/]" + (" (finished run reused)" if report else ""))
-            report = report or run(config, console)
+            report = report or run(config, console).report
             models = {name: torch.jit.load(str(config.output_dir() / f"{name}.pt")) for name in ("student", "baseline")}
             runs[recipe] = (report, {name: predict_logits(m, tensors.x_test).argmax(1).numpy() == y
                                      for name, m in models.items()},

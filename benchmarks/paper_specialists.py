@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(RunConfig(teacher=Path(parallel["ensemble"]), data=FASHION, student=args.student,
                            out=work / "main-job", epochs=args.student_epochs, seed=args.seed, max_train=args.max_train,
                            batch_sizes=(1,), warmup_s=0.05, duration_s=0.2, rounds=1, progress=not args.no_progress,
-                           command="benchmarks/paper_specialists.py main job"), console)
+                           command="benchmarks/paper_specialists.py main job"), console).report
     result = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

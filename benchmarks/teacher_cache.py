@@ -124,7 +124,7 @@ def run_mode(mode: str, teacher: Path, cache_root: Path, out: Path, args: argpar
     console.rule(f"[bold]{mode}")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    report = run(config, console)
+    report = run(config, console).report
     whole = time.perf_counter() - started
     training = report["student"]["training"]
     epochs = [epoch["seconds"] for epoch in training["history"]]

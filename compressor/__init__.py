@@ -11,10 +11,19 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "compress": "compressor.api",
+    "Result": "compressor.api",
+    "Data": "compressor.data.torch_data",
     "save_ensemble": "compressor.teachers",
     "load_ensemble": "compressor.teachers",
     "Ensemble": "compressor.teachers",
     "CompressorError": "compressor.core.errors",
+    "OptionError": "compressor.core.errors",
+    "DataError": "compressor.core.errors",
+    "DataShapeError": "compressor.core.errors",
+    "LabelError": "compressor.core.errors",
+    "EmptySplitError": "compressor.core.errors",
+    "MissingCapabilityError": "compressor.core.errors",
     "create_student": "compressor.students",
     "list_students": "compressor.students",
     "register_student": "compressor.students",

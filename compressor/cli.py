@@ -1,5 +1,5 @@
-"""``compress``: turn arguments into a RunConfig (``compressor.options``) and call the pipeline. No other logic lives
-here.
+"""``compress``: turn arguments into a RunConfig (``compressor.options``, the table ``compressor.compress`` reads too)
+and run it as ``compressor.compress`` does (``compressor.api.run_config``). No other logic lives here.
 
 Errors a user can fix (``CompressorError``) print one line and exit non-zero (2 for a missing GPU or package);
 ``--debug`` shows the traceback instead.
@@ -163,11 +163,12 @@ def students(family: str | None) -> None:
 
 
 def _run_and_summarise(config: RunConfig) -> None:
-    from compressor.pipeline import run
+    from compressor.api import run_config
 
-    report = run(config, stderr)
-    if report is None:  # a torchrun rank other than 0: rank 0 reports
+    result = run_config(config, console=stderr)  # what compressor.compress runs too
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
+    report = result.report
     table = Table(title="test split: accuracy and median latency")
     batches = list(report["rows"][0]["latency"])
     for column in ["model", "backend", "top-1", "agreement"] + [f"b{b} p50 ms" for b in batches]:

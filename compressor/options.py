@@ -4,6 +4,7 @@ export) with their defaults from :class:`compressor.config.RunConfig`, the RunCo
 
 from __future__ import annotations
 
+import difflib
 import functools
 import shlex
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 
 from compressor.config import LOSSES, PRECISIONS, RunConfig
+from compressor.core.errors import OptionError
 from compressor.training.halving import DEFAULT_TUNE_MINUTES
 
 TARGET_CHOICES = ["onnxruntime", "onnx", "tensorrt", "torch-tensorrt"]
@@ -186,7 +188,51 @@ def job_options(func):
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
 
+def option_table() -> dict[str, click.Option]:
+    """The main job's options by their Python names (``budget``, ``batch_sizes``, ``no_progress``, ...): the one
+    table the ``compress`` command and :func:`compressor.compress` both read."""
+    def holder():
+        """Only here to collect the options' decorators."""
+    job_options(holder)
+    return {param.name: param for param in holder.__click_params__}
+
+
+def options_from_kwargs(given: dict) -> dict:
+    """``compressor.compress(**options)`` as the ``compress`` command would have parsed them: every option of
+    :func:`option_table`, the given ones converted and checked by their click types and callbacks (a tuple
+    ``batch_sizes`` or ``normalise`` as the flag's text), the others at their defaults. An unknown name or a bad
+    value raises OptionError naming it."""
+    table = option_table()
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], table, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; the options are {', '.join(sorted(table))}"
+        raise OptionError(f"compress() got an unknown option {unknown[0]!r}{hint}")
+    ctx = click.Context(click.Command("compress", params=list(table.values())))
+    values = {}
+    for name, param in table.items():
+        value = _as_flag_text(name, given[name]) if name in given else param.get_default(ctx)
+        try:
+            values[name] = param.process_value(ctx, value)
+        except click.BadParameter as exc:
+            raise OptionError(f"compress() option {name}={given.get(name)!r}: {exc.format_message()}") from None
+    return values
+
+
+def _as_flag_text(name: str, value):
+    """A Python value of an option whose flag takes text (``batch_sizes=(1, 64)``, ``normalise=((m,), (s,))``)."""
+    if name == "batch_sizes" and isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if name == "normalise" and isinstance(value, (tuple, list)) and len(value) == 2:
+        return "/".join(",".join(map(repr, map(float, part))) for part in value)
+    return value
+
+
 def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
+    """The RunConfig of the main job's options (as :func:`job_options` parses them); ``command`` defaults to the
+    ``compress`` line being run."""
+    if "command" not in overrides:
+        overrides["command"] = shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]])
     return RunConfig(
         teacher=teacher, target=options["target"], data=options["data"], student=options["student"],
         out=options["out"], temperature=options["temperature"], alpha=options["alpha"], epochs=options["epochs"],
@@ -208,8 +254,7 @@ def config_from_options(teacher: Path, options: dict, **overrides) -> RunConfig:
         omit_classes=options["omit_classes"], bias_fix=options["bias_fix"],
         amp=options["amp"], device=options["device"], ort_provider=options["ort_provider"],
         recipe=options["recipe"], tune=options["tune"], tune_trials=options["tune_trials"],
-        threads=options["threads"], progress=not options["no_progress"],
-        command=shlex.join(["compress", *click.get_current_context().find_root().obj["argv"]]), **overrides)
+        threads=options["threads"], progress=not options["no_progress"], **overrides)
 
 
 # RunConfig field -> its ``compress`` option, for command_line; fields a user cannot set there are absent

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +24,10 @@ from compressor.core.errors import CompressorError, MissingCapabilityError
 from compressor.core.fileio import why_unwritable
 from compressor.core.inputs import example_of
 from compressor.data.loading import check_seq_len, load_data, to_tensors
+from compressor.data.torch_data import Data
 from compressor.deployment.export import best_member, export_all, save_student, write_student_bundle
 from compressor.deployment.report import benchmark, build_report, environment
+from compressor.teachers.ensemble import Ensemble
 from compressor.teachers.formats import load_ensemble
 from compressor.students.candidates import candidate_specs, price_candidates
 from compressor.students.sizing import SIZED_FAMILIES, StudentBudget, size_student
@@ -50,14 +53,32 @@ from targets.report import write_report
 from targets.tensorrt_preflight import preflight
 
 
-def run(config: RunConfig, console: Console | None = None) -> dict | None:
-    """Run the main job for ``config`` and return the report (also written to ``<out>/report.json``).
+@dataclass(frozen=True)
+class Sources:
+    """What a run from Python hands over in memory instead of files: the teachers (an :class:`Ensemble`, e.g. of
+    ``nn.Module``s) and the data (``compressor.Data`` of torch Datasets); None where ``config`` names a file."""
 
-    Under torchrun every rank trains; rank 0 alone writes artifacts and returns the report, the others None.
+    ensemble: Ensemble | None = None
+    data: Data | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished run: the report (also in ``<out>/report.json``) and the trained student, in eval mode."""
+
+    report: dict
+    student: torch.nn.Module
+
+
+def run(config: RunConfig, console: Console | None = None, sources: Sources = Sources()) -> Finished | None:
+    """Run the main job for ``config`` (the teachers and data of ``sources`` where given) and return the report
+    and the student.
+
+    Under torchrun every rank trains; rank 0 alone writes artifacts and returns, the others return None.
     """
     started = time.perf_counter()
-    check_before_any_work(config)
-    ctx = start(config, console or Console(stderr=True))                 # the process group, teachers and data
+    check_before_any_work(config, sources)
+    ctx = start(config, console or Console(stderr=True), sources)        # the process group, teachers and data
     ctx.teacher = teacher_outputs(ctx)                                   # 1. the teachers' logits on every split
     diagnostics = diagnose_teachers(ctx)                                 # 2. diagnose
     transfer = None if config.tuned else transfer_set(ctx)
@@ -91,11 +112,12 @@ def run(config: RunConfig, console: Console | None = None) -> dict | None:
     write_report(report, config.output_dir())
     leave(ctx.world)
     enforce_parity(exported.parity, f"{config.target} {config.precision} export {exported.artifact.files['model']}")
-    return report
+    return Finished(report, students.student)
 
 
-def start(config: RunConfig, console: Console) -> RunContext:
-    """Join the process group, seed, load the teachers and the data, and validate the teachers on it."""
+def start(config: RunConfig, console: Console, sources: Sources = Sources()) -> RunContext:
+    """Join the process group, seed, load the teachers and the data (``sources``' where given), and validate the
+    teachers on it."""
     world = join(config.device)
     check_amp(config.amp, torch.device(world.device))
     if config.tuned and world.size > 1:
@@ -106,8 +128,8 @@ def start(config: RunConfig, console: Console) -> RunContext:
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
-    dataset, normalisation = load_data(config, ensemble, probe=ensemble.probe)  # one row: channels, classes
+    ensemble = sources.ensemble or load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
+    dataset, normalisation = load_data(config, ensemble, ensemble.probe, sources.data)  # one row: channels, classes
     check_seq_len(config.seq_len, dataset, ensemble, config.teacher)
     check_target_inputs(config.target, dataset.named_inputs)  # before any training: it would fail at the export
     tensors = to_tensors(dataset, normalisation)
@@ -235,7 +257,7 @@ def save_students(ctx: RunContext, students) -> None:
         save_student(students.baseline.model, example, ctx.config.output_dir() / "baseline.pt", ctx.config)
 
 
-def check_before_any_work(config: RunConfig) -> None:
+def check_before_any_work(config: RunConfig, sources: Sources = Sources()) -> None:
     """Every check of the options that needs no training: the target is available here (else, for TensorRT, the
     preflight's verdict), the values make sense, and --out can be written."""
     try:
@@ -243,20 +265,20 @@ def check_before_any_work(config: RunConfig) -> None:
     except MissingCapabilityError as missing:
         if config.target != "tensorrt":
             raise
-        preflight_without_gpu(config, missing)                     # say whether the student would build, then stop
+        preflight_without_gpu(config, missing, sources)            # say whether the student would build, then stop
     _check_config(config)
     _check_writable(config.output_dir())
     check_cache_root(config.teacher_cache, config.no_cache)      # the caches' folder, before the teachers run
 
 
-def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError) -> None:
+def preflight_without_gpu(config: RunConfig, missing: MissingCapabilityError, sources: Sources = Sources()) -> None:
     """``--target tensorrt`` where no GPU or no TensorRT is: export the (untrained) student's graph to a temporary
     ONNX file, check it against TensorRT's ONNX parser, and stop with the verdict, before any training or --out.
 
     The graph of an untrained student is the graph of the trained one: only weights change in training.
     """
-    ensemble = load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
-    dataset, _ = load_data(config, ensemble)
+    ensemble = sources.ensemble or load_ensemble(config.teacher, trust_pickle=config.trust_pickle)
+    dataset, _ = load_data(config, ensemble, data=sources.data)
     if config.student == "auto":  # the choice needs training: check each family's smallest candidate's graph
         built = [row for row in price(config, ensemble, dataset)["candidates"] if "skipped" not in row]
         smallest = {}

@@ -26,6 +26,26 @@ class MissingCapabilityError(CompressorError):
         super().__init__(message, exit_code=2)
 
 
+class OptionError(CompressorError):
+    """An option's name or value the job cannot take (``compressor.compress(..., budgt=3)``, ``--alpha 2``)."""
+
+
+class DataError(CompressorError):
+    """The data cannot be used as given: the message names the split, the row and the fix."""
+
+
+class DataShapeError(DataError):
+    """A row whose input has another shape or kind than the split's first row (or than the teachers take)."""
+
+
+class LabelError(DataError):
+    """Labels that are not class indices the teachers predict (0 to C - 1), or -1 for an unlabeled row."""
+
+
+class EmptySplitError(DataError):
+    """A split with no rows: nothing to train, validate or score on."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, at most 200 characters (libraries often append pages of advice
     below it), or the exception's type name when it has no message."""

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from compressor.core.errors import CompressorError
+from compressor.core.errors import CompressorError, EmptySplitError
 from compressor.core.fileio import default_cache_root
 from compressor.core.inputs import NamedInputs
 from compressor.core.preprocessing import ImageSpec
@@ -191,7 +191,7 @@ def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1, test_fract
         dataset.split_info["max_train"] = max_train
     for name in ("train", "val", "test"):
         if len(getattr(dataset, name)) == 0:
-            raise CompressorError(f"--data {spec}: the {name} split is empty; the dataset is too small to split")
+            raise EmptySplitError(f"--data {spec}: the {name} split is empty; the dataset is too small to split")
     return dataset
 
 

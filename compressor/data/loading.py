@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from compressor.config import RunConfig
-from compressor.core.errors import CompressorError
+from compressor.core.errors import CompressorError, DataShapeError, LabelError
 from compressor.core.inputs import NamedInputs
 from compressor.core.preprocessing import ImageSpec, apply_normalisation
 from compressor.data.datasets import Dataset, ReadOptions, load_dataset
 from compressor.data.lazy import LazyInputs
+from compressor.data.torch_data import Data, read_torch_data
 
 if TYPE_CHECKING:  # the data layer reads an ensemble's metadata, never runs it (the caller may hand a probe)
     from compressor.teachers.ensemble import Ensemble
@@ -40,30 +41,39 @@ class Tensors:
     y_test: torch.Tensor
 
 
-def load_data(config: RunConfig, ensemble: Ensemble, probe: Probe | None = None) -> tuple[Dataset, dict | None]:
-    """Load ``--data`` (or the ensemble's dataset hint) and decide the normalisation; check it fits the teachers,
+def load_data(config: RunConfig, ensemble: Ensemble, probe: Probe | None = None,
+              data: Data | None = None) -> tuple[Dataset, dict | None]:
+    """Load ``--data`` (or the ensemble's dataset hint), or ``data``'s torch Datasets when given (read once into
+    the data cache, :mod:`compressor.data.torch_data`), and decide the normalisation; check it fits the teachers,
     labels included, before any of them runs on it.
 
     ``probe(shape)`` (the caller's, e.g. :meth:`Ensemble.probe`) runs one teacher on zeros of ``shape`` and returns
     its class count, None when it fails: how this step learns the input and classes of teachers that record
     neither (a manifest). Without it, such teachers are checked when they first run."""
-    spec = config.data or ensemble.metadata.get("dataset") or "digits"
-    read = ReadOptions(image_spec(config, ensemble), config.teacher_cache, config.on_bad_image, config.input_columns,
-                       config.label_column, channel_chooser(config, ensemble, probe))
-    dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train, read=read)
+    if data is not None:
+        dataset = read_torch_data(data, config, ensemble)
+        what = data.label()
+    else:
+        spec = config.data or ensemble.metadata.get("dataset") or "digits"
+        read = ReadOptions(image_spec(config, ensemble), config.teacher_cache, config.on_bad_image,
+                           config.input_columns, config.label_column, channel_chooser(config, ensemble, probe))
+        dataset = load_dataset(spec, seed=config.seed, max_train=config.max_train, read=read)
+        what = f"--data {spec}"
+    if dataset.named_inputs and ensemble.metadata.get("takes_data_inputs") and not ensemble.input_names:
+        ensemble.metadata["inputs"] = dataset.train.x.describe()  # modules in memory: the data's names, in order
     if dataset.named_inputs or ensemble.input_names:
-        check_named_inputs(dataset, ensemble, spec, config.teacher)
+        check_named_inputs(dataset, ensemble, what, config.teacher)
         if config.normalise is not None:
-            raise CompressorError(f"--normalise applies to float inputs; --data {spec} holds token ids")
+            raise CompressorError(f"--normalise applies to float inputs; {what} holds token ids")
         align_classes(dataset, ensemble.class_names)
-        check_labels(dataset, ensemble.num_classes, spec, config.teacher)
+        check_labels(dataset, ensemble.num_classes, what, config.teacher)
         return dataset, None
     if ensemble.input_shape and tuple(dataset.input_shape) != tuple(ensemble.input_shape):
-        raise CompressorError(
-            f"--data {spec} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
+        raise DataShapeError(
+            f"{what} gives inputs of shape {list(dataset.input_shape)} but the teachers in {config.teacher} "
             f"expect {list(ensemble.input_shape)}; pass the data the teachers were trained on")
     align_classes(dataset, ensemble.class_names)
-    check_labels(dataset, teacher_classes(ensemble, probe, tuple(dataset.input_shape), config.teacher), spec,
+    check_labels(dataset, teacher_classes(ensemble, probe, tuple(dataset.input_shape), config.teacher), what,
                  config.teacher)
     normalisation = ensemble.normalisation
     if config.normalise is not None:
@@ -71,22 +81,22 @@ def load_data(config: RunConfig, ensemble: Ensemble, probe: Probe | None = None)
     elif normalisation is not None:
         normalisation = {**normalisation, "source": f"ensemble metadata of {config.teacher}"}
     if normalisation is not None:
-        check_normalisation(normalisation, dataset.input_shape, spec)
+        check_normalisation(normalisation, dataset.input_shape, what)
     return dataset, normalisation
 
 
-def check_named_inputs(dataset: Dataset, ensemble: Ensemble, spec: str, teacher) -> None:
+def check_named_inputs(dataset: Dataset, ensemble: Ensemble, what: str, teacher) -> None:
     """Token data against text teachers: the same input names (put in the teachers' order), ids inside the
     teachers' vocabulary, no row longer than their maximum length. One line for each way it fails."""
     wanted = ensemble.input_names
     if not dataset.named_inputs or not wanted:
         have = "token columns" if dataset.named_inputs else "one input tensor"
         need = f"named inputs {', '.join(wanted)}" if wanted else "one input tensor"
-        raise CompressorError(f"--data {spec} gives {have} but the teachers in {teacher} take {need}; pass the data "
+        raise CompressorError(f"{what} gives {have} but the teachers in {teacher} take {need}; pass the data "
                               f"the teachers were trained on (--input-columns names its token columns)")
     names = dataset.train.x.names
     if sorted(names) != sorted(wanted):
-        raise CompressorError(f"--data {spec} has the token columns {', '.join(names)} but the teachers in {teacher} "
+        raise CompressorError(f"{what} has the token columns {', '.join(names)} but the teachers in {teacher} "
                               f"take {', '.join(wanted)}; name the matching columns with --input-columns")
     vocab, longest = ensemble.metadata.get("vocab_size"), ensemble.metadata.get("max_length")
     for split_name in ("train", "val", "test"):
@@ -95,12 +105,12 @@ def check_named_inputs(dataset: Dataset, ensemble: Ensemble, spec: str, teacher)
         ids = split.x.tensors.get("input_ids")
         if ids is not None and vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             bad = int(((ids >= vocab) | (ids < 0)).any(dim=1).nonzero()[0, 0])
-            raise CompressorError(f"--data {spec}: the {split_name} split's input_ids (row {bad}) hold ids outside "
+            raise CompressorError(f"{what}: the {split_name} split's input_ids (row {bad}) hold ids outside "
                                   f"the teachers' vocabulary of {vocab} in {teacher}; tokenize with the teachers' "
                                   f"tokenizer")
         if longest is not None and split.x.shape[1] > longest:
             bad = int(split.x.lengths.argmax())
-            raise CompressorError(f"--data {spec}: the {split_name} split has a row of {split.x.shape[1]} tokens (row "
+            raise CompressorError(f"{what}: the {split_name} split has a row of {split.x.shape[1]} tokens (row "
                                   f"{bad}) but the teachers in {teacher} take at most {longest}; truncate the "
                                   f"sequences to {longest} when tokenizing")
 
@@ -118,7 +128,7 @@ def teacher_classes(ensemble: Ensemble, probe: Probe | None, input_shape: tuple[
     return probed or declared
 
 
-def check_normalisation(normalisation: dict, input_shape: tuple[int, ...], spec: str) -> None:
+def check_normalisation(normalisation: dict, input_shape: tuple[int, ...], what: str) -> None:
     """One mean and std per input channel (or one for all), every std positive; the line names where they came
     from (``--normalise`` or the ensemble's metadata)."""
     channels = input_shape[0] if len(input_shape) > 1 else 1
@@ -126,21 +136,21 @@ def check_normalisation(normalisation: dict, input_shape: tuple[int, ...], spec:
     for key in ("mean", "std"):
         if len(normalisation[key]) not in (1, channels):
             raise CompressorError(f"normalisation from {where}: {key} has {len(normalisation[key])} values but "
-                                  f"--data {spec} has {channels} input channel(s); give one value per channel")
+                                  f"{what} has {channels} input channel(s); give one value per channel")
     if any(not s > 0 for s in normalisation["std"]):
         raise CompressorError(f"normalisation from {where}: std {normalisation['std']} must be positive")
 
 
-def check_labels(dataset: Dataset, classes: int | None, spec: str, teacher) -> None:
+def check_labels(dataset: Dataset, classes: int | None, what: str, teacher) -> None:
     """Every split's labels are class indices the teachers predict (0 to ``classes`` - 1) or -1 (unlabeled): one
     line naming the data, the labels and the fix otherwise. Any kind of data, before any teacher runs on it."""
     for name in ("train", "val", "test"):
         y = np.asarray(getattr(dataset, name).y)
         negative = y < -1
         if negative.any():
-            raise CompressorError(f"--data {spec}: {int(negative.sum())} row(s) of the {name} split have the negative "
+            raise LabelError(f"{what}: {int(negative.sum())} row(s) of the {name} split have the negative "
                                   f"label(s) {_listing(np.unique(y[negative]))}; labels are class indices from 0, "
-                                  f"with -1 for an unlabeled row: fix them in {spec}")
+                                  f"with -1 for an unlabeled row: fix them in {what}")
         if classes is None:  # teachers that record no class count and no probe: checked when they first run
             continue
         beyond = y >= classes
@@ -149,7 +159,7 @@ def check_labels(dataset: Dataset, classes: int | None, spec: str, teacher) -> N
             names = dataset.class_names or []
             named = (f" (the classes {', '.join(repr(names[v]) for v in values[:5] if v < len(names))})"
                      if names and values[0] < len(names) else "")
-            raise CompressorError(f"--data {spec}: {int(beyond.sum())} row(s) of the {name} split have the label(s) "
+            raise LabelError(f"{what}: {int(beyond.sum())} row(s) of the {name} split have the label(s) "
                                   f"{_listing(values)}{named} but the teachers in {teacher} predict {classes} "
                                   f"classes (0 to {classes - 1}); drop or relabel those rows, or pass the data the "
                                   f"teachers were trained on")

@@ -27,6 +27,7 @@ Checkpoints (``last.pt`` every epoch, ``best.pt`` at each new best) are :mod:`co
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import time
@@ -47,6 +48,8 @@ from compressor.training.distributed import process_rank
 from compressor.training.precision import autocast_for, check_amp, memory_format_for
 
 log = logging.getLogger(__name__)
+# who else hears of each finished epoch: compressor.compress(on_epoch=...) sets it for the length of its run
+EPOCH_CALLBACK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("epoch_callback", default=None)
 
 LossFn = Callable[[Tensor, "Tensor | None", Tensor], Tensor]
 
@@ -277,7 +280,20 @@ def _run_epochs(state: _Progress, model: nn.Module, student: nn.Module, optimize
                                   "val_accuracy": val_acc, "lr": lr, "seconds": time.perf_counter() - t_epoch,
                                   "view_seconds": view_seconds})
             _checkpoint(state, val_acc, student, optimizer, scheduler, config, fingerprint, checkpoint_dir, rank)
+            if rank == 0:
+                _log_epoch(state, config, checkpoint_dir)
             progress.update(task, val_acc=f"{val_acc:.3f} (best {state.best_acc:.3f} @ {state.best_epoch})")
+
+
+def _log_epoch(state: _Progress, config: TrainConfig, checkpoint_dir: Path) -> None:
+    """The epoch just finished: one INFO line, and the epoch as a dict to :data:`EPOCH_CALLBACK` when one is set
+    (``compressor.compress(on_epoch=...)``: a notebook's plot, a tracker's logger)."""
+    record = {**state.history[-1], "epochs": config.epochs, "best_epoch": state.best_epoch,
+              "best_val_accuracy": state.best_acc, "run": checkpoint_dir.name, "folder": str(checkpoint_dir)}
+    log.info("%s: epoch %d/%d, train loss %.4f, val accuracy %.4f", checkpoint_dir.name, record["epoch"],
+             config.epochs, record["train_loss"], record["val_accuracy"])
+    if (callback := EPOCH_CALLBACK.get()) is not None:
+        callback(record)
 
 
 def _resume(last_path: Path, student: nn.Module, optimizer, scheduler, config: TrainConfig,
