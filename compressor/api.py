@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,11 @@ def run_config(config: RunConfig, sources: Sources = Sources(), console: Console
         return None
     out = config.output_dir()
     paths = {name: out / file for name, file in FILES.items() if (out / file).exists()}
-    model = finished.report.get("export", {}).get("files", {}).get("model")
+    report = json.loads(paths["report"].read_text())  # report.json as written: lists, not the run's tuples
+    model = report.get("export", {}).get("files", {}).get("model")
     if model:
         paths["model"] = Path(model)
-    return Result(finished.report, finished.student, out, paths)
+    return Result(report, finished.student, out, paths)
 
 
 def _teachers(teachers) -> tuple[Ensemble | None, Path]:

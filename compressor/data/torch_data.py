@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.core.errors import CompressorError, DataError, EmptySplitError
+from compressor.core.errors import CompressorError, DataError, DataShapeError, EmptySplitError
 from compressor.core.fileio import atomic_path, default_cache_root, sha256_file, write_json_atomic
 from compressor.core.inputs import NamedInputs
 from compressor.data.datasets import Dataset, Split
@@ -214,9 +214,10 @@ def _stream_split(data: Data, name: str, ds, spec: RowSpec, limit: int | None, w
     draws = np.random.default_rng([seed, 7])
     done = 0
     for arrays, labels, lengths, problem in loader:
-        if problem:
-            offset, _, why = problem.partition(": ")
-            raise DataError(f"{data.label()}: the {name} split, row {done + int(offset)}: {why}") from None
+        if problem is not None:
+            offset, kind, why = problem
+            error = {cls.__name__: cls for cls in (DataError, DataShapeError)}.get(kind, DataError)
+            raise error(f"{data.label()}: the {name} split, row {done + offset}: {why}") from None
         if len(targets) == 1:
             writers.write(targets[0], arrays, labels, lengths)
         else:  # a row goes to test, val or train by one uniform draw, in reading order: shares as other sources'

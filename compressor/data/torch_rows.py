@@ -119,7 +119,8 @@ def row_values(x, spec: RowSpec) -> tuple[dict[str, np.ndarray], int]:
 
 class CheckedRows:
     """The DataLoader's collate function: a batch of items → (arrays by name (B, ...), labels (B,), lengths (B,),
-    the first problem as "offset: text" or ""). Rows after a bad one are dropped; the reader stops on it."""
+    the first problem as (offset in the batch, the DataError subclass's name, text) or None). Rows after a bad one
+    are dropped; the reader stops on it."""
 
     def __init__(self, spec: RowSpec):
         self.spec = spec
@@ -128,16 +129,16 @@ class CheckedRows:
         values, labels, lengths = [], [], []
         for offset, item in enumerate(items):
             if isinstance(item, Failed):
-                return *_stack(values, labels, lengths), f"{offset}: {item.why}"
+                return *_stack(values, labels, lengths), (offset, DataError.__name__, item.why)
             try:
                 x, y = parse_item(item)
                 arrays, length = row_values(x, self.spec)
             except DataError as exc:
-                return *_stack(values, labels, lengths), f"{offset}: {exc}"
+                return *_stack(values, labels, lengths), (offset, type(exc).__name__, str(exc))
             values.append(arrays)
             labels.append(y)
             lengths.append(length)
-        return *_stack(values, labels, lengths), ""
+        return *_stack(values, labels, lengths), None
 
 
 def _stack(values: list[dict], labels: list[int], lengths: list[int]):
