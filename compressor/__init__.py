@@ -12,6 +12,10 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "compress": "compressor.api",
+    "choose_student": "compressor.steps",
+    "distill": "compressor.steps",
+    "export": "compressor.steps",
+    "benchmark": "compressor.steps",
     "Result": "compressor.api",
     "Data": "compressor.data.torch_data",
     "save_ensemble": "compressor.teachers",

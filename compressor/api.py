@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import logging
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -79,30 +80,42 @@ def compress(teachers, data=None, target: str = "onnxruntime", student: str = "a
         result = compressor.compress([net_a, net_b], compressor.Data(train=train_ds, test=test_ds), budget=5)
         print(result.headline); result.bundle.predict(x)
     """
+    config, sources = config_and_sources(teachers, data, target, student, out, options)
+    return run_config(config, sources, on_epoch=on_epoch)
+
+
+def config_and_sources(teachers, data, target: str, student: str, out, options: dict) -> tuple[RunConfig, Sources]:
+    """What :func:`compress` and the steps (:mod:`compressor.steps`) run: the RunConfig of the options (the
+    command's table) and the teachers and data held in memory. Raises OptionError for a name or value the command
+    would refuse, before anything is loaded."""
+    options = dict(options)
     trust_pickle = bool(options.pop("trust_pickle", False))
     options = options_from_kwargs({"no_progress": True, **options, "target": target, "student": student, "out": out})
     ensemble, teacher = _teachers(teachers)
     if isinstance(data, torch.utils.data.Dataset):
         data = Data(train=data)
-    spec = data if isinstance(data, (str, type(None))) else None
-    if spec is None and not isinstance(data, Data):
+    if isinstance(data, Path):
+        data = str(data)
+    if not isinstance(data, (str, Data, type(None))):
         raise OptionError(f"data: give a --data spec (str), a compressor.Data or a torch Dataset, not "
                           f"{type(data).__name__}")
-    options["data"] = spec
+    if data is None and ensemble is not None:
+        raise OptionError("data: teachers in memory name no dataset; give data=compressor.Data(train=...), a torch "
+                          "Dataset, or a --data spec such as 'digits'")
+    options["data"] = data if isinstance(data, str) else None
     if options["out"] is None and ensemble is not None:
         options["out"] = Path("compressed") / f"in-memory-{target}"
     config = config_from_options(teacher, options, trust_pickle=trust_pickle, command="")
     sources = Sources(ensemble, data if isinstance(data, Data) else None)
-    config = dataclasses.replace(config, command=_command(config, sources, teachers))
-    return run_config(config, sources, on_epoch=on_epoch)
+    return dataclasses.replace(config, command=_command(config, sources, teachers)), sources
 
 
 def run_config(config: RunConfig, sources: Sources = Sources(), console: Console | None = None,
                on_epoch: Callable[[dict], None] | None = None) -> Result | None:
     """Run the main job for ``config``: what :func:`compress` and the ``compress`` command both call. Messages go
     to ``console`` (the command's stderr), else to logging; None on a torchrun rank other than 0."""
-    with _epochs_to(on_epoch):
-        finished = run(config, console or _logging_console(), sources)
+    with epochs_to(on_epoch):
+        finished = run(config, console or logging_console(), sources)
     if finished is None:
         return None
     out = config.output_dir()
@@ -133,11 +146,11 @@ def _command(config: RunConfig, sources: Sources, teachers) -> str:
     call with the objects named."""
     if sources.ensemble is None and sources.data is None:
         return command_line(config)
-    line = command_line(config).split(" ", 1)[1]  # the options, after "compress"
+    words = shlex.split(command_line(config))[3:]  # the options, after "compress --teacher FILE"
     what = (f"[{', '.join(type(m).__name__ for m in teachers)}]" if sources.ensemble is not None
             and not isinstance(teachers, Ensemble) else str(config.teacher))
-    data = sources.data.label() if sources.data is not None else config.data
-    return f"compressor.compress({what}, {data}) with the options of: compress {line}"
+    data = sources.data.label() if sources.data is not None else repr(config.data)
+    return f"compressor.compress({what}, {data}) with the options of: compress {shlex.join(words)}"
 
 
 class _LogLines(io.TextIOBase):
@@ -156,13 +169,13 @@ class _LogLines(io.TextIOBase):
         return len(text)
 
 
-def _logging_console() -> Console:
+def logging_console() -> Console:
     """A rich console (no colour, no bars' redraws) whose lines go to logging."""
     return Console(file=_LogLines(), force_terminal=False, no_color=True, width=200, emoji=False)
 
 
 @contextlib.contextmanager
-def _epochs_to(on_epoch: Callable[[dict], None] | None):
+def epochs_to(on_epoch: Callable[[dict], None] | None):
     """While the run lasts, every finished epoch is handed to ``on_epoch`` as a dict."""
     token = EPOCH_CALLBACK.set(on_epoch)
     try:

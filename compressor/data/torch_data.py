@@ -12,6 +12,7 @@ preprocessing: compressor normalises nothing, and the bundle takes the tensors t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -72,7 +73,7 @@ def read_torch_data(data: Data, config, ensemble) -> Dataset:
     _check_data(data)
     sources = data.sources()
     limits = _row_limits(sources, config.max_train)
-    specs = {name: _first_spec(data, name, ds, ensemble) for name, ds in sources.items()}
+    specs = _agreeing(data, {name: _first_spec(data, name, ds, ensemble) for name, ds in sources.items()})
     key, keyed_by = _key(data, specs, limits, config.seed)
     folder = (config.teacher_cache or default_cache_root()) / "datasets" / key
     record = _verified(folder, key)
@@ -135,6 +136,19 @@ def _first_spec(data: Data, name: str, ds, ensemble) -> RowSpec:
     except DataError as exc:
         raise type(exc)(f"{where}, row 0: {exc}") from exc
     return spec
+
+
+def _agreeing(data: Data, specs: dict[str, RowSpec]) -> dict[str, RowSpec]:
+    """Every split's spec, checked to be train's (one input shape, or the same named inputs); named inputs all
+    take train's width."""
+    train = specs["train"]
+    for name, spec in specs.items():
+        if (spec.shape, spec.names) != (train.shape, train.names):
+            have, want = (spec.names or spec.shape), (train.names or train.shape)
+            raise DataShapeError(f"{data.label()}: the {name} split's first row has inputs {list(have)} but the "
+                                 f"train split's has {list(want)}; every split must yield the inputs the teachers "
+                                 f"take")
+    return {name: dataclasses.replace(spec, width=train.width) for name, spec in specs.items()}
 
 
 def _is_map(ds) -> bool:

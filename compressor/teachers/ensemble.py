@@ -172,7 +172,11 @@ class Ensemble:
                                   f"the ensemble cannot be exported as one graph")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings from constant weights, TorchScript deprecation
-            return torch.jit.trace(self.eager_module(), trace_args(example), check_trace=False)
+            try:
+                return torch.jit.trace(self.eager_module(), trace_args(example), check_trace=False)
+            except Exception as exc:  # a member's own code (data-dependent control flow, a dict output, ...)
+                raise CompressorError(f"the members cannot be traced as one graph ({first_line(exc)}), so the "
+                                      f"ensemble cannot be exported as one") from exc
 
     def eager_module(self) -> nn.Module:
         """The ensemble as one untraced PyTorch module (N, ...) → (N, C) log-probabilities at T = 1, in eval mode.

@@ -235,3 +235,26 @@ def test_the_api_and_the_command_write_the_same_report(digits_ensemble, tmp_path
     assert cli.keys() == result.report.keys()
     assert scrubbed(cli, tmp_path / "cli") == scrubbed(result.report, tmp_path / "api")
     assert result.report["command"].startswith(f"compress --teacher {digits_ensemble}")
+
+
+def test_worker_processes_read_the_rows_in_order_and_name_a_bad_row_by_its_index(digits_nets, digits_data,
+                                                                                   tmp_path):
+    from compressor.config import RunConfig
+    from compressor.data.torch_data import read_torch_data
+    from compressor.teachers.in_memory import ensemble_from_modules
+
+    d = digits_data
+    config = RunConfig(teacher=Path("t"), teacher_cache=tmp_path / "cache")
+    ensemble = ensemble_from_modules(digits_nets)
+    data = compressor.Data(train=Rows(d.train.x, d.train.y), test=Rows(d.test.x, d.test.y), workers=2)
+    read = read_torch_data(data, config, ensemble)
+    np.testing.assert_array_equal(np.asarray(read.test.x), d.test.x)
+    np.testing.assert_array_equal(read.test.y, d.test.y)
+    x = d.train.x.copy()
+    x[700, 0, 0, 0] = np.nan  # in the third batch of 256, read by a worker
+    bad = compressor.Data(train=Rows(x, d.train.y), test=Rows(d.test.x, d.test.y), workers=2, fingerprint="nan")
+    with pytest.raises(compressor.DataError, match="the train split, row 700: an input holding NaN"):
+        read_torch_data(bad, config, ensemble)  # a fingerprint of its own: row 700 is not among the sampled rows
+    other = compressor.Data(train=Rows(d.train.x, d.train.y), test=Rows(d.test.x[:, :, :4], d.test.y))
+    with pytest.raises(DataShapeError, match=r"the test split's first row has inputs \[1, 4, 8\] but the train"):
+        read_torch_data(other, config, ensemble)
