@@ -23,6 +23,8 @@ _PUBLIC = {
     "Ensemble": "compressor.teachers",
     "CompressorError": "compressor.core.errors",
     "OptionError": "compressor.core.errors",
+    "TeacherError": "compressor.core.errors",
+    "ParityError": "compressor.core.errors",
     "DataError": "compressor.core.errors",
     "DataShapeError": "compressor.core.errors",
     "LabelError": "compressor.core.errors",

@@ -91,7 +91,7 @@ def config_and_sources(teachers, data, target: str, student: str, out, options: 
     options = dict(options)
     trust_pickle = bool(options.pop("trust_pickle", False))
     options = options_from_kwargs({"no_progress": True, **options, "target": target, "student": student, "out": out})
-    ensemble, teacher = _teachers(teachers)
+    ensemble, teacher, named = _teachers(teachers)
     if isinstance(data, torch.utils.data.Dataset):
         data = Data(train=data)
     if isinstance(data, Path):
@@ -107,7 +107,7 @@ def config_and_sources(teachers, data, target: str, student: str, out, options: 
         options["out"] = Path("compressed") / f"in-memory-{target}"
     config = config_from_options(teacher, options, trust_pickle=trust_pickle, command="")
     sources = Sources(ensemble, data if isinstance(data, Data) else None)
-    return dataclasses.replace(config, command=_command(config, sources, teachers)), sources
+    return dataclasses.replace(config, command=_command(config, sources, named)), sources
 
 
 def run_config(config: RunConfig, sources: Sources = Sources(), console: Console | None = None,
@@ -127,30 +127,29 @@ def run_config(config: RunConfig, sources: Sources = Sources(), console: Console
     return Result(report, finished.student, out, paths)
 
 
-def _teachers(teachers) -> tuple[Ensemble | None, Path]:
-    """(the ensemble in memory, or None for a file; the path or label messages name it by)."""
+def _teachers(teachers) -> tuple[Ensemble | None, Path, str]:
+    """(the ensemble in memory, or None for a file; the path or label messages name it by; how the report's
+    command names it)."""
     if isinstance(teachers, (str, Path)):
-        return None, Path(teachers)
+        return None, Path(teachers), str(teachers)
     if isinstance(teachers, Ensemble):
-        return teachers, teachers.path
+        return teachers, teachers.path, f"Ensemble({teachers.path})"
     if isinstance(teachers, torch.nn.Module):
         teachers = [teachers]
     if isinstance(teachers, Sequence) and teachers:
-        return ensemble_from_modules(teachers), LABEL
+        return ensemble_from_modules(teachers), LABEL, f"[{', '.join(type(m).__name__ for m in teachers)}]"
     raise OptionError(f"teachers: give a list of torch.nn.Modules, an ensemble file or an Ensemble, not "
                       f"{type(teachers).__name__}")
 
 
-def _command(config: RunConfig, sources: Sources, teachers) -> str:
+def _command(config: RunConfig, sources: Sources, teachers: str) -> str:
     """The exact call, for the report: the ``compress`` line when teachers and data are files, else the Python
-    call with the objects named."""
+    call with the objects named (``teachers``: how to name them)."""
     if sources.ensemble is None and sources.data is None:
         return command_line(config)
     words = shlex.split(command_line(config))[3:]  # the options, after "compress --teacher FILE"
-    what = (f"[{', '.join(type(m).__name__ for m in teachers)}]" if sources.ensemble is not None
-            and not isinstance(teachers, Ensemble) else str(config.teacher))
     data = sources.data.label() if sources.data is not None else repr(config.data)
-    return f"compressor.compress({what}, {data}) with the options of: compress {shlex.join(words)}"
+    return f"compressor.compress({teachers}, {data}) with the options of: compress {shlex.join(words)}"
 
 
 class _LogLines(io.TextIOBase):

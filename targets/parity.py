@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor.core.errors import CompressorError
+from compressor.core.errors import CompressorError, ParityError
 
 FP32_RELATIVE_TOLERANCE = 1e-4  # of the largest reference logit (the failure message spells it "1e-4")
 FP32_MIN_AGREEMENT = 0.999
@@ -103,7 +103,7 @@ def check_parity(reference: np.ndarray, candidate: np.ndarray, precision: str = 
 def enforce_parity(result: ParityResult, what: str) -> None:
     """Raise CompressorError (exit code 1) naming every failed gate when ``result`` did not pass."""
     if not result.passed:
-        raise CompressorError(f"parity check failed for {what}: {'; '.join(result.failures)}; "
+        raise ParityError(f"parity check failed for {what}: {'; '.join(result.failures)}; "
                               "the export does not match PyTorch")
 
 

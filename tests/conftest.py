@@ -76,6 +76,13 @@ def digits_ensemble(tmp_path_factory, digits_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_nets(digits_data) -> list[nn.Module]:
+    """The digits members trained as for digits_ensemble, kept in memory: the teachers a notebook would hold."""
+    x, y = torch.from_numpy(digits_data.train.x), torch.from_numpy(digits_data.train.y)
+    return [fit(m, x, y, epochs=8, seed=k) for k, m in enumerate(digits_members())]
+
+
+@pytest.fixture(scope="session")
 def fashion_ensemble(tmp_path_factory) -> Path:
     """Two small CNNs trained on a 3,000-image slice of Fashion-MNIST read from its IDX files."""
     if not FASHION_MNIST.is_dir():

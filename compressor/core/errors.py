@@ -30,6 +30,15 @@ class OptionError(CompressorError):
     """An option's name or value the job cannot take (``compressor.compress(..., budgt=3)``, ``--alpha 2``)."""
 
 
+class TeacherError(CompressorError):
+    """The teachers cannot be used as given: a file that does not load, a member that fails on the data or returns
+    other than (N, C) logits, an ensemble whose parts disagree."""
+
+
+class ParityError(CompressorError):
+    """An export whose outputs do not match PyTorch's within its precision's gate."""
+
+
 class DataError(CompressorError):
     """The data cannot be used as given: the message names the split, the row and the fix."""
 

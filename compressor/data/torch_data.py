@@ -19,15 +19,21 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from rich.console import Console
 
-from compressor.core.errors import CompressorError, DataError, DataShapeError, EmptySplitError
+from compressor.config import RunConfig
+from compressor.core.errors import CompressorError, DataError, DataShapeError, EmptySplitError, first_line
 from compressor.core.fileio import atomic_path, default_cache_root, sha256_file, write_json_atomic
 from compressor.core.inputs import NamedInputs
 from compressor.data.datasets import Dataset, Split
 from compressor.data.torch_rows import CheckedRows, RowSpec, SafeIterable, SafeRows, parse_item, row_values, spec_of
+
+if TYPE_CHECKING:  # the data layer reads an ensemble's metadata, never runs it
+    from compressor.teachers.ensemble import Ensemble
 
 CACHE_FORMAT = "compressor.torch-data/1"
 RECORD = "rows.json"
@@ -65,7 +71,7 @@ class Data:
         return f"Data({parts})"
 
 
-def read_torch_data(data: Data, config, ensemble) -> Dataset:
+def read_torch_data(data: Data, config: RunConfig, ensemble: Ensemble) -> Dataset:
     """``data``'s splits from the data cache, streamed into it first when it lacks them (or they fail their
     checksums): a :class:`Dataset` whose splits are memory-mapped, checked row by row as they were read (one shape,
     class-index labels, no empty split) before any teacher runs. ``config`` gives the seed, ``--max-train`` and the
@@ -124,12 +130,13 @@ def _first_spec(data: Data, name: str, ds, ensemble) -> RowSpec:
             item = ds[0] if len(ds) else None
         else:
             item = next(iter(ds), None)
-    except Exception as exc:
-        raise DataError(f"{where}: reading its first row raised {type(exc).__name__}: {exc}; fix the Dataset") from exc
+    except Exception as exc:  # the user's code
+        raise DataError(f"{where}: reading its first row raised {type(exc).__name__}: {first_line(exc)}; fix the "
+                        f"Dataset") from exc
     if item is None:
-        raise EmptySplitError(f"{where} is empty: its Dataset yields no rows; give it rows, or leave {name} out to "
-                              f"carve it from train" if name != "train" else f"{where} is empty: its Dataset yields "
-                              f"no rows; give the rows the student should learn from")
+        fix = "give the rows the student learns from" if name == "train" else \
+            f"give it rows, or leave {name} out to carve it from train"
+        raise EmptySplitError(f"{where} is empty: its Dataset yields no rows; {fix}")
     try:
         spec = spec_of(parse_item(item)[0], ensemble.metadata.get("max_length"))
         row_values(parse_item(item)[0], spec)
@@ -307,7 +314,6 @@ def _verified(folder: Path, key: str) -> dict | None:
         size = int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
         on_disk = path.stat().st_size if path.is_file() else -1
         if (on_disk != size if path.suffix == ".bin" else on_disk < 0) or sha256_file(path) != info["sha256"]:
-            from rich.console import Console  # one warning line, as the image cache gives
             Console(stderr=True).print(f"[yellow]warning:[/] the data cache {folder} does not match its record "
                                        f"({file}); reading the Datasets again", highlight=False, soft_wrap=True)
             return None

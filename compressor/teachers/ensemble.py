@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from compressor.core.errors import CompressorError, first_line
+from compressor.core.errors import CompressorError, TeacherError, first_line
 from compressor.core.inference import bf16_autocast
 from compressor.core.inputs import NamedInputs, call, trace_args
 from compressor.kernels import ensemble_log_probs
@@ -129,7 +129,7 @@ class Ensemble:
                             logits = self._run_member(member, xb.to(device) if on_module else xb).cpu()  # (B, C)
                         if not torch.isfinite(logits).all():
                             bad = int((~torch.isfinite(logits)).any(dim=1).sum())
-                            raise CompressorError(
+                            raise TeacherError(
                                 f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {bad} "
                                 f"of the {len(xb)} inputs at rows {i}-{i + len(xb) - 1}; check that member (its "
                                 f"weights, or the input normalisation it expects)")
@@ -168,14 +168,14 @@ class Ensemble:
         """
         untraceable = [m.name for m in self.members if m.kind == "onnx"]
         if untraceable:
-            raise CompressorError(f"members {untraceable} are ONNX files run by onnxruntime, not PyTorch modules, so "
+            raise TeacherError(f"members {untraceable} are ONNX files run by onnxruntime, not PyTorch modules, so "
                                   f"the ensemble cannot be exported as one graph")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings from constant weights, TorchScript deprecation
             try:
                 return torch.jit.trace(self.eager_module(), trace_args(example), check_trace=False)
             except Exception as exc:  # a member's own code (data-dependent control flow, a dict output, ...)
-                raise CompressorError(f"the members cannot be traced as one graph ({first_line(exc)}), so the "
+                raise TeacherError(f"the members cannot be traced as one graph ({first_line(exc)}), so the "
                                       f"ensemble cannot be exported as one") from exc
 
     def eager_module(self) -> nn.Module:
@@ -194,28 +194,28 @@ class Ensemble:
         for member in self.members:
             out = self._run_member(member, example, what)
             if out.ndim != 2 or out.shape[0] != example.shape[0]:
-                raise CompressorError(
+                raise TeacherError(
                     f"teacher member '{member.name}' ({member.source}) returned shape {tuple(out.shape)} for a batch of "
                     f"{example.shape[0]}; a teacher must return logits of shape (N, C)")
             if not torch.isfinite(out).all():
-                raise CompressorError(
+                raise TeacherError(
                     f"teacher member '{member.name}' ({member.source}) produced NaN/Inf logits on {what}; "
                     f"check that member's weights and the input normalisation it expects")
             shapes[member.name] = out.shape[1]
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"'{name}' {c}" for name, c in shapes.items())
-            raise CompressorError(f"{self.path}: members disagree on the number of classes ({listing}); "
+            raise TeacherError(f"{self.path}: members disagree on the number of classes ({listing}); "
                                   f"every member must classify the same C classes")
         num_classes = next(iter(shapes.values()))
         declared = self.metadata.get("num_classes")
         if declared is not None and declared != num_classes:
-            raise CompressorError(f"{self.path}: metadata says {declared} classes but the members output {num_classes}")
+            raise TeacherError(f"{self.path}: metadata says {declared} classes but the members output {num_classes}")
         self.metadata["num_classes"] = num_classes
         if self.metadata.get("input_shape") is None and not isinstance(example, NamedInputs):
             self.metadata["input_shape"] = list(example.shape[1:])
         names = self.class_names
         if names is not None and len(names) != num_classes:
-            raise CompressorError(f"{self.path}: {len(names)} class names for {num_classes} classes; fix class_names")
+            raise TeacherError(f"{self.path}: {len(names)} class names for {num_classes} classes; fix class_names")
 
     @torch.no_grad()
     def probe(self, shape: tuple[int, ...]) -> int | None:
@@ -236,7 +236,7 @@ class Ensemble:
             expected = f" (the ensemble declares input shape {list(self.input_shape)})" if self.input_shape else ""
             given = (f"named inputs {', '.join(x.names)} of length {x.shape[1]}" if isinstance(x, NamedInputs)
                      else f"inputs of shape {list(x.shape[1:])}")
-            raise CompressorError(
+            raise TeacherError(
                 f"teacher member '{member.name}' ({member.source}) failed on {given} from {what}{expected}: "
                 f"{first_line(exc)}; the data must have the shape the teachers were trained on") from exc
 

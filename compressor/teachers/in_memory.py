@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.core.errors import CompressorError
+from compressor.core.errors import TeacherError
 from compressor.core.inference import parameter_count
 from compressor.students import describe_architecture
 from compressor.students.hf import HFClassifier, is_hf_model
@@ -33,12 +33,12 @@ def ensemble_from_modules(models: Sequence[nn.Module], metadata: dict | None = N
     metadata = dict(metadata or {})
     if not models or not all(isinstance(m, nn.Module) for m in models):
         kinds = ", ".join(sorted({type(m).__name__ for m in models})) or "nothing"
-        raise CompressorError(f"teachers: give a list of torch.nn.Modules (got {kinds}), an ensemble file or an "
+        raise TeacherError(f"teachers: give a list of torch.nn.Modules (got {kinds}), an ensemble file or an "
                               f"Ensemble")
     names = metadata.pop("member_names", None) or [f"member-{k}" for k in range(len(models))]
     weights = metadata.pop("weights", None)
     if len(names) != len(models) or (weights is not None and len(weights) != len(models)):
-        raise CompressorError(f"teachers: {len(models)} models but {len(names)} member_names / "
+        raise TeacherError(f"teachers: {len(models)} models but {len(names)} member_names / "
                               f"{len(weights or models)} weights")
     hf_config = next((m.config.to_dict() for m in models if is_hf_model(m)), None)
     members = []

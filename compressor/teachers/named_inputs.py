@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.core.errors import CompressorError
+from compressor.core.errors import TeacherError
 from compressor.core.inputs import NamedInputs
 from compressor.teachers.ensemble import Ensemble, Member
 
@@ -45,6 +45,6 @@ def check_member_inputs(ensemble: Ensemble) -> None:
     for member in ensemble.members:
         names = member_input_names(member)
         if names is not None and names != wanted:
-            raise CompressorError(f"{ensemble.path}: member '{member.name}' ({member.source}) takes the inputs "
+            raise TeacherError(f"{ensemble.path}: member '{member.name}' ({member.source}) takes the inputs "
                                   f"{', '.join(names)} but the ensemble declares {', '.join(wanted)}; every member "
                                   f"must take the same named inputs in the same order")

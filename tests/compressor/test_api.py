@@ -14,7 +14,7 @@ import torch
 import compressor
 from compressor.cli import main
 from compressor.core.errors import DataShapeError, EmptySplitError, LabelError, OptionError
-from tests.conftest import TOKEN_CLASSES, digits_members, fit, tiny_bert, token_rows
+from tests.conftest import TOKEN_CLASSES, tiny_bert, token_rows
 
 QUICK = dict(student="mlp:32", epochs=2, batch_sizes=(1,), warmup=0.01, duration=0.02, rounds=1)
 
@@ -57,13 +57,6 @@ class Tokens(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         inputs = {name: torch.tensor(self.rows[name][i]) for name in ("input_ids", "attention_mask")}
         return inputs, self.rows["label"][i]
-
-
-@pytest.fixture(scope="module")
-def digits_nets(digits_data):
-    """The conftest's digits members, trained, in memory: the teachers a notebook would hold."""
-    x, y = torch.from_numpy(digits_data.train.x), torch.from_numpy(digits_data.train.y)
-    return [fit(m, x, y, epochs=8, seed=k) for k, m in enumerate(digits_members())]
 
 
 def digits_splits(digits_data, unlabeled: bool = False) -> compressor.Data:
@@ -258,3 +251,14 @@ def test_worker_processes_read_the_rows_in_order_and_name_a_bad_row_by_its_index
     other = compressor.Data(train=Rows(d.train.x, d.train.y), test=Rows(d.test.x[:, :, :4], d.test.y))
     with pytest.raises(DataShapeError, match=r"the test split's first row has inputs \[1, 4, 8\] but the train"):
         read_torch_data(other, config, ensemble)
+
+
+def test_teachers_that_are_not_classifiers_are_named(digits_data, tmp_path):
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1).sum(1)  # (N,), not (N, C) logits
+    with pytest.raises(compressor.TeacherError, match=r"returned shape \(8,\) for a batch of 8"):
+        compressor.compress([Flat()], digits_splits(digits_data), out=tmp_path / "run", **QUICK)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(OptionError, match="teachers in memory name no dataset"):
+        compressor.compress([Flat()], out=tmp_path / "run")

@@ -9,7 +9,7 @@ import torch
 
 import compressor
 from compressor.core.errors import CompressorError, LabelError, MissingCapabilityError, OptionError
-from tests.compressor.test_api import Rows, digits_nets, digits_splits  # noqa: F401 (a fixture)
+from tests.compressor.test_api import Rows, digits_splits
 
 FAST = dict(batch_sizes=(1,), warmup=0.01, duration=0.02, rounds=1)
 
