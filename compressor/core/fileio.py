@@ -99,10 +99,23 @@ def remove_folder_atomically(path: str | os.PathLike) -> None:
     shutil.rmtree(retired)
 
 
+def restart_cache_entry(folder: Path, record: str, what: str) -> None:
+    """Make ``folder`` ready to be (re)written as a cache entry: created, and its ``record`` (the file written last,
+    that vouches for the rest) removed, so an entry cut short from here on is never trusted. ``what`` names the cache
+    in the error raised when the folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / record).unlink(missing_ok=True)
+    except OSError as exc:
+        raise CompressorError(f"cannot write the {what} in {folder} ({exc.strerror or exc}); choose another "
+                              f"--teacher-cache") from exc
+
+
 def default_cache_root() -> Path:
     """Where the caches live unless ``--teacher-cache`` says: ``$COMPRESSOR_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/compressor/teacher-logits``, else ``~/.cache/compressor/teacher-logits``. The teacher-logit
-    entries sit there, the view cache in its ``views/`` and decoded image folders in its ``images/``."""
+    entries sit there, the view cache in its ``views/``, decoded image folders in its ``images/`` and the user's
+    torch Datasets in its ``datasets/``."""
     if os.environ.get("COMPRESSOR_CACHE_DIR"):
         return Path(os.environ["COMPRESSOR_CACHE_DIR"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from compressor.core.errors import CompressorError
-from compressor.core.fileio import atomic_path, sha256_file, write_json_atomic
+from compressor.core.fileio import atomic_path, restart_cache_entry, sha256_file, write_json_atomic
 from compressor.core.preprocessing import ImageSpec
 
 CACHE_FORMAT = "compressor.images/2"  # /2: every file's sha256, shape and dtype; /1 entries had none, so are redone
@@ -154,12 +154,7 @@ def load_split_arrays(what: str, sources: dict[str, ImageSource], spec: ImageSpe
 
 def decode_entry(what: str, folder: Path, key: str, sources: dict[str, ImageSource], spec: ImageSpec) -> dict:
     """Decode every split into ``folder`` and write its record last, with each file's sha256, shape and dtype."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RECORD).unlink(missing_ok=True)  # cut short from here on, the entry has no record to trust
-    except OSError as exc:
-        raise CompressorError(f"cannot write the decoded-image cache in {folder} ({exc.strerror or exc}); choose "
-                              f"another --teacher-cache") from exc
+    restart_cache_entry(folder, RECORD, "decoded-image cache")
     shape = first_shape(what, sources["train"], spec)
     workers = min(4, os.cpu_count() or 1) if sum(len(s) for s in sources.values()) > 2000 else 0
     meta = {"format": CACHE_FORMAT, "key": key, "shape": list(shape), "preprocessing": spec.describe(),

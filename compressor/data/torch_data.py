@@ -26,8 +26,9 @@ import torch
 from rich.console import Console
 
 from compressor.config import RunConfig
-from compressor.core.errors import CompressorError, DataError, DataShapeError, EmptySplitError, first_line
-from compressor.core.fileio import atomic_path, default_cache_root, sha256_file, write_json_atomic
+from compressor.core.errors import DataError, DataShapeError, EmptySplitError, first_line
+from compressor.core.fileio import (atomic_path, default_cache_root, restart_cache_entry, sha256_file,
+                                    write_json_atomic)
 from compressor.core.inputs import NamedInputs
 from compressor.data.datasets import Dataset, Split
 from compressor.data.torch_rows import CheckedRows, RowSpec, SafeIterable, SafeRows, parse_item, row_values, spec_of
@@ -199,12 +200,7 @@ def _sample(ds, spec: RowSpec):
 
 def _stream_entry(data: Data, folder: Path, key: str, specs: dict[str, RowSpec], limits: dict, seed: int) -> dict:
     """Read every Dataset once into ``folder`` (row files, then labels and lengths) and write the record last."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RECORD).unlink(missing_ok=True)  # cut short from here on, the entry has no record to trust
-    except OSError as exc:
-        raise CompressorError(f"cannot write the data cache in {folder} ({exc.strerror or exc}); choose another "
-                              f"--teacher-cache") from exc
+    restart_cache_entry(folder, RECORD, "data cache")
     sources = data.sources()
     record = {"format": CACHE_FORMAT, "key": key, "specs": {}, "rows": {}, "files": {}}
     with _Writers(folder) as writers:

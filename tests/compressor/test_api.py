@@ -181,29 +181,6 @@ def test_a_pil_image_or_an_unknown_option_is_named(digits_nets, digits_data, tmp
         compressor.compress(digits_nets, "digits", target="onnxx")
 
 
-def test_the_data_cache_is_reused_and_a_damaged_entry_is_read_again(digits_nets, digits_data, tmp_path, capsys):
-    from compressor.config import RunConfig
-    from compressor.data.torch_data import read_torch_data
-    from compressor.teachers.in_memory import ensemble_from_modules
-
-    config = RunConfig(teacher=Path("t"), teacher_cache=tmp_path / "cache")
-    ensemble = ensemble_from_modules(digits_nets)
-    first = read_torch_data(digits_splits(digits_data), config, ensemble)
-    entry = Path(first.split_info["cache"])
-    stamp = (entry / "train-x.bin").stat().st_mtime_ns
-    again = read_torch_data(digits_splits(digits_data), config, ensemble)
-    assert (entry / "train-x.bin").stat().st_mtime_ns == stamp and again.fingerprint() == first.fingerprint()
-    np.testing.assert_array_equal(np.asarray(again.train.x), digits_data.train.x)
-    with open(entry / "train-x.bin", "r+b") as handle:  # one byte flipped: the entry must not be used
-        handle.seek(100)
-        byte = handle.read(1)
-        handle.seek(100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    third = read_torch_data(digits_splits(digits_data), config, ensemble)
-    assert "does not match its record" in capsys.readouterr().err
-    np.testing.assert_array_equal(np.asarray(third.train.x), digits_data.train.x)
-
-
 VOLATILE = {"created", "command", "latency", "throughput", "environment", "benchmark", "budget", "pareto", "timing", "headline", "warnings",
             "teacher_cache"}  # the clock's figures, and the second run's teacher-cache hit
 
@@ -228,29 +205,6 @@ def test_the_api_and_the_command_write_the_same_report(digits_ensemble, tmp_path
     assert cli.keys() == result.report.keys()
     assert scrubbed(cli, tmp_path / "cli") == scrubbed(result.report, tmp_path / "api")
     assert result.report["command"].startswith(f"compress --teacher {digits_ensemble}")
-
-
-def test_worker_processes_read_the_rows_in_order_and_name_a_bad_row_by_its_index(digits_nets, digits_data,
-                                                                                   tmp_path):
-    from compressor.config import RunConfig
-    from compressor.data.torch_data import read_torch_data
-    from compressor.teachers.in_memory import ensemble_from_modules
-
-    d = digits_data
-    config = RunConfig(teacher=Path("t"), teacher_cache=tmp_path / "cache")
-    ensemble = ensemble_from_modules(digits_nets)
-    data = compressor.Data(train=Rows(d.train.x, d.train.y), test=Rows(d.test.x, d.test.y), workers=2)
-    read = read_torch_data(data, config, ensemble)
-    np.testing.assert_array_equal(np.asarray(read.test.x), d.test.x)
-    np.testing.assert_array_equal(read.test.y, d.test.y)
-    x = d.train.x.copy()
-    x[700, 0, 0, 0] = np.nan  # in the third batch of 256, read by a worker
-    bad = compressor.Data(train=Rows(x, d.train.y), test=Rows(d.test.x, d.test.y), workers=2, fingerprint="nan")
-    with pytest.raises(compressor.DataError, match="the train split, row 700: an input holding NaN"):
-        read_torch_data(bad, config, ensemble)  # a fingerprint of its own: row 700 is not among the sampled rows
-    other = compressor.Data(train=Rows(d.train.x, d.train.y), test=Rows(d.test.x[:, :, :4], d.test.y))
-    with pytest.raises(DataShapeError, match=r"the test split's first row has inputs \[1, 4, 8\] but the train"):
-        read_torch_data(other, config, ensemble)
 
 
 def test_teachers_that_are_not_classifiers_are_named(digits_data, tmp_path):
