@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from compressor.config import RunConfig
-from compressor.core.errors import CompressorError, DataShapeError, LabelError
+from compressor.core.errors import CompressorError, DataError, DataShapeError, LabelError
 from compressor.core.inputs import NamedInputs
 from compressor.core.preprocessing import ImageSpec, apply_normalisation
 from compressor.data.datasets import Dataset, ReadOptions, load_dataset
@@ -92,11 +92,11 @@ def check_named_inputs(dataset: Dataset, ensemble: Ensemble, what: str, teacher)
     if not dataset.named_inputs or not wanted:
         have = "token columns" if dataset.named_inputs else "one input tensor"
         need = f"named inputs {', '.join(wanted)}" if wanted else "one input tensor"
-        raise CompressorError(f"{what} gives {have} but the teachers in {teacher} take {need}; pass the data "
+        raise DataShapeError(f"{what} gives {have} but the teachers in {teacher} take {need}; pass the data "
                               f"the teachers were trained on (--input-columns names its token columns)")
     names = dataset.train.x.names
     if sorted(names) != sorted(wanted):
-        raise CompressorError(f"{what} has the token columns {', '.join(names)} but the teachers in {teacher} "
+        raise DataShapeError(f"{what} has the token columns {', '.join(names)} but the teachers in {teacher} "
                               f"take {', '.join(wanted)}; name the matching columns with --input-columns")
     vocab, longest = ensemble.metadata.get("vocab_size"), ensemble.metadata.get("max_length")
     for split_name in ("train", "val", "test"):
@@ -105,12 +105,12 @@ def check_named_inputs(dataset: Dataset, ensemble: Ensemble, what: str, teacher)
         ids = split.x.tensors.get("input_ids")
         if ids is not None and vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             bad = int(((ids >= vocab) | (ids < 0)).any(dim=1).nonzero()[0, 0])
-            raise CompressorError(f"{what}: the {split_name} split's input_ids (row {bad}) hold ids outside "
+            raise DataError(f"{what}: the {split_name} split's input_ids (row {bad}) hold ids outside "
                                   f"the teachers' vocabulary of {vocab} in {teacher}; tokenize with the teachers' "
                                   f"tokenizer")
         if longest is not None and split.x.shape[1] > longest:
             bad = int(split.x.lengths.argmax())
-            raise CompressorError(f"{what}: the {split_name} split has a row of {split.x.shape[1]} tokens (row "
+            raise DataShapeError(f"{what}: the {split_name} split has a row of {split.x.shape[1]} tokens (row "
                                   f"{bad}) but the teachers in {teacher} take at most {longest}; truncate the "
                                   f"sequences to {longest} when tokenizing")
 
