@@ -31,8 +31,8 @@ class OptionError(CompressorError):
 
 
 class TeacherError(CompressorError):
-    """The teachers cannot be used as given: a file that does not load, a member that fails on the data or returns
-    other than (N, C) logits, an ensemble whose parts disagree."""
+    """The teachers cannot be used as given: a member that fails on the data or returns other than (N, C) logits,
+    an ensemble whose parts disagree, teachers handed over that are not modules."""
 
 
 class ParityError(CompressorError):

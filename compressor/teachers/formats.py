@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.core.errors import CompressorError, TeacherError, first_line
+from compressor.core.errors import CompressorError, first_line
 from compressor.core.fileio import atomic_path
 from compressor.core.inference import parameter_count
 from compressor.core.inputs import trace_args
@@ -82,17 +82,17 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input,
     metadata = dict(metadata or {})
     models = list(models)
     if not models:
-        raise TeacherError("save_ensemble needs at least one model")
+        raise CompressorError("save_ensemble needs at least one model")
     unknown = set(metadata) - {"class_names", "normalisation", "dataset", "weights", "member_names", "combine",
                                "specialists", "vocab_size", "max_length"}
     if unknown:
-        raise TeacherError(f"save_ensemble: unknown metadata keys {sorted(unknown)}")
+        raise CompressorError(f"save_ensemble: unknown metadata keys {sorted(unknown)}")
     names = metadata.pop("member_names", None) or [f"member-{k}" for k in range(len(models))]
     if len(names) != len(models):
-        raise TeacherError(f"save_ensemble: {len(names)} member_names for {len(models)} models")
+        raise CompressorError(f"save_ensemble: {len(names)} member_names for {len(models)} models")
     weights = metadata.get("weights")
     if weights is not None and len(weights) != len(models):
-        raise TeacherError(f"save_ensemble: {len(weights)} weights for {len(models)} models")
+        raise CompressorError(f"save_ensemble: {len(weights)} weights for {len(models)} models")
     named = isinstance(example_input, dict)
     hf_config = next((m.config.to_dict() for m in models if is_hf_model(m)), None)
     models = [HFClassifier(m) if is_hf_model(m) else m for m in models]
@@ -106,7 +106,7 @@ def save_ensemble(models: Sequence[nn.Module], path: str | Path, example_input,
         outputs = [m(*trace_args(example_input)) for m in scripted]
     classes = {tuple(o.shape) for o in outputs}
     if len(classes) != 1 or len(next(iter(classes))) != 2:
-        raise TeacherError(f"save_ensemble: members return different or non-(N, C) shapes {sorted(classes)}")
+        raise CompressorError(f"save_ensemble: members return different or non-(N, C) shapes {sorted(classes)}")
     num_classes = outputs[0].shape[1]
     combine = metadata.get("combine", "arithmetic")
     if combine == COMBINE_SPECIALISTS:
@@ -142,7 +142,7 @@ def load_ensemble(path: str | Path, trust_pickle: bool = False) -> Ensemble:
     """
     path = Path(path)
     if not path.is_file():
-        raise TeacherError(f"--teacher {path}: no such file; pass an ensemble saved with compressor.save_ensemble "
+        raise CompressorError(f"--teacher {path}: no such file; pass an ensemble saved with compressor.save_ensemble "
                               f"or an ensemble.toml manifest")
     if path.suffix == ".toml":
         ensemble = _load_manifest(path, trust_pickle)
@@ -158,12 +158,12 @@ def load_ensemble(path: str | Path, trust_pickle: bool = False) -> Ensemble:
             ensemble = Ensemble(path, "onnx", [member], None, "arithmetic", {})
         elif kind == "pickle":
             if not trust_pickle:
-                raise TeacherError(
+                raise CompressorError(
                     f"{path} is a pickled Python object; unpickling can run arbitrary code, so compressor refuses it. "
                     f"Re-save it with compressor.save_ensemble, or pass --trust-pickle if you trust this file")
             ensemble = _load_pickle(path)
         else:
-            raise TeacherError(
+            raise CompressorError(
                 f"{path}: not a teacher file compressor can read (corrupt, truncated, or another format); expected a "
                 f"TorchScript archive from compressor.save_ensemble, an ensemble.toml manifest, .pt2 or .onnx")
     if ensemble.input_names:
@@ -232,19 +232,19 @@ def _load_archive(path: Path) -> Ensemble:
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
-        raise TeacherError(f"{path}: the TorchScript archive could not be loaded ({first_line(exc)}); "
+        raise CompressorError(f"{path}: the TorchScript archive could not be loaded ({first_line(exc)}); "
                               f"the file is corrupt or truncated, save it again with compressor.save_ensemble") from exc
     module.eval()
     if extra[META_FILE]:
         try:
             meta = json.loads(extra[META_FILE])
         except json.JSONDecodeError as exc:
-            raise TeacherError(f"{path}: its {META_FILE} is not valid JSON; save it again") from exc
+            raise CompressorError(f"{path}: its {META_FILE} is not valid JSON; save it again") from exc
         if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-            raise TeacherError(f"{path}: unsupported ensemble format {meta.get('format')} "
+            raise CompressorError(f"{path}: unsupported ensemble format {meta.get('format')} "
                                   f"v{meta.get('format_version')}; upgrade compressor")
         if not hasattr(module, "members"):
-            raise TeacherError(f"{path}: archive has metadata but no 'members'; save it with save_ensemble")
+            raise CompressorError(f"{path}: archive has metadata but no 'members'; save it with save_ensemble")
         member_meta = meta.get("members", [])
         children = [getattr(module.members, str(k)) for k in range(len(member_meta))]
         members = [Member(info["name"], "torchscript", str(path), child,
@@ -262,7 +262,7 @@ def _load_archive(path: Path) -> Ensemble:
 def _load_member(path: Path, name: str, temperature: float = 1.0, trust_pickle: bool = False) -> Member:
     """Load one manifest member: TorchScript .pt, torch.export .pt2 (only with ``trust_pickle``), or .onnx."""
     if not path.is_file():
-        raise TeacherError(f"member '{name}': {path} does not exist; fix its path in the manifest")
+        raise CompressorError(f"member '{name}': {path} does not exist; fix its path in the manifest")
     kind = sniff_format(path)
     try:
         if kind == "torchscript":
@@ -273,7 +273,7 @@ def _load_member(path: Path, name: str, temperature: float = 1.0, trust_pickle: 
                           temperature=temperature)
         if kind == "torch.export":
             if not trust_pickle:  # torch.export.load unpickles a .pt2's weights and constants (weights_only=False)
-                raise TeacherError(
+                raise CompressorError(
                     f"member '{name}': {path} is a torch.export program, and torch.export.load unpickles parts of it, "
                     f"which can run arbitrary code; pass --trust-pickle if you trust this file, or save the member "
                     f"as TorchScript (.pt) or ONNX (.onnx)")
@@ -285,12 +285,12 @@ def _load_member(path: Path, name: str, temperature: float = 1.0, trust_pickle: 
     except CompressorError:
         raise
     except Exception as exc:
-        raise TeacherError(f"member '{name}': {path} could not be loaded ({first_line(exc)}); "
+        raise CompressorError(f"member '{name}': {path} could not be loaded ({first_line(exc)}); "
                               f"the file is corrupt or not a {path.suffix} model") from exc
     if kind == "pickle":
-        raise TeacherError(f"member '{name}': {path} is a pickle; manifests accept only TorchScript .pt, "
+        raise CompressorError(f"member '{name}': {path} is a pickle; manifests accept only TorchScript .pt, "
                               f"torch.export .pt2 and .onnx members, which load without running code")
-    raise TeacherError(f"member '{name}': {path} is not a TorchScript, torch.export or ONNX file")
+    raise CompressorError(f"member '{name}': {path} is not a TorchScript, torch.export or ONNX file")
 
 
 def _onnx_member(path: Path, name: str, temperature: float) -> Member:
@@ -318,14 +318,14 @@ def _load_manifest(path: Path, trust_pickle: bool) -> Ensemble:
     try:
         manifest = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TeacherError(f"{path}: not valid TOML ({exc}); see the README for the manifest format") from exc
+        raise CompressorError(f"{path}: not valid TOML ({exc}); see the README for the manifest format") from exc
     entries = manifest.get("members")
     if not entries:
-        raise TeacherError(f"{path}: the manifest lists no [[members]]; add one table per member with a 'path'")
+        raise CompressorError(f"{path}: the manifest lists no [[members]]; add one table per member with a 'path'")
     members, weights = [], []
     for k, entry in enumerate(entries):
         if "path" not in entry:
-            raise TeacherError(f"{path}: member {k} has no 'path'")
+            raise CompressorError(f"{path}: member {k} has no 'path'")
         member_path = (path.parent / entry["path"]).resolve()
         name = entry.get("name", Path(entry["path"]).stem)
         members.append(_load_member(member_path, name, float(entry.get("temperature", 1.0)), trust_pickle))
@@ -337,7 +337,7 @@ def _load_manifest(path: Path, trust_pickle: bool) -> Ensemble:
         meta["inputs"] = [{"name": str(name), "dtype": "int64"} for name in header["inputs"]]
     combine = header.get("combine", "arithmetic")
     if combine not in COMBINES:
-        raise TeacherError(f"{path}: combine = {combine!r} is not one of {', '.join(COMBINES)}; a specialist "
+        raise CompressorError(f"{path}: combine = {combine!r} is not one of {', '.join(COMBINES)}; a specialist "
                               f"ensemble is the archive that compress specialists writes, not a manifest")
     return Ensemble(path, "manifest", members, weights, combine, meta)
 
@@ -346,10 +346,10 @@ def _load_pickle(path: Path) -> Ensemble:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise TeacherError(f"{path}: the pickle could not be loaded ({first_line(exc)}); the file is corrupt") from exc
+        raise CompressorError(f"{path}: the pickle could not be loaded ({first_line(exc)}); the file is corrupt") from exc
     modules = list(obj) if isinstance(obj, (list, tuple, nn.ModuleList)) else [obj]
     if not all(isinstance(m, nn.Module) for m in modules):
-        raise TeacherError(f"{path}: the pickle holds {type(obj).__name__}, not an nn.Module or a list of them")
+        raise CompressorError(f"{path}: the pickle holds {type(obj).__name__}, not an nn.Module or a list of them")
     members = []
     for k, module in enumerate(modules):
         module.eval()

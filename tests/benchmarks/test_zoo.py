@@ -62,7 +62,9 @@ def test_a_built_ensemble_is_reused_and_its_run_gives_a_row(tmp_path, monkeypatc
     report = json.loads((tmp_path / "test" / "mlp-digits" / "run" / "report.json").read_text())
     assert row["members"]["count"] == 3 and row["classes"] == 10
     assert row["members"]["parameters"] == report["teacher"]["parameters"]
-    assert row["student"]["spec"] == report["student"]["spec"] and row["student"]["spec"].startswith("mlp:")
+    # on 64-vectors the families are MLPs and a shrunk member; which wins depends on the candidates' timings
+    assert row["student"]["spec"] == report["student"]["spec"]
+    assert row["student"]["spec"].split(":")[0] in ("mlp", "from-teacher")
     assert row["student_eager_top1"] == report["verdict"]["student_top1"]
     assert abs(row["student_top1"] - row["student_eager_top1"]) <= 0.01  # fp32 ONNX Runtime against PyTorch
     assert row["baseline_top1"] == report["verdict"]["baseline_top1"]
