@@ -216,3 +216,15 @@ def test_teachers_that_are_not_classifiers_are_named(digits_data, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(OptionError, match="teachers in memory name no dataset"):
         compressor.compress([Flat()], out=tmp_path / "run")
+
+
+def test_modules_and_datasets_in_memory_train_the_student_the_files_train(digits_nets, digits_ensemble, digits_data,
+                                                                          tmp_path):
+    """The same members and rows, once as an archive and --data digits, once as modules and Datasets: the same
+    student, epoch for epoch."""
+    files = compressor.compress(digits_ensemble, "digits", out=tmp_path / "files", **QUICK)
+    memory = compressor.compress(digits_nets, digits_splits(digits_data), out=tmp_path / "memory", **QUICK)
+    history = [[e["val_accuracy"] for e in r.report["student"]["training"]["history"]] for r in (files, memory)]
+    assert history[0] == history[1]
+    assert student_top1(files.report) == student_top1(memory.report)
+    assert files.report["data"]["sizes"] == memory.report["data"]["sizes"]
