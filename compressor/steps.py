@@ -18,7 +18,7 @@ import torch
 from compressor.api import config_and_sources, epochs_to, logging_console
 from compressor.core.errors import OptionError
 from compressor.core.inference import parameter_count, predict_logits
-from compressor.core.inputs import NamedInputs
+from compressor.core.inputs import NamedInputs, example_of
 from compressor.deployment.rows import runner_row
 from compressor.pipeline import check_before_any_work, start, timers
 from compressor.training.budget import RunBudget
@@ -114,7 +114,7 @@ def export(student: torch.nn.Module, target: str = "onnxruntime", example=None, 
         example = torch.as_tensor(example)
     options = {} if calibration is None else {"calibration": np.asarray(calibration)}
     handler = get_target(target)
-    artifact = handler.export(student.eval(), example, Path(out), precision, **options)
+    artifact = handler.export(student.eval(), example_of(example), Path(out), precision, **options)
     runner = handler.load(artifact, threads=threads)
     parity = check_parity(predict_logits(student, example).numpy(), runner.infer(example.numpy()), precision,
                           labels=None if labels is None else np.asarray(labels),
@@ -125,13 +125,13 @@ def export(student: torch.nn.Module, target: str = "onnxruntime", example=None, 
 
 def benchmark(rows: dict, inputs, labels=None, batch_sizes: tuple[int, ...] = (1, 64), warmup: float = 0.2,
               duration: float = 1.0, rounds: int = 2) -> list[dict]:
-    """Score and time every row on ``inputs`` (an array (N, ...)) with the main job's harness: ``rows`` maps a name
-    to an ``nn.Module`` (PyTorch eager) or an :class:`Exported`. Returns one dict per row: accuracy against
+    """Score and time every row on ``inputs`` (an array (N, ...), or (N, L) token arrays by name) with the main
+    job's harness: ``rows`` maps a name to an ``nn.Module`` (PyTorch eager) or an :class:`Exported`. Returns one dict per row: accuracy against
     ``labels`` (and agreement with the first row) and latency per batch size, timed in ``rounds`` interleaved
     rounds so a busy spell of the machine lands in every row alike."""
     if not rows:
         raise OptionError("benchmark: give rows, e.g. {'student': model, 'export': compressor.export(...)}")
-    pool = np.asarray(inputs)
+    pool = {name: np.asarray(a) for name, a in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
     built = []
     for name, row in rows.items():
         if isinstance(row, Exported):
@@ -143,7 +143,7 @@ def benchmark(rows: dict, inputs, labels=None, batch_sizes: tuple[int, ...] = (1
             raise OptionError(f"benchmark: row {name!r} is a {type(row).__name__}; give an nn.Module or what "
                               f"compressor.export returned")
         built.append(runner_row(name, "model", backend, precision, parameters, runner.infer(pool), runner, pool))
-    y = np.full(len(pool), -1) if labels is None else np.asarray(labels)
+    y = np.full(len(built[0].scores), -1) if labels is None else np.asarray(labels)
     measured = [row.describe(y, built[0].scores) for row in built]
     for entry, latency in zip(measured, sweep([row.measure for row in built], tuple(batch_sizes), warmup, duration,
                                               rounds)):

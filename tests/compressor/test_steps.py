@@ -55,3 +55,28 @@ def test_the_steps_check_as_the_job_does(digits_nets, digits_data, tmp_path):
     with pytest.raises(CompressorError, match="row 'x' is a str"):
         compressor.benchmark({"x": "model.onnx"}, d.test.x[:8])
     assert isinstance(np.asarray(d.test.x), np.ndarray)
+
+
+class TokenSum(torch.nn.Module):
+    """A classifier of two named int64 inputs: the masked mean of the ids' embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(32, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).float()  # (N, L, 1)
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
+def test_a_model_of_named_inputs_is_exported_and_benchmarked(tmp_path):
+    ids = torch.randint(1, 32, (40, 12))
+    mask = (torch.arange(12) < torch.randint(3, 13, (40, 1))).long()
+    feed = {"input_ids": ids, "attention_mask": mask}
+    model = TokenSum().eval()
+    exported = compressor.export(model, example=feed, out=tmp_path / "export")
+    assert [spec.name for spec in exported.artifact.inputs] == ["input_ids", "attention_mask"]
+    rows = compressor.benchmark({"eager": model, "onnxruntime": exported}, {k: v.numpy() for k, v in feed.items()},
+                                **FAST)
+    assert rows[1]["accuracy"]["agreement"] == 1.0 and rows[1]["latency"]["1"]["median_ms"] > 0
