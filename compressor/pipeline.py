@@ -85,10 +85,7 @@ def run(config: RunConfig, console: Console | None = None, sources: Sources = So
     check_recipe_views(ctx, diagnostics, transfer)
     if ctx.world.is_main:
         config.output_dir().mkdir(parents=True, exist_ok=True)
-    budget = RunBudget(60 * config.budget)
-    budget.start()
-    if ctx.student_selection and "pricing_seconds" in ctx.student_selection:
-        budget.record("pricing", ctx.student_selection["pricing_seconds"])
+    budget = start_budget(ctx)
     ctx, transfer, bought = plan_training(ctx, transfer, budget, timers(ctx))  # 3. choose, size
     students = tune(ctx, budget) if config.tuned else distill_students(ctx, transfer)  # 4. distill
     budget.record("tuning" if config.tuned else "distilling", students.seconds())
@@ -113,6 +110,15 @@ def run(config: RunConfig, console: Console | None = None, sources: Sources = So
     leave(ctx.world)
     enforce_parity(exported.parity, f"{config.target} {config.precision} export {exported.artifact.files['model']}")
     return Finished(report, students.student)
+
+
+def start_budget(ctx: RunContext) -> RunBudget:
+    """The run's ``--budget`` clock, started, with the candidates' pricing (done before the teachers ran) charged."""
+    budget = RunBudget(60 * ctx.config.budget)
+    budget.start()
+    if ctx.student_selection and "pricing_seconds" in ctx.student_selection:
+        budget.record("pricing", ctx.student_selection["pricing_seconds"])
+    return budget
 
 
 def start(config: RunConfig, console: Console, sources: Sources = Sources()) -> RunContext:

@@ -20,7 +20,7 @@ from compressor.core.errors import OptionError
 from compressor.core.inference import parameter_count, predict_logits
 from compressor.core.inputs import NamedInputs, example_of
 from compressor.deployment.rows import runner_row
-from compressor.pipeline import check_before_any_work, start, timers
+from compressor.pipeline import check_before_any_work, start, start_budget, timers
 from compressor.training.budget import RunBudget
 from compressor.training.context import RunContext
 from compressor.training.distill import distill_students
@@ -126,9 +126,9 @@ def export(student: torch.nn.Module, target: str = "onnxruntime", example=None, 
 def benchmark(rows: dict, inputs, labels=None, batch_sizes: tuple[int, ...] = (1, 64), warmup: float = 0.2,
               duration: float = 1.0, rounds: int = 2) -> list[dict]:
     """Score and time every row on ``inputs`` (an array (N, ...), or (N, L) token arrays by name) with the main
-    job's harness: ``rows`` maps a name to an ``nn.Module`` (PyTorch eager) or an :class:`Exported`. Returns one dict per row: accuracy against
-    ``labels`` (and agreement with the first row) and latency per batch size, timed in ``rounds`` interleaved
-    rounds so a busy spell of the machine lands in every row alike."""
+    job's harness: ``rows`` maps a name to an ``nn.Module`` (PyTorch eager) or an :class:`Exported`. Returns one
+    dict per row: accuracy against ``labels`` (and agreement with the first row) and latency per batch size, timed
+    in ``rounds`` interleaved rounds so a busy spell of the machine lands in every row alike."""
     if not rows:
         raise OptionError("benchmark: give rows, e.g. {'student': model, 'export': compressor.export(...)}")
     pool = {name: np.asarray(a) for name, a in inputs.items()} if isinstance(inputs, dict) else np.asarray(inputs)
@@ -161,11 +161,7 @@ def _prepared(teachers, data, target: str, student: str, out, options: dict
     ctx.teacher = teacher_outputs(ctx)
     transfer = transfer_set(ctx)
     config.output_dir().mkdir(parents=True, exist_ok=True)
-    budget = RunBudget(60 * config.budget)
-    budget.start()
-    if ctx.student_selection and "pricing_seconds" in ctx.student_selection:
-        budget.record("pricing", ctx.student_selection["pricing_seconds"])
-    return ctx, transfer, budget
+    return ctx, transfer, start_budget(ctx)
 
 
 def _choice(ctx: RunContext, bought: dict) -> Choice:
